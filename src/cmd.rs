@@ -1,0 +1,224 @@
+//! The one runner for child processes.
+//!
+//! Every command kiln runs goes through [`Cmd`]: it is logged before it starts, its
+//! stderr is captured (and echoed at debug level), and on failure the error carries the
+//! command line, the exit status and the last lines of stderr.
+
+use anyhow::{bail, Context, Result};
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// How many trailing lines of output go into an error message.
+pub const TAIL_LINES: usize = 20;
+
+pub struct Cmd {
+    inner: Command,
+    display: String,
+    /// Show the child's stdout/stderr live on kiln's stderr (apt progress, dkms).
+    passthrough: bool,
+}
+
+/// What a finished command printed.
+pub struct Output {
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+impl Cmd {
+    pub fn new(program: impl AsRef<OsStr>) -> Self {
+        let p = program.as_ref();
+        Cmd { inner: Command::new(p), display: p.to_string_lossy().into_owned(), passthrough: false }
+    }
+
+    pub fn arg(mut self, a: impl AsRef<OsStr>) -> Self {
+        let a = a.as_ref();
+        self.display.push(' ');
+        self.display.push_str(&shell_quote(&a.to_string_lossy()));
+        self.inner.arg(a);
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        for a in args {
+            self = self.arg(a);
+        }
+        self
+    }
+
+    pub fn env(mut self, k: impl AsRef<OsStr>, v: impl AsRef<OsStr>) -> Self {
+        self.inner.env(k, v);
+        self
+    }
+
+    pub fn env_clear_to(mut self, vars: &[(OsString, OsString)]) -> Self {
+        self.inner.env_clear();
+        for (k, v) in vars {
+            self.inner.env(k, v);
+        }
+        self
+    }
+
+    pub fn current_dir(mut self, d: impl AsRef<Path>) -> Self {
+        self.inner.current_dir(d);
+        self
+    }
+
+    /// Stream the child's output to kiln's stderr as it runs (still keeping the tail).
+    pub fn passthrough(mut self, yes: bool) -> Self {
+        self.passthrough = yes;
+        self
+    }
+
+    /// Access the underlying `Command` (pre_exec hooks and the like).
+    pub fn command_mut(&mut self) -> &mut Command {
+        &mut self.inner
+    }
+
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+
+    /// Run to completion; error if it exits non-zero.
+    pub fn run(self) -> Result<Output> {
+        self.run_inner(None)
+    }
+
+    /// Run with `input` on stdin.
+    pub fn run_with_stdin(self, input: &[u8]) -> Result<Output> {
+        self.run_inner(Some(input))
+    }
+
+    fn run_inner(mut self, input: Option<&[u8]>) -> Result<Output> {
+        tracing::info!(target: "kiln::cmd", "$ {}", self.display);
+        self.inner
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = self
+            .inner
+            .spawn()
+            .with_context(|| format!("could not start `{}`", self.display))?;
+        if let Some(data) = input {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("piped stdin");
+            let data = data.to_vec();
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(&data);
+            });
+        }
+        let passthrough = self.passthrough;
+        let stderr = child.stderr.take().expect("piped stderr");
+        let err_thread = std::thread::spawn(move || collect_lines(stderr, passthrough, usize::MAX / 2));
+        let mut stdout_pipe = child.stdout.take().expect("piped stdout");
+        let mut stdout = Vec::new();
+        // With passthrough, stdout is shown too and only its tail is kept.
+        let out_tail = if passthrough {
+            Some(collect_lines(stdout_pipe, true, TAIL_LINES))
+        } else {
+            stdout_pipe.read_to_end(&mut stdout).context("reading child stdout")?;
+            None
+        };
+        let status = child.wait().with_context(|| format!("waiting for `{}`", self.display))?;
+        let err_lines = err_thread.join().unwrap_or_default();
+        let stderr_text = err_lines.iter().cloned().collect::<Vec<_>>().join("\n");
+        if !status.success() {
+            let mut tail: Vec<String> = err_lines.into_iter().collect();
+            if let Some(out) = out_tail {
+                // apt and dkms print their real errors on stdout.
+                tail.extend(out);
+            } else if tail.is_empty() {
+                tail = String::from_utf8_lossy(&stdout).lines().map(str::to_owned).collect();
+            }
+            let start = tail.len().saturating_sub(TAIL_LINES);
+            let tail = tail[start..].join("\n    ");
+            let how = match status.code() {
+                Some(c) => format!("exit code {c}"),
+                None => format!("{status}"),
+            };
+            if tail.is_empty() {
+                bail!("`{}` failed ({how})", self.display);
+            }
+            bail!("`{}` failed ({how}); last output:\n    {tail}", self.display);
+        }
+        if let Some(out) = out_tail {
+            stdout = out.into_iter().collect::<Vec<_>>().join("\n").into_bytes();
+        }
+        Ok(Output { stdout, stderr: stderr_text })
+    }
+}
+
+fn collect_lines(r: impl Read, echo: bool, keep: usize) -> VecDeque<String> {
+    let mut lines = VecDeque::new();
+    for line in BufReader::new(r).split(b'\n') {
+        let Ok(line) = line else { break };
+        let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
+        if echo {
+            eprintln!("    {line}");
+        } else {
+            tracing::debug!(target: "kiln::cmd", "  | {line}");
+        }
+        lines.push_back(line);
+        if lines.len() > keep {
+            lines.pop_front();
+        }
+    }
+    lines
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_carries_tail_of_stderr() {
+        let err = Cmd::new("sh")
+            .arg("-c")
+            .arg("for i in $(seq 1 50); do echo line$i >&2; done; exit 3")
+            .run()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exit code 3"), "{err}");
+        assert!(err.contains("line50"), "{err}");
+        assert!(!err.contains("line10\n"), "only the tail is kept: {err}");
+    }
+
+    #[test]
+    fn success_returns_stdout() {
+        let out = Cmd::new("sh").arg("-c").arg("echo hi; echo warn >&2").run().unwrap();
+        assert_eq!(out.stdout_str(), "hi\n");
+        assert_eq!(out.stderr, "warn");
+    }
+
+    #[test]
+    fn missing_program_is_named() {
+        let err = Cmd::new("kiln-no-such-program").run().unwrap_err().to_string();
+        assert!(err.contains("kiln-no-such-program"), "{err}");
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("/dev/loop0"), "/dev/loop0");
+    }
+}
