@@ -22,6 +22,7 @@ pub struct Cmd {
 }
 
 /// What a finished command printed.
+#[derive(Debug)]
 pub struct Output {
     pub stdout: Vec<u8>,
     pub stderr: String,

@@ -7,16 +7,28 @@
 //! `checksum`, `payload`) → `verify` → `boottest`.
 
 mod acquire;
+mod apt;
+mod build;
+mod chroot;
 mod checksum;
 mod cmd;
 mod disk;
 mod error;
+mod hooks;
 mod esp;
+mod imagedef;
 mod inspect;
 mod loopdev;
 mod mounts;
+mod overlays;
 mod payload;
+mod progress;
+mod provision;
 mod rootdir;
+mod scrub;
+mod sparse;
+mod state;
+mod timings;
 mod unpack;
 
 use anyhow::Result;
@@ -33,8 +45,53 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct BuildArgs {
+    /// Image definition (images/NAME.toml).
+    def: PathBuf,
+    /// Base: an Ubuntu cloud image (raw or qcow2) or a root tarball (.tar, .tar.xz, .tar.gz).
+    #[arg(long)]
+    base: PathBuf,
+    /// Output directory for NAME.raw, NAME.json and SHA256SUMS.
+    #[arg(long)]
+    out: PathBuf,
+    /// Expected SHA-256 of the base.
+    #[arg(long, value_name = "HEX", conflicts_with = "base_sha256sums")]
+    base_sha256: Option<String>,
+    /// A SHA256SUMS file with a line for the base.
+    #[arg(long, value_name = "FILE")]
+    base_sha256sums: Option<PathBuf>,
+    /// Also write a compressed qcow2 next to the raw image.
+    #[arg(long, value_enum, default_value = "raw")]
+    format: OutFormat,
+    /// Replace existing outputs.
+    #[arg(long)]
+    force: bool,
+    /// Package and base cache shared across builds.
+    #[arg(long, default_value = "/var/cache/kiln", env = "KILN_CACHE_DIR")]
+    cache_dir: PathBuf,
+    /// Point repository ID at a mirror or local directory for this build: ID=URI[,key=PATH].
+    /// The image keeps the definition's repository.
+    #[arg(long = "repo-override", value_name = "ID=URI[,key=PATH]")]
+    repo_override: Vec<apt::RepoOverride>,
+    /// Print the per-stage timing table (it is always logged).
+    #[arg(long)]
+    timings: bool,
+    /// Print the build report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum OutFormat {
+    Raw,
+    Qcow2,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Build an image from a definition and a base (cloud image or root tarball).
+    Build(BuildArgs),
     /// SHA-256 of files, skipping holes (same output as sha256sum).
     Checksum {
         #[arg(required = true)]
@@ -59,6 +116,15 @@ fn main() {
             std::process::exit(code);
         }
     };
+    // The private mount namespace must be entered while kiln is single-threaded.
+    if let Command::Build(_) = cli.command {
+        if nix::unistd::geteuid().is_root() {
+            if let Err(e) = mounts::enter_private_namespace() {
+                report(&e);
+                std::process::exit(1);
+            }
+        }
+    }
     init_logging(cli.verbose);
     if let Err(err) = run(cli) {
         report(&err);
@@ -68,6 +134,35 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Build(a) => {
+            let opts = build::BuildOpts {
+                def: a.def,
+                base: a.base,
+                out: a.out,
+                base_sha256: a.base_sha256,
+                base_sums: a.base_sha256sums,
+                qcow2: a.format == OutFormat::Qcow2,
+                force: a.force,
+                cache_dir: a.cache_dir.clone(),
+                provision: provision::ProvisionOpts { cache_dir: a.cache_dir, repo_overrides: a.repo_override },
+            };
+            let mut t = timings::Timings::default();
+            let res = build::build(&opts, &mut t);
+            t.end();
+            if a.timings || res.is_err() {
+                eprint!("{}", t.table());
+            } else {
+                tracing::info!("timings:\n{}", t.table());
+            }
+            let report = res?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("built {} (sha256 {})", report.raw.display(), report.sha256);
+                println!("payload {}", report.payload.display());
+            }
+            Ok(())
+        }
         Command::Checksum { files } => checksum::cmd_checksum(&files),
         Command::Inspect { image, json } => inspect::cmd_inspect(&image, json),
     }

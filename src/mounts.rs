@@ -1,1 +1,144 @@
-//! (being written)
+//! Mounts as guards, kept in a stack and released in reverse order, all inside a
+//! private mount namespace.
+//!
+//! [`enter_private_namespace`] runs before kiln starts any thread: it unshares the mount
+//! namespace and makes every mount private, so nothing kiln mounts propagates to the
+//! host, and everything it mounted vanishes with its process even after SIGKILL.
+//!
+//! A directory whose unmount failed is never deleted: [`MountStack::close`] reports the
+//! failure and [`MountStack::all_released`] tells the caller whether it may remove the
+//! work directory.
+
+use anyhow::{Context, Result};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::path::{Path, PathBuf};
+
+/// Unshare the mount namespace and make all mounts private (recursively).
+/// Must be called while the process is single-threaded.
+pub fn enter_private_namespace() -> Result<()> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context(
+        "creating a private mount namespace (unshare CLONE_NEWNS): kiln must run as root (in a container: --privileged)",
+    )?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .context("making / private in kiln's mount namespace")?;
+    tracing::debug!("entered a private mount namespace");
+    Ok(())
+}
+
+struct Mounted {
+    target: PathBuf,
+    what: String,
+}
+
+/// Mounts in the order they were made; released last-first.
+#[derive(Default)]
+pub struct MountStack {
+    mounts: Vec<Mounted>,
+    failed: Vec<PathBuf>,
+}
+
+impl MountStack {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Mount a filesystem (`fstype` Some) or a bind/special mount.
+    pub fn mount(
+        &mut self,
+        source: &str,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Result<()> {
+        std::fs::create_dir_all(target).with_context(|| format!("creating mount point {}", target.display()))?;
+        mount(Some(source), target, fstype, flags, data).with_context(|| {
+            format!("mounting {source} ({}) on {}", fstype.unwrap_or("bind"), target.display())
+        })?;
+        tracing::debug!("mounted {source} on {}", target.display());
+        crate::state::record_mount(target);
+        self.mounts.push(Mounted { target: target.to_owned(), what: source.to_owned() });
+        Ok(())
+    }
+
+    /// Bind-mount `source` on `target` (recursively with `rec`), private.
+    pub fn bind(&mut self, source: &Path, target: &Path, rec: bool) -> Result<()> {
+        let mut flags = MsFlags::MS_BIND;
+        if rec {
+            flags |= MsFlags::MS_REC;
+        }
+        if source.is_file() && !target.exists() {
+            std::fs::write(target, b"").with_context(|| format!("creating bind target {}", target.display()))?;
+        }
+        self.mount(&source.to_string_lossy(), target, None, flags, None)?;
+        // Keep anything mounted below from propagating back.
+        mount(None::<&str>, target, None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+            .with_context(|| format!("making {} private", target.display()))?;
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.mounts.len()
+    }
+
+    /// Unmount everything above `depth` (last first), reporting the first failure.
+    pub fn unwind_to(&mut self, depth: usize) -> Result<()> {
+        let mut first_err = None;
+        while self.mounts.len() > depth {
+            let m = self.mounts.pop().unwrap();
+            let res = unmount(&m.target);
+            if res.is_ok() {
+                crate::state::forget_mount(&m.target);
+            }
+            if let Err(e) = res {
+                let e = e.context(format!("unmounting {} from {}", m.what, m.target.display()));
+                tracing::error!("{e:#}");
+                self.failed.push(m.target);
+                first_err.get_or_insert(e);
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Unmount everything, last first.
+    pub fn close(mut self) -> Result<()> {
+        self.unwind_to(0)
+    }
+
+    /// True when nothing this stack mounted is still mounted.
+    pub fn all_released(&self) -> bool {
+        self.mounts.is_empty() && self.failed.is_empty()
+    }
+}
+
+fn unmount(target: &Path) -> Result<()> {
+    // A busy mount (a process left behind by a package script) gets a few retries;
+    // MNT_DETACH is not used: we want to know the filesystem is really released
+    // before the loop device under it is detached and the image checksummed.
+    let mut delay = std::time::Duration::from_millis(50);
+    for attempt in 0..6 {
+        match umount2(target, MntFlags::empty()) {
+            Ok(()) => {
+                tracing::debug!("unmounted {}", target.display());
+                return Ok(());
+            }
+            Err(nix::errno::Errno::EBUSY) if attempt < 5 => {
+                std::thread::sleep(delay);
+                delay *= 2;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    unreachable!()
+}
+
+impl Drop for MountStack {
+    fn drop(&mut self) {
+        if !self.mounts.is_empty() {
+            let _ = self.unwind_to(0);
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! `kiln build`: the pipeline, stage by stage.
+//!
+//! acquire → disk → (root filesystem: unpack | grow) → provision (chroot session, apt,
+//! overlays, hooks) → scrub → finalize. Every privileged resource is a guard (`Loop`,
+//! `MountStack`) released in reverse order on success, error or panic; the whole build
+//! runs in a private mount namespace entered by `main` before any thread starts.
+
+use crate::acquire::{self, BaseFormat, Expected};
+use crate::disk::Layout;
+use crate::imagedef::{self, ImageDef};
+use crate::loopdev::Loop;
+use crate::mounts::MountStack;
+use crate::rootdir::RootDir;
+use crate::timings::Timings;
+use crate::{cmd::Cmd, user_bail};
+use anyhow::{Context, Result};
+use nix::mount::MsFlags;
+use std::path::{Path, PathBuf};
+
+pub struct BuildOpts {
+    pub def: PathBuf,
+    pub base: PathBuf,
+    pub out: PathBuf,
+    pub base_sha256: Option<String>,
+    pub base_sums: Option<PathBuf>,
+    pub qcow2: bool,
+    pub force: bool,
+    pub cache_dir: PathBuf,
+    pub provision: crate::provision::ProvisionOpts,
+}
+
+#[derive(serde::Serialize)]
+pub struct BuildReport {
+    pub name: String,
+    pub raw: PathBuf,
+    pub qcow2: Option<PathBuf>,
+    pub payload: PathBuf,
+    pub sha256: String,
+    pub timings: Vec<crate::timings::StageTiming>,
+}
+
+/// ext4 features for a fresh root, fixed rather than the host's mke2fs defaults: newer
+/// e2fsprogs enable orphan_file and metadata_csum_seed, which jammy's e2fsck and GRUB
+/// 2.06 can't read.
+const MKE2FS_CONF: &str = "[defaults]\n\tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr\n\tdefault_mntopts = acl,user_xattr\n\tblocksize = 4096\n\tinode_size = 256\n\tinode_ratio = 16384\n[fs_types]\n\text4 = {\n\t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize\n\t}\n";
+
+pub const ROOT_LABEL: &str = "cloudimg-rootfs";
+pub const ESP_LABEL: &str = "UEFI";
+
+pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
+    if !nix::unistd::geteuid().is_root() {
+        user_bail!("kiln build must run as root (it attaches loop devices and mounts filesystems); run it with sudo or in a --privileged container");
+    }
+    timings.begin("acquire");
+    let def = imagedef::load(&opts.def)?;
+    let raw_name = format!("{}.raw", def.name);
+    let final_raw = opts.out.join(&raw_name);
+    let final_json = opts.out.join(format!("{}.json", def.name));
+    let final_qcow2 = opts.out.join(format!("{}.qcow2", def.name));
+    if !opts.force {
+        for p in [&final_raw, &final_json] {
+            if p.exists() {
+                user_bail!("{} already exists; pass --force to replace it or choose another --out", p.display());
+            }
+        }
+    }
+    let expected = match (&opts.base_sha256, &opts.base_sums) {
+        (Some(h), _) => Expected::Hex(h),
+        (None, Some(f)) => Expected::SumsFile(f),
+        (None, None) => Expected::None,
+    };
+    let format = acquire::detect_format(&opts.base)?;
+    let base_sha = acquire::verify_sha256(&opts.base, &expected)?;
+    let disk_base: Option<PathBuf> = match format {
+        BaseFormat::Raw => Some(opts.base.clone()),
+        BaseFormat::Qcow2 => {
+            let cached = acquire::cached_raw(&opts.cache_dir, &base_sha);
+            if cached.exists() {
+                tracing::info!("using the cached raw form of {} ({})", opts.base.display(), cached.display());
+            } else {
+                std::fs::create_dir_all(cached.parent().unwrap())
+                    .with_context(|| format!("creating cache directory {}", opts.cache_dir.display()))?;
+                acquire::qcow2_to_raw(&opts.base, &cached)?;
+            }
+            Some(cached)
+        }
+        BaseFormat::Tar(_) => None,
+    };
+    if let Some(b) = &disk_base {
+        acquire::validate_disk(b, &opts.base, def.disk_size)?;
+    }
+
+    // Nothing was written to the output directory before this point.
+    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating output directory {}", opts.out.display()))?;
+    let work = opts.out.join(format!(".kiln-work-{}", def.name));
+    prepare_workdir(&work)?;
+    crate::state::start(&work)?;
+    let partial = opts.out.join(format!("{raw_name}.partial"));
+    let result = build_in(&def, opts, disk_base.as_deref(), &work, &partial, timings);
+    let released = match &result {
+        Ok(r) => r.1,
+        Err(_) => true,
+    };
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    let (layout, all_released) = match result {
+        Ok((l, r)) => (l, r),
+        Err(e) => {
+            // Guards have run by now; only remove the work dir if nothing is mounted in it.
+            if released && !crate::state::holds_anything(&work) {
+                crate::state::finish();
+                let _ = std::fs::remove_dir_all(&work);
+            }
+            return Err(e);
+        }
+    };
+    let _ = layout;
+    if all_released {
+        crate::state::finish();
+        std::fs::remove_dir_all(&work).with_context(|| format!("removing work directory {}", work.display()))?;
+    }
+
+    timings.begin("finalize");
+    let facts = crate::inspect::inspect_image(&partial).context("reading the finished image's facts")?;
+    let payload = crate::payload::build_payload(&facts, &def.payload_input())?;
+    let pb = crate::progress::bytes(std::fs::metadata(&partial)?.len(), "checksum");
+    let digest = crate::checksum::sha256_file(&partial, Some(&pb))?;
+    pb.finish_and_clear();
+    let mut sums = vec![(raw_name.clone(), digest)];
+    let json_partial = opts.out.join(format!("{}.json.partial", def.name));
+    let mut json = serde_json::to_vec_pretty(&payload)?;
+    json.push(b'\n');
+    std::fs::write(&json_partial, json)
+        .with_context(|| format!("writing {}", json_partial.display()))?;
+    let mut qcow2 = None;
+    if opts.qcow2 {
+        let q_partial = opts.out.join(format!("{}.qcow2.partial", def.name));
+        Cmd::new("qemu-img")
+            .args(["convert", "-c", "-f", "raw", "-O", "qcow2"])
+            .arg(&partial)
+            .arg(&q_partial)
+            .run()
+            .context("writing the qcow2 copy")?;
+        let qd = crate::checksum::sha256_file(&q_partial, None)?;
+        std::fs::rename(&q_partial, &final_qcow2)?;
+        sums.push((format!("{}.qcow2", def.name), qd));
+        qcow2 = Some(final_qcow2);
+    }
+    std::fs::rename(&partial, &final_raw).with_context(|| format!("renaming {} into place", partial.display()))?;
+    std::fs::rename(&json_partial, &final_json)?;
+    crate::checksum::write_sha256sums(&opts.out, &sums)?;
+    timings.end();
+    Ok(BuildReport {
+        name: def.name.clone(),
+        raw: final_raw,
+        qcow2,
+        payload: final_json,
+        sha256: crate::checksum::hex(&digest),
+        timings: timings.stages.clone(),
+    })
+}
+
+/// A work directory left by a crashed kiln may still hold mounts or loop devices: refuse
+/// to reuse it until `kiln doctor --fix` has released them.
+fn prepare_workdir(work: &Path) -> Result<()> {
+    if crate::state::holds_anything(work) {
+        user_bail!(
+            "work directory {} holds resources of an earlier kiln run (see {}); run `kiln doctor --fix {}` to release them",
+            work.display(),
+            work.join(crate::state::STATE_FILE).display(),
+            work.display()
+        );
+    }
+    if work.exists() {
+        std::fs::remove_dir_all(work).with_context(|| format!("clearing stale work directory {}", work.display()))?;
+    }
+    std::fs::create_dir_all(work).with_context(|| format!("creating work directory {}", work.display()))?;
+    Ok(())
+}
+
+/// The part of the build that holds guards. Returns the layout and whether every mount
+/// was released.
+fn build_in(
+    def: &ImageDef,
+    opts: &BuildOpts,
+    disk_base: Option<&Path>,
+    work: &Path,
+    partial: &Path,
+    timings: &mut Timings,
+) -> Result<(Layout, bool)> {
+    timings.begin("disk");
+    let layout = match disk_base {
+        Some(base) => {
+            let pb = crate::progress::spinner("copying base");
+            crate::sparse::copy_sparse(base, partial)?;
+            pb.finish_and_clear();
+            crate::disk::grow(partial, def.disk_size)?
+        }
+        None => {
+            let layout = crate::disk::create_cloud_layout(partial, def.disk_size)?;
+            let esp = layout.esp().context("fresh layout has no ESP")?;
+            let f = std::fs::OpenOptions::new().read(true).write(true).open(partial)?;
+            crate::esp::format_fat32(&f, esp.offset_bytes(), esp.size_bytes(), ESP_LABEL)
+                .with_context(|| format!("formatting the ESP of {}", partial.display()))?;
+            layout
+        }
+    };
+    let root = layout.root().context("the disk has no root partition")?.clone();
+    let root_loop = Loop::attach(partial, root.offset_bytes(), root.size_bytes(), false)?;
+    let dev = root_loop.path().to_owned();
+    if disk_base.is_some() {
+        // -p fixes only what is safe; resize2fs insists on a freshly checked filesystem.
+        Cmd::new("e2fsck").args(["-f", "-p"]).arg(&dev).run().context("checking the base's root filesystem")?;
+        Cmd::new("resize2fs").arg(&dev).run().context("growing the root filesystem")?;
+    } else {
+        let conf = work.join("mke2fs.conf");
+        std::fs::write(&conf, MKE2FS_CONF)?;
+        Cmd::new("mkfs.ext4")
+            .env("MKE2FS_CONFIG", &conf)
+            .args(["-q", "-F", "-L", ROOT_LABEL, "-E", "lazy_itable_init=0,lazy_journal_init=0,discard"])
+            .arg(&dev)
+            .run()
+            .context("formatting the root filesystem")?;
+    }
+    let mut mounts = MountStack::new();
+    let root_dir = work.join("root");
+    mounts.mount(&dev.to_string_lossy(), &root_dir, Some("ext4"), MsFlags::empty(), None)?;
+
+    let res = (|| -> Result<()> {
+        let rd = RootDir::open(&root_dir)?;
+        if disk_base.is_none() {
+            timings.begin("unpack");
+            let len = std::fs::metadata(&opts.base)?.len();
+            let pb = crate::progress::bytes(len, "unpacking");
+            let st = crate::unpack::unpack_tarball(&opts.base, &rd, Some(&pb))?;
+            pb.finish_and_clear();
+            tracing::info!("unpacked {} entries ({})", st.entries, crate::timings::human(st.bytes));
+            write_fstab(&rd)?;
+        }
+        crate::provision::provision(&root_dir, &rd, def, &opts.provision, &mut mounts, timings)?;
+        timings.begin("scrub");
+        crate::scrub::scrub(&rd)?;
+        timings.begin("trim");
+        Cmd::new("fstrim").arg(&root_dir).run().context("discarding free blocks (fstrim) so the image stays sparse")?;
+        Ok(())
+    })();
+    // Release in reverse order: mounts, then the loop device.
+    let unmounted = mounts.close();
+    let all_released = unmounted.is_ok();
+    res?;
+    unmounted?;
+    Cmd::new("e2fsck").args(["-f", "-n"]).arg(&dev).run().context("final check of the root filesystem")?;
+    root_loop.close()?;
+    let f = std::fs::File::open(partial)?;
+    f.sync_all().with_context(|| format!("syncing {}", partial.display()))?;
+    Ok((layout, all_released))
+}
+
+/// The fstab of Ubuntu's cloud image: root and ESP by label.
+fn write_fstab(rd: &RootDir) -> Result<()> {
+    let fstab = format!(
+        "LABEL={ROOT_LABEL}\t/\text4\tdiscard,errors=remount-ro\t0 1\nLABEL={ESP_LABEL}\t/boot/efi\tvfat\tumask=0077\t0 1\n"
+    );
+    rd.create_dir_all("/boot/efi", 0o755)?;
+    rd.write_file("/etc/fstab", fstab.as_bytes(), 0o644).context("writing /etc/fstab")?;
+    Ok(())
+}

@@ -1,0 +1,41 @@
+//! Hooks: `hooks/NAME/NN-*.chroot` run inside the image (in the chroot session), and
+//! `NN-*.host` run on the host with `KILN_ROOT` set to the image root; in name order.
+//! A failing hook is named, with the last lines of its output.
+
+use crate::chroot::Session;
+use crate::cmd::Cmd;
+use crate::rootdir::RootDir;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+/// The hooks of a directory, in order.
+pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading hook directory {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("chroot" | "host")))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+pub fn run_all(dir: &Path, session: &Session, rd: &RootDir) -> Result<()> {
+    for hook in list(dir)? {
+        let name = format!("{}/{}", dir.file_name().unwrap().to_string_lossy(), hook.file_name().unwrap().to_string_lossy());
+        tracing::info!("hook {name}");
+        let res = if hook.extension().unwrap() == "chroot" {
+            // Copied into the image's /run (a tmpfs of the session) and run from there.
+            let script = std::fs::read(&hook).with_context(|| format!("reading hook {}", hook.display()))?;
+            rd.create_dir_all("/run/kiln/hooks", 0o700)?;
+            let inside = format!("/run/kiln/hooks/{}", hook.file_name().unwrap().to_string_lossy());
+            rd.write_file(&inside, &script, 0o755)?;
+            let r = session.cmd(&inside).run();
+            rd.remove_file(&inside).ok();
+            r
+        } else {
+            Cmd::new(&hook).env("KILN_ROOT", session.root()).current_dir(dir).run()
+        };
+        res.with_context(|| format!("hook {name} failed"))?;
+    }
+    Ok(())
+}

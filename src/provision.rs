@@ -1,0 +1,163 @@
+//! Provisioning: the image definition's stages (system update, GPU prerequisites,
+//! NVIDIA driver, Kubernetes tools, ...) run in one chroot session, each timed.
+//!
+//! A stage, in order: configure its repositories → apt update (when repositories
+//! changed or it upgrades) → full-upgrade → install its packages → kernel headers for
+//! every image kernel → holds → overlays → hooks → required kernel modules checked for
+//! every image kernel.
+
+use crate::apt::{Apt, RepoOverride};
+use crate::chroot::Session;
+use crate::imagedef::{ImageDef, PackageSpec};
+use crate::mounts::MountStack;
+use crate::rootdir::RootDir;
+use crate::timings::Timings;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Default)]
+pub struct ProvisionOpts {
+    pub cache_dir: PathBuf,
+    pub repo_overrides: Vec<RepoOverride>,
+}
+
+pub fn provision(
+    root: &Path,
+    rd: &RootDir,
+    def: &ImageDef,
+    opts: &ProvisionOpts,
+    mounts: &mut MountStack,
+    timings: &mut Timings,
+) -> Result<()> {
+    if def.stages.is_empty() {
+        return Ok(());
+    }
+    for o in &opts.repo_overrides {
+        if def.repository(&o.id).is_none() {
+            crate::user_bail!(
+                "--repo-override {}: the image definition {} has no repository with that id (it has: {})",
+                o.id,
+                def.file.display(),
+                def.repositories.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    let session = Session::enter(root, rd, mounts)?;
+    let res = (|| -> Result<()> {
+        let mut apt = Apt::setup(&session, rd, mounts, &opts.cache_dir, &opts.repo_overrides)?;
+        let mut updated = false;
+        for stage in &def.stages {
+            timings.begin(&stage.name);
+            let before = apt.downloaded;
+            run_stage(def, stage, &mut apt, &session, rd, &mut updated)
+                .with_context(|| format!("stage {} of {}", stage.name, def.name))?;
+            timings.downloaded = apt.downloaded - before;
+        }
+        timings.begin("initramfs");
+        apt.finish(def)
+    })();
+    let closed = session.close(rd, mounts);
+    res?;
+    closed
+}
+
+fn run_stage(
+    def: &ImageDef,
+    stage: &crate::imagedef::Stage,
+    apt: &mut Apt,
+    session: &Session,
+    rd: &RootDir,
+    updated: &mut bool,
+) -> Result<()> {
+    let mut repos_changed = false;
+    for id in &stage.repositories {
+        apt.add_repository(def, def.repository(id).unwrap())?;
+        repos_changed = true;
+    }
+    let needs_apt = stage.full_upgrade || !stage.packages.is_empty() || stage.kernel_headers;
+    if needs_apt && (!*updated || repos_changed) {
+        apt.update()?;
+        *updated = true;
+    }
+    if stage.full_upgrade {
+        apt.full_upgrade()?;
+    }
+    apt.install(&stage.packages)?;
+    if stage.kernel_headers {
+        let kernels = image_kernels(rd)?;
+        if kernels.is_empty() {
+            bail!("the image has no kernel (no /boot/vmlinuz-* with a /lib/modules directory)");
+        }
+        let headers: Vec<PackageSpec> = kernels
+            .iter()
+            .map(|k| PackageSpec { name: format!("linux-headers-{k}"), version: None, pool: None, origin: format!("kernel {k} of the image") })
+            .collect();
+        tracing::info!("kernel headers for {}", kernels.join(", "));
+        apt.install(&headers)?;
+    }
+    let pins: Vec<&PackageSpec> = stage.packages.iter().filter(|p| p.version.is_some()).collect();
+    let mut hold = stage.hold.clone();
+    for p in &pins {
+        if !hold.contains(&p.name) {
+            hold.push(p.name.clone());
+        }
+    }
+    apt.hold(&hold, &pins)?;
+    for o in &stage.overlays {
+        crate::overlays::apply(o, rd)?;
+    }
+    for h in &stage.hooks {
+        crate::hooks::run_all(h, session, rd)?;
+    }
+    if !stage.require_modules.is_empty() {
+        ensure_modules(session, rd, &stage.require_modules)?;
+    }
+    Ok(())
+}
+
+/// Kernels the image can boot: versions with both /boot/vmlinuz-V and /lib/modules/V,
+/// newest first — read from the image, never the host's `uname -r`.
+pub fn image_kernels(rd: &RootDir) -> Result<Vec<String>> {
+    let mut v: Vec<String> = rd
+        .read_dir("/boot")?
+        .into_iter()
+        .filter_map(|n| n.strip_prefix("vmlinuz-").map(str::to_string))
+        .filter(|k| rd.exists(&format!("/lib/modules/{k}")).unwrap_or(false))
+        .collect();
+    v.sort_by(|a, b| crate::inspect::dpkg_version_cmp(b, a));
+    Ok(v)
+}
+
+/// Every required module must exist for every image kernel with a vermagic naming that
+/// kernel; missing ones get one `dkms autoinstall -k` before the build fails.
+fn ensure_modules(session: &Session, rd: &RootDir, modules: &[String]) -> Result<()> {
+    for k in image_kernels(rd)? {
+        let mut missing = check_modules(session, rd, &k, modules)?;
+        if !missing.is_empty() {
+            tracing::warn!("kernel {k} lacks {}: running dkms autoinstall", missing.join(", "));
+            session.cmd("dkms").args(["autoinstall", "-k", &k]).run().with_context(|| format!("dkms autoinstall -k {k}"))?;
+            missing = check_modules(session, rd, &k, modules)?;
+        }
+        if !missing.is_empty() {
+            bail!("kernel {k} of the image has no usable {} module(s) after DKMS; see /var/lib/dkms/*/build/make.log in the image", missing.join(", "));
+        }
+        tracing::info!("kernel {k}: {} present with matching vermagic", modules.join(", "));
+    }
+    Ok(())
+}
+
+fn check_modules(session: &Session, _rd: &RootDir, kernel: &str, modules: &[String]) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for m in modules {
+        let out = session.cmd("modinfo").args(["-k", kernel, "-F", "vermagic", m]).run();
+        match out {
+            Ok(o) if o.stdout_str().split_whitespace().next() == Some(kernel) => {}
+            Ok(o) => {
+                tracing::warn!("module {m} for {kernel} has vermagic `{}`", o.stdout_str().trim());
+                missing.push(m.clone());
+            }
+            Err(_) => missing.push(m.clone()),
+        }
+    }
+    Ok(missing)
+}

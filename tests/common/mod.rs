@@ -1,0 +1,264 @@
+//! Shared fixtures for the root integration tests: the kiln binary, the cached Ubuntu
+//! 22.04 base (mmdebstrap), its qcow2 "cloud image", the stand-in repositories, and a
+//! small root tarball for disk-layer tests. Expensive fixtures are built once, under a
+//! file lock, in $KILN_TEST_CACHE (default /var/cache/kiln-tests) and reused across runs.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn kiln() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
+}
+
+pub fn project() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Skip (with a visible note) when not root: integration tests need loop devices.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !common::is_root() {
+            eprintln!("skipped: needs root (loop devices, mounts)");
+            return;
+        }
+    };
+}
+
+pub fn cache() -> PathBuf {
+    let c = PathBuf::from(std::env::var("KILN_TEST_CACHE").unwrap_or_else(|_| "/var/cache/kiln-tests".into()));
+    std::fs::create_dir_all(&c).unwrap();
+    c
+}
+
+/// A scratch directory on the same disk as the cache (not tmpfs: images are GBs sparse).
+pub fn scratch(tag: &str) -> tempfile::TempDir {
+    let d = cache().join("scratch");
+    std::fs::create_dir_all(&d).unwrap();
+    tempfile::Builder::new().prefix(&format!("{tag}-")).tempdir_in(d).unwrap()
+}
+
+struct Lock(File);
+impl Drop for Lock {
+    fn drop(&mut self) {
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+fn lock(name: &str) -> Lock {
+    let f = File::create(cache().join(format!("{name}.lock"))).unwrap();
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    Lock(f)
+}
+
+fn short_hash(paths: &[&str]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for p in paths {
+        std::fs::read(project().join(p)).unwrap().hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
+}
+
+fn run_ok(cmd: &mut Command) {
+    let st = cmd.status().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(st.success(), "{cmd:?} failed: {st}");
+}
+
+/// The cached Ubuntu 22.04 root tarball (tests/fixtures/make-base.sh), keyed by the
+/// script's content.
+pub fn base_tarball() -> PathBuf {
+    let p = cache().join(format!("base-jammy-{}.tar", short_hash(&["tests/fixtures/make-base.sh"])));
+    let _l = lock("base");
+    if !p.exists() {
+        run_ok(Command::new(project().join("tests/fixtures/make-base.sh")).arg(&p));
+    }
+    p
+}
+
+/// The qcow2 "cloud image" made from the base tarball (tests/fixtures/make-cloud-image.sh).
+pub fn cloud_qcow2() -> PathBuf {
+    let base = base_tarball();
+    let p = cache().join(format!(
+        "cloud-jammy-{}.qcow2",
+        short_hash(&["tests/fixtures/make-base.sh", "tests/fixtures/make-cloud-image.sh"])
+    ));
+    let _l = lock("cloud");
+    if !p.exists() {
+        run_ok(Command::new(project().join("tests/fixtures/make-cloud-image.sh")).arg(&base).arg(&p));
+    }
+    p
+}
+
+/// The signed stand-in repositories for the two upstream repositories this machine
+/// can't reach (tests/fixtures/make-standin-repo.sh).
+pub fn standin_repos() -> PathBuf {
+    let p = cache().join(format!("standin-{}", short_hash(&["tests/fixtures/make-standin-repo.sh"])));
+    let _l = lock("standin");
+    if !p.join("kubernetes/InRelease").exists() {
+        run_ok(Command::new(project().join("tests/fixtures/make-standin-repo.sh")).arg(&p));
+    }
+    p
+}
+
+/// `--repo-override` flags pointing both third-party repositories at the stand-ins.
+pub fn standin_overrides() -> Vec<String> {
+    let r = standin_repos();
+    ["kubernetes", "nvidia-container-toolkit"]
+        .iter()
+        .flat_map(|id| {
+            [
+                "--repo-override".to_string(),
+                format!("{id}=file://{},key={}", r.join(id).display(), r.join(id).join("standin.asc").display()),
+            ]
+        })
+        .collect()
+}
+
+pub fn run_kiln(args: &[&str]) -> Output {
+    let out = Command::new(kiln()).args(args).env("KILN_CACHE_DIR", cache().join("kiln-cache")).output().unwrap();
+    eprintln!(
+        "$ kiln {}\n--- stdout\n{}--- stderr\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A small root tarball made by the test: enough of an Ubuntu root for the disk layer and
+/// the payload (os-release, dpkg status with kubelet, a kernel), with a symlink, a hard
+/// link, a setuid file, an xattr and a device node to check the unpacker.
+pub fn small_tarball(dir: &Path, xz: bool) -> PathBuf {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, data: &[u8], mode: u32, kind: tar::EntryType, link: Option<&str>| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        if let Some(l) = link {
+            h.set_link_name(l).unwrap();
+        }
+        if kind == tar::EntryType::Char {
+            h.set_device_major(1).unwrap();
+            h.set_device_minor(3).unwrap();
+        }
+        h.set_cksum();
+        b.append_data(&mut h, path, data).unwrap();
+    };
+    use tar::EntryType as E;
+    for d in ["./", "./etc/", "./usr/", "./usr/lib/", "./usr/lib/modules/", "./usr/lib/modules/5.15.0-204-generic/", "./usr/bin/", "./boot/", "./var/", "./var/lib/", "./var/lib/dpkg/", "./dev/", "./root/", "./var/log/", "./etc/ssh/"] {
+        add(d, b"", 0o755, E::Directory, None);
+    }
+    add("./lib", b"", 0o777, E::Symlink, Some("usr/lib"));
+    add(
+        "./etc/os-release",
+        b"PRETTY_NAME=\"Ubuntu 22.04.5 LTS\"\nNAME=\"Ubuntu\"\nVERSION_ID=\"22.04\"\nVERSION=\"22.04.5 LTS (Jammy Jellyfish)\"\nVERSION_CODENAME=jammy\nID=ubuntu\nID_LIKE=debian\nUBUNTU_CODENAME=jammy\n",
+        0o644,
+        E::Regular,
+        None,
+    );
+    add("./etc/machine-id", b"0123456789abcdef0123456789abcdef\n", 0o444, E::Regular, None);
+    add("./etc/ssh/ssh_host_ed25519_key", b"secret", 0o600, E::Regular, None);
+    add("./root/.bash_history", b"history", 0o600, E::Regular, None);
+    add("./var/log/syslog", b"old log lines\n", 0o640, E::Regular, None);
+    add("./etc/fstab", b"LABEL=cloudimg-rootfs / ext4 defaults 0 1\n/swap.img none swap sw 0 0\n", 0o644, E::Regular, None);
+    add("./boot/vmlinuz-5.15.0-204-generic", b"not really a kernel", 0o600, E::Regular, None);
+    add("./usr/bin/su", b"#!/bin/sh\n", 0o4755, E::Regular, None);
+    add("./usr/bin/su-hardlink", b"", 0o4755, E::Link, Some("./usr/bin/su"));
+    add("./dev/null", b"", 0o666, E::Char, None);
+    add("./var/lib/dpkg/arch", b"amd64\n", 0o644, E::Regular, None);
+    add(
+        "./var/lib/dpkg/status",
+        b"Package: base-files\nStatus: install ok installed\nArchitecture: amd64\nVersion: 12ubuntu4.7\n\n\
+Package: kubelet\nStatus: hold ok installed\nArchitecture: amd64\nVersion: 1.30.0-1.1\n\n\
+Package: linux-image-5.15.0-204-generic\nStatus: install ok installed\nArchitecture: amd64\nVersion: 5.15.0-204.214\n\n",
+        0o644,
+        E::Regular,
+        None,
+    );
+    let data = b.into_inner().unwrap();
+    let (name, bytes) = if xz {
+        let mut e = xz2::write::XzEncoder::new(Vec::new(), 1);
+        std::io::Write::write_all(&mut e, &data).unwrap();
+        ("small-root.tar.xz", e.finish().unwrap())
+    } else {
+        ("small-root.tar", data)
+    };
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// A definition with no provisioning stages: just the disk layer and the artifacts.
+pub fn disk_only_def(dir: &Path, name: &str, size: &str) -> PathBuf {
+    // Definitions name package lists etc. relative to the project root (the parent of
+    // images/), so a test project gets its own images/ directory.
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let p = images.join(format!("{name}.toml"));
+    std::fs::write(
+        &p,
+        format!("name = \"{name}\"\ndescription = \"disk layer test\"\ndisk_size = \"{size}\"\n[payload]\nuri = \"https://bucket.example/images/{{name}}.raw\"\n"),
+    )
+    .unwrap();
+    p
+}
+
+/// Run a program and return stdout, asserting success.
+pub fn sh(prog: &str, args: &[&str]) -> String {
+    let out = Command::new(prog).args(args).output().unwrap_or_else(|e| panic!("{prog}: {e}"));
+    assert!(out.status.success(), "{prog} {args:?} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Partition `n`'s (offset, size) in bytes, read with sgdisk (independent of kiln).
+pub fn partition(image: &Path, n: u32) -> (u64, u64) {
+    let info = sh("sgdisk", &["-i", &n.to_string(), image.to_str().unwrap()]);
+    let num = |key: &str| -> u64 {
+        info.lines().find(|l| l.starts_with(key)).unwrap().split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    let (first, last) = (num("First sector:"), num("Last sector:"));
+    (first * 512, (last - first + 1) * 512)
+}
+
+/// A read-only loop device over a byte range, detached on drop (for e2fsck/fsck).
+pub struct TestLoop(pub String);
+impl TestLoop {
+    pub fn new(image: &Path, offset: u64, size: u64) -> TestLoop {
+        let dev = sh(
+            "losetup",
+            &["--find", "--show", "--read-only", "--offset", &offset.to_string(), "--sizelimit", &size.to_string(), image.to_str().unwrap()],
+        );
+        TestLoop(dev.trim().to_string())
+    }
+}
+impl Drop for TestLoop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// Nothing of kiln's left on the host: no loop device backed by a file under `dir`, no
+/// mount under it.
+pub fn assert_no_leaks(dir: &Path) {
+    let d = dir.to_string_lossy().to_string();
+    let loops = sh("losetup", &["-a"]);
+    assert!(!loops.lines().any(|l| l.contains(&d)), "loop devices leaked:\n{loops}");
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mi.lines().any(|l| l.contains(&d)), "mounts leaked:\n{mi}");
+}
