@@ -35,7 +35,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
 /// Size of one read buffer.
 const BUF_SIZE: usize = 8 << 20;
@@ -390,6 +390,10 @@ fn hasher_gone() -> io::Error {
     io::Error::other("checksum: hashing thread stopped")
 }
 
+fn lseek_error(whence: &str, offset: u64, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("lseek({whence}) at offset {offset}: {e}"))
+}
+
 /// A piece of a regular file, as reported by SEEK_DATA/SEEK_HOLE.
 #[derive(Debug, PartialEq)]
 enum Extent {
@@ -408,40 +412,40 @@ struct Extents {
 
 impl Extents {
     fn next(&mut self) -> io::Result<Option<Extent>> {
-        if self.pos >= self.size {
+        let start = self.pos;
+        if start >= self.size {
             return Ok(None);
         }
-        let start = self.pos;
-        let (data_start, data_end) = match self.walk.then(|| self.seek(libc::SEEK_DATA, start)) {
-            None => (start, self.size),
-            Some(Ok(d)) => (d.min(self.size), self.size),
-            // No data at or after `start`: the rest of the file is a hole.
-            Some(Err(e)) if e.raw_os_error() == Some(libc::ENXIO) => (self.size, self.size),
-            Some(Err(e)) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
-                tracing::debug!("SEEK_DATA unsupported ({e}); reading the whole file");
-                self.walk = false;
-                (start, self.size)
+        if self.walk {
+            match self.seek(libc::SEEK_DATA, start) {
+                Ok(data) if data > start => {
+                    // A hole up to the next data (or to the end, if the file grew).
+                    self.pos = data.min(self.size);
+                    return Ok(Some(Extent::Hole { len: self.pos - start }));
+                }
+                Ok(_) => {
+                    // Data from `start` to the next hole. There is always a hole at end
+                    // of file, so this is at most `size` unless the file grew; if it
+                    // shrank below `start`, read to `size` and let the read report it.
+                    let hole =
+                        self.seek(libc::SEEK_HOLE, start).map_err(|e| lseek_error("SEEK_HOLE", start, e))?;
+                    self.pos = if hole > start { hole.min(self.size) } else { self.size };
+                    return Ok(Some(Extent::Data { start, len: self.pos - start }));
+                }
+                // No data at or after `start`: the rest of the file is a hole.
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                    self.pos = self.size;
+                    return Ok(Some(Extent::Hole { len: self.size - start }));
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                    tracing::debug!("SEEK_DATA unsupported ({e}); reading the whole file");
+                    self.walk = false;
+                }
+                Err(e) => return Err(lseek_error("SEEK_DATA", start, e)),
             }
-            Some(Err(e)) => return Err(io::Error::new(e.kind(), format!("lseek(SEEK_DATA): {e}"))),
-        };
-        if data_start > start {
-            self.pos = data_start;
-            return Ok(Some(Extent::Hole { len: data_start - start }));
         }
-        let data_end = if self.walk {
-            match self.seek(libc::SEEK_HOLE, start) {
-                // There is always a hole at end of file, so this is at most the size
-                // unless the file grew meanwhile. If it shrank to before `start`, read
-                // to `size` and let the read report it.
-                Ok(h) if h > start => h.min(self.size),
-                Ok(_) => self.size,
-                Err(e) => return Err(io::Error::new(e.kind(), format!("lseek(SEEK_HOLE): {e}"))),
-            }
-        } else {
-            data_end
-        };
-        self.pos = data_end;
-        Ok(Some(Extent::Data { start, len: data_end - start }))
+        self.pos = self.size;
+        Ok(Some(Extent::Data { start, len: self.size - start }))
     }
 
     fn seek(&self, whence: libc::c_int, offset: u64) -> io::Result<u64> {
@@ -559,6 +563,25 @@ mod tests {
         }
         // The point of the exercise: the filesystem really has holes here.
         assert!(is_sparse(&cases[1]), "test files are expected to be sparse on this fs");
+    }
+
+    #[test]
+    fn extents_skip_holes() {
+        const M: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let p = sparse_file(dir.path(), "e", 12 * M, &[(4 * M, 4096)]);
+        let f = File::open(&p).unwrap();
+        let mut ext = Extents { fd: f.as_raw_fd(), pos: 0, size: 12 * M, walk: true };
+        let mut got = Vec::new();
+        while let Some(e) = ext.next().unwrap() {
+            got.push(e);
+        }
+        let want = [
+            Extent::Hole { len: 4 * M },
+            Extent::Data { start: 4 * M, len: 4096 },
+            Extent::Hole { len: 8 * M - 4096 },
+        ];
+        assert_eq!(got, want);
     }
 
     #[test]

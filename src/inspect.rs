@@ -1522,6 +1522,7 @@ mod tests {
     fn rootfs_reads_files_in_place() {
         let r = RootFs::open(&images().qcow2).unwrap();
         assert_eq!(r.partition(), 1);
+        assert_eq!(r.image(), images().qcow2);
         assert_eq!(r.label(), "cloudimg-rootfs");
         assert_eq!(r.uuid(), test_images::ROOT_UUID);
         assert_eq!(r.read_to_string("/etc/os-release").unwrap(), test_images::OS_RELEASE);

@@ -1468,6 +1468,32 @@ mod tests {
         assert_eq!(get(tmp.path(), "user.kiln"), b"dir");
     }
 
+    /// The pre-6.6 chmod path, which this machine's kernel would not otherwise take.
+    #[test]
+    fn chmod_fallback_never_follows() {
+        let f = fixture();
+        let before = snapshot(&f.canary);
+        let dir = f.root.entry(Path::new("x")).unwrap().dir;
+        let err = chmod_at_fallback(&dir, c"shadow_link", 0o777).unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        chmod_at_fallback(&dir, c"etc", 0o777).unwrap_err();
+        std::fs::write(f.root_path.join("file"), b"x").unwrap();
+        chmod_at_fallback(&dir, c"file", 0o4711).unwrap();
+        assert_eq!(std::fs::metadata(f.root_path.join("file")).unwrap().mode() & 0o7777, 0o4711);
+        std::fs::create_dir(f.root_path.join("dir")).unwrap();
+        chmod_at_fallback(&dir, c"dir", 0o1755).unwrap();
+        assert_eq!(std::fs::metadata(f.root_path.join("dir")).unwrap().mode() & 0o7777, 0o1755);
+        f.root.mknod("fifo", NodeKind::Fifo, 0o600, 0).unwrap();
+        chmod_at_fallback(&dir, c"fifo", 0o640).unwrap();
+        assert_eq!(f.root.symlink_metadata("fifo").unwrap().mode() & 0o7777, 0o640);
+        if is_root() {
+            f.root.mknod("null", NodeKind::Char, 0o600, nix::sys::stat::makedev(1, 3)).unwrap();
+            chmod_at_fallback(&dir, c"null", 0o666).unwrap();
+            assert_eq!(f.root.symlink_metadata("null").unwrap().mode() & 0o7777, 0o666);
+        }
+        assert_eq!(snapshot(&f.canary), before);
+    }
+
     #[test]
     fn missing_root_is_an_error() {
         let err = RootDir::open("/nonexistent/kiln-root").unwrap_err();

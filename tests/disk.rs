@@ -96,6 +96,7 @@ fn root_tarball_becomes_checked_raw_image() {
     assert!(o.status.success());
     let facts: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(facts["os_release"]["VERSION_CODENAME"], "jammy");
+    drop(root);
     assert_no_leaks(d.path());
 }
 
@@ -154,10 +155,11 @@ fn bad_bases_fail_before_anything_is_written() {
     sh(project().join("tests/fixtures/make-cloud-image.sh").to_str().unwrap(), &[good_tar.to_str().unwrap(), big.to_str().unwrap(), "3G"]);
 
     let bad_sum = "0".repeat(64);
+    let mismatch = ["checksum mismatch", bad_sum.as_str()];
     let cases: Vec<(&Path, Vec<&str>, &[&str])> = vec![
         (&text, vec![], &["not a disk image or root tarball"]),
         (&truncated, vec![], &["truncated", "qcow2"]),
-        (&good_tar, vec!["--base-sha256", &bad_sum], &["checksum mismatch", &bad_sum]),
+        (&good_tar, vec!["--base-sha256", &bad_sum], &mismatch),
         (&mbr, vec![], &["no GPT"]),
         (&noext4, vec![], &["no ext4"]),
         (&big, vec![], &["larger than the target"]),
