@@ -149,7 +149,7 @@ fn bad_bases_fail_before_anything_is_written() {
     let f = std::fs::File::create(&noext4).unwrap();
     f.set_len(256 << 20).unwrap();
     drop(f);
-    sh("sgdisk", &["-q", "-n", "14:2048:+4M", "-t", "14:EF02", "-n", "15:10240:+106M", "-t", "15:EF00", "-n", "1:227328:0", "-t", "1:8300", noext4.to_str().unwrap()]);
+    sh("sgdisk", &["-n", "14:2048:+4M", "-t", "14:EF02", "-n", "15:10240:+106M", "-t", "15:EF00", "-n", "1:227328:0", "-t", "1:8300", noext4.to_str().unwrap()]);
     // Bigger than the target.
     let big = d.path().join("big.img");
     sh(project().join("tests/fixtures/make-cloud-image.sh").to_str().unwrap(), &[good_tar.to_str().unwrap(), big.to_str().unwrap(), "3G"]);
