@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 use nix::mount::MsFlags;
 use std::path::{Path, PathBuf};
 
+#[derive(Clone)]
 pub struct BuildOpts {
     pub def: PathBuf,
     pub base: PathBuf,
@@ -92,6 +93,9 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
 
     // Nothing was written to the output directory before this point.
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating output directory {}", opts.out.display()))?;
+    // Absolute, so hooks (run from their own directory) get a usable KILN_ROOT.
+    let out_dir = opts.out.canonicalize().with_context(|| format!("resolving {}", opts.out.display()))?;
+    let opts = &BuildOpts { out: out_dir, ..opts.clone() };
     let work = opts.out.join(format!(".kiln-work-{}", def.name));
     prepare_workdir(&work)?;
     crate::state::start(&work)?;
