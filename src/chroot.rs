@@ -44,7 +44,6 @@ impl Session {
         mounts.mount("proc", &j("proc"), Some("proc"), nosuid, None)?;
         mounts.mount("sysfs", &j("sys"), Some("sysfs"), nosuid | MsFlags::MS_RDONLY, None)?;
         mounts.bind(Path::new("/dev"), &j("dev"), false)?;
-        rd.create_dir_all("/dev/pts", 0o755).ok();
         mounts.mount(
             "devpts",
             &j("dev/pts"),

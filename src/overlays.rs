@@ -34,7 +34,10 @@ fn copy_dir(top: &Path, dir: &Path, rd: &RootDir, n: &mut usize) -> Result<()> {
             rd.symlink(&target, &dest)?;
         } else if md.is_dir() {
             rd.create_dir_all(&dest, mode)?;
-            rd.set_mode(&dest, mode)?;
+            // /bin, /lib, /sbin are symlinks on merged-/usr images: leave those alone.
+            if !rd.symlink_metadata(&dest)?.is_symlink() {
+                rd.set_mode(&dest, mode)?;
+            }
             copy_dir(top, &p, rd, n)?;
         } else if md.is_file() {
             let data = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;

@@ -895,6 +895,7 @@ fn metadata(st: &FileStat) -> Metadata {
         mtime: st.st_mtime,
         dev: st.st_dev,
         ino: st.st_ino,
+        #[allow(clippy::unnecessary_cast)] // u32 on some architectures
         nlink: st.st_nlink as u64,
         rdev: st.st_rdev,
     }
@@ -1116,8 +1117,10 @@ mod tests {
         ]
     }
 
+    type Op = Box<dyn Fn(&RootDir, &str)>;
+
     /// Every mutating operation, as (name, op on an image path).
-    fn operations(uid: u32) -> Vec<(&'static str, Box<dyn Fn(&RootDir, &str)>)> {
+    fn operations(uid: u32) -> Vec<(&'static str, Op)> {
         vec![
             ("write_file", Box::new(|r, p| drop(r.write_file(p, b"pwned\n", 0o666)))),
             ("write_file_synced", Box::new(|r, p| drop(r.write_file_synced(p, b"pwned\n", 0o666)))),

@@ -133,8 +133,10 @@ fn lock_passwords(rd: &RootDir) -> Result<()> {
     let (out, changed) = lock_shadow(&text);
     if changed > 0 {
         tracing::info!("locked the password of {changed} account(s)");
-        let mode = rd.symlink_metadata("/etc/shadow")?.mode() & 0o7777;
-        rd.write_file("/etc/shadow", out.as_bytes(), mode)?;
+        let md = rd.symlink_metadata("/etc/shadow")?;
+        rd.write_file("/etc/shadow", out.as_bytes(), md.mode() & 0o7777)?;
+        // Ubuntu's shadow is root:shadow; keep its owner.
+        rd.set_owner("/etc/shadow", md.uid(), md.gid())?;
     }
     Ok(())
 }

@@ -222,7 +222,8 @@ impl<'a> Unpacker<'a> {
 
     /// The entry's path (or a hard link's target) as an image path relative to the
     /// root; empty for the root itself (`./`). A leading `/` is dropped, as GNU tar
-    /// does; any `..` component is refused, since it could only aim outside the root.
+    /// does; any `..` component is refused (a root tarball has no use for one, and it
+    /// is how archives aim outside the directory they are unpacked in).
     fn checked_path(&self, raw: &[u8], name: &str, link_of: Option<&str>) -> Result<PathBuf> {
         let mut path = PathBuf::new();
         for comp in raw.split(|b| *b == b'/') {
