@@ -6,7 +6,6 @@
 //! runs in a private mount namespace entered by `main` before any thread starts.
 
 use crate::acquire::{self, BaseFormat, Expected};
-use crate::disk::Layout;
 use crate::imagedef::{self, ImageDef};
 use crate::loopdev::Loop;
 use crate::mounts::MountStack;
@@ -52,12 +51,11 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     if !nix::unistd::geteuid().is_root() {
         user_bail!("kiln build must run as root (it attaches loop devices and mounts filesystems); run it with sudo or in a --privileged container");
     }
-    timings.begin("acquire");
+    timings.begin("acquire")?;
     let def = imagedef::load(&opts.def)?;
     let raw_name = format!("{}.raw", def.name);
     let final_raw = opts.out.join(&raw_name);
     let final_json = opts.out.join(format!("{}.json", def.name));
-    let final_qcow2 = opts.out.join(format!("{}.qcow2", def.name));
     if !opts.force {
         for p in [&final_raw, &final_json] {
             if p.exists() {
@@ -101,60 +99,29 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     crate::state::start(&work)?;
     let partial = opts.out.join(format!("{raw_name}.partial"));
     let result = build_in(&def, opts, disk_base.as_deref(), &work, &partial, timings);
-    let released = match &result {
-        Ok(r) => r.1,
-        Err(_) => true,
-    };
-    if result.is_err() {
-        let _ = std::fs::remove_file(&partial);
-    }
-    let (layout, all_released) = match result {
-        Ok((l, r)) => (l, r),
-        Err(e) => {
-            // Guards have run by now; only remove the work dir if nothing is mounted in it.
-            if released && !crate::state::holds_anything(&work) {
-                crate::state::finish();
-                let _ = std::fs::remove_dir_all(&work);
-            }
-            return Err(e);
-        }
-    };
-    let _ = layout;
+    // The guards inside build_in have run by now. The work directory goes only when
+    // nothing is left mounted in it: a directory whose unmount failed is never deleted.
+    let all_released = matches!(result, Ok(true) | Err(_)) && !crate::state::holds_anything(&work);
     if all_released {
         crate::state::finish();
-        std::fs::remove_dir_all(&work).with_context(|| format!("removing work directory {}", work.display()))?;
+        if let Err(e) = std::fs::remove_dir_all(&work) {
+            tracing::warn!("could not remove work directory {}: {e}", work.display());
+        }
+    } else {
+        tracing::error!("work directory {} still holds mounts; left in place (see `kiln doctor`)", work.display());
     }
-
-    timings.begin("finalize");
-    let facts = crate::inspect::inspect_image(&partial).context("reading the finished image's facts")?;
-    let payload = crate::payload::build_payload(&facts, &def.payload_input())?;
-    let pb = crate::progress::bytes(std::fs::metadata(&partial)?.len(), "checksum");
-    let digest = crate::checksum::sha256_file(&partial, Some(&pb))?;
-    pb.finish_and_clear();
-    let mut sums = vec![(raw_name.clone(), digest)];
-    let json_partial = opts.out.join(format!("{}.json.partial", def.name));
-    let mut json = serde_json::to_vec_pretty(&payload)?;
-    json.push(b'\n');
-    std::fs::write(&json_partial, json)
-        .with_context(|| format!("writing {}", json_partial.display()))?;
-    let mut qcow2 = None;
-    if opts.qcow2 {
-        let q_partial = opts.out.join(format!("{}.qcow2.partial", def.name));
-        Cmd::new("qemu-img")
-            .args(["convert", "-c", "-f", "raw", "-O", "qcow2"])
-            .arg(&partial)
-            .arg(&q_partial)
-            .run()
-            .context("writing the qcow2 copy")?;
-        let qd = crate::checksum::sha256_file(&q_partial, None)?;
-        std::fs::rename(&q_partial, &final_qcow2)?;
-        sums.push((format!("{}.qcow2", def.name), qd));
-        qcow2 = Some(final_qcow2);
+    let partials = [
+        partial.clone(),
+        opts.out.join(format!("{}.json.partial", def.name)),
+        opts.out.join(format!("{}.qcow2.partial", def.name)),
+    ];
+    let finished = result.and_then(|_| finalize(&def, opts, &partials, timings));
+    if finished.is_err() {
+        for p in &partials {
+            let _ = std::fs::remove_file(p);
+        }
     }
-    std::fs::rename(&partial, &final_raw).with_context(|| format!("renaming {} into place", partial.display()))?;
-    std::fs::rename(&json_partial, &final_json)?;
-    crate::checksum::write_sha256sums(&opts.out, &sums)?;
-    timings.end();
+    let (digest, qcow2) = finished?;
     Ok(BuildReport {
         name: def.name.clone(),
         raw: final_raw,
@@ -163,6 +130,43 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         sha256: crate::checksum::hex(&digest),
         timings: timings.stages.clone(),
     })
+}
+
+/// Read the facts back from the finished image, write the payload, checksum, and only
+/// then rename everything into place.
+fn finalize(def: &ImageDef, opts: &BuildOpts, partials: &[PathBuf; 3], timings: &mut Timings) -> Result<([u8; 32], Option<PathBuf>)> {
+    let [partial, json_partial, q_partial] = partials;
+    let raw_name = format!("{}.raw", def.name);
+    timings.begin("finalize")?;
+    let facts = crate::inspect::inspect_image(partial).context("reading the finished image's facts")?;
+    let payload = crate::payload::build_payload(&facts, &def.payload_input())?;
+    let pb = crate::progress::bytes(std::fs::metadata(partial)?.len(), "checksum");
+    let digest = crate::checksum::sha256_file(partial, Some(&pb))?;
+    pb.finish_and_clear();
+    let mut sums = vec![(raw_name.clone(), digest)];
+    let mut json = serde_json::to_vec_pretty(&payload)?;
+    json.push(b'\n');
+    std::fs::write(json_partial, json).with_context(|| format!("writing {}", json_partial.display()))?;
+    let mut qcow2 = None;
+    if opts.qcow2 {
+        Cmd::new("qemu-img")
+            .args(["convert", "-c", "-f", "raw", "-O", "qcow2"])
+            .arg(partial)
+            .arg(q_partial)
+            .run()
+            .context("writing the qcow2 copy")?;
+        sums.push((format!("{}.qcow2", def.name), crate::checksum::sha256_file(q_partial, None)?));
+        qcow2 = Some(opts.out.join(format!("{}.qcow2", def.name)));
+    }
+    crate::cancel::check()?;
+    if let Some(q) = &qcow2 {
+        std::fs::rename(q_partial, q).with_context(|| format!("renaming {} into place", q_partial.display()))?;
+    }
+    std::fs::rename(partial, opts.out.join(&raw_name)).with_context(|| format!("renaming {} into place", partial.display()))?;
+    std::fs::rename(json_partial, opts.out.join(format!("{}.json", def.name)))?;
+    crate::checksum::write_sha256sums(&opts.out, &sums)?;
+    timings.end();
+    Ok((digest, qcow2))
 }
 
 /// A work directory left by a crashed kiln may still hold mounts or loop devices: refuse
@@ -192,8 +196,8 @@ fn build_in(
     work: &Path,
     partial: &Path,
     timings: &mut Timings,
-) -> Result<(Layout, bool)> {
-    timings.begin("disk");
+) -> Result<bool> {
+    timings.begin("disk")?;
     let layout = match disk_base {
         Some(base) => {
             let pb = crate::progress::spinner("copying base");
@@ -234,7 +238,7 @@ fn build_in(
     let res = (|| -> Result<()> {
         let rd = RootDir::open(&root_dir)?;
         if disk_base.is_none() {
-            timings.begin("unpack");
+            timings.begin("unpack")?;
             let len = std::fs::metadata(&opts.base)?.len();
             let pb = crate::progress::bytes(len, "unpacking");
             let st = crate::unpack::unpack_tarball(&opts.base, &rd, Some(&pb))?;
@@ -243,9 +247,9 @@ fn build_in(
             write_fstab(&rd)?;
         }
         crate::provision::provision(&root_dir, &rd, def, &opts.provision, &mut mounts, timings)?;
-        timings.begin("scrub");
+        timings.begin("scrub")?;
         crate::scrub::scrub(&rd)?;
-        timings.begin("trim");
+        timings.begin("trim")?;
         Cmd::new("fstrim").arg(&root_dir).run().context("discarding free blocks (fstrim) so the image stays sparse")?;
         Ok(())
     })();
@@ -258,7 +262,7 @@ fn build_in(
     root_loop.close()?;
     let f = std::fs::File::open(partial)?;
     f.sync_all().with_context(|| format!("syncing {}", partial.display()))?;
-    Ok((layout, all_released))
+    Ok(all_released)
 }
 
 /// The fstab of Ubuntu's cloud image: root and ESP by label.

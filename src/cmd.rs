@@ -108,6 +108,17 @@ impl Cmd {
             .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // A child never outlives kiln: if kiln dies (even by SIGKILL) the kernel kills it,
+        // which also lets kiln's private mount namespace and its loop devices go.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            self.inner.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = self
             .inner
             .spawn()
@@ -124,15 +135,34 @@ impl Cmd {
         let stderr = child.stderr.take().expect("piped stderr");
         let err_thread = std::thread::spawn(move || collect_lines(stderr, passthrough, usize::MAX / 2));
         let mut stdout_pipe = child.stdout.take().expect("piped stdout");
-        let mut stdout = Vec::new();
         // With passthrough, stdout is shown too and only its tail is kept.
-        let out_tail = if passthrough {
-            Some(collect_lines(stdout_pipe, true, TAIL_LINES))
-        } else {
-            stdout_pipe.read_to_end(&mut stdout).context("reading child stdout")?;
-            None
+        let out_thread = std::thread::spawn(move || {
+            if passthrough {
+                (Vec::new(), Some(collect_lines(stdout_pipe, true, TAIL_LINES)))
+            } else {
+                let mut v = Vec::new();
+                let _ = stdout_pipe.read_to_end(&mut v);
+                (v, None)
+            }
+        });
+        // Poll so that Ctrl-C / SIGTERM (which set the cancel flag) stop the child and
+        // unwind kiln's guards instead of waiting for a long apt or dkms run.
+        let status = loop {
+            if let Some(st) = child.try_wait().with_context(|| format!("waiting for `{}`", self.display))? {
+                break st;
+            }
+            if crate::cancel::is_cancelled() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = out_thread.join();
+                let _ = err_thread.join();
+                return Err(crate::cancel::Cancelled.into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
         };
-        let status = child.wait().with_context(|| format!("waiting for `{}`", self.display))?;
+        let (mut stdout, out_tail) = out_thread.join().unwrap_or_default();
         let err_lines = err_thread.join().unwrap_or_default();
         let stderr_text = err_lines.iter().cloned().collect::<Vec<_>>().join("\n");
         if !status.success() {

@@ -9,6 +9,7 @@
 mod acquire;
 mod apt;
 mod build;
+mod cancel;
 mod chroot;
 mod checksum;
 mod cmd;
@@ -30,6 +31,7 @@ mod sparse;
 mod state;
 mod timings;
 mod unpack;
+mod verify;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -105,6 +107,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a finished image (raw or qcow2) against its definition and the spec,
+    /// without mounting it; exits 1 if any check fails.
+    Verify {
+        image: PathBuf,
+        /// The image definition it was built from (images/NAME.toml).
+        #[arg(long)]
+        def: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -125,6 +138,7 @@ fn main() {
             }
         }
     }
+    cancel::install();
     init_logging(cli.verbose);
     if let Err(err) = run(cli) {
         report(&err);
@@ -165,6 +179,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Checksum { files } => checksum::cmd_checksum(&files),
         Command::Inspect { image, json } => inspect::cmd_inspect(&image, json),
+        Command::Verify { image, def, json } => verify::cmd_verify(&image, &def, json),
     }
 }
 

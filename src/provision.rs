@@ -47,13 +47,13 @@ pub fn provision(
         let mut apt = Apt::setup(&session, rd, mounts, &opts.cache_dir, &opts.repo_overrides)?;
         let mut updated = false;
         for stage in &def.stages {
-            timings.begin(&stage.name);
+            timings.begin(&stage.name)?;
             let before = apt.downloaded;
             run_stage(def, stage, &mut apt, &session, rd, &mut updated)
                 .with_context(|| format!("stage {} of {}", stage.name, def.name))?;
             timings.downloaded = apt.downloaded - before;
         }
-        timings.begin("initramfs");
+        timings.begin("initramfs")?;
         apt.finish(def)
     })();
     let closed = session.close(rd, mounts);

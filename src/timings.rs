@@ -43,11 +43,16 @@ fn written_bytes() -> u64 {
 }
 
 impl Timings {
-    pub fn begin(&mut self, stage: &str) {
+    /// Start a stage: a stage boundary, where cancellation (and injected faults in
+    /// tests) take effect.
+    pub fn begin(&mut self, stage: &str) -> anyhow::Result<()> {
         self.end();
+        crate::cancel::check()?;
+        crate::cancel::fault_point(stage)?;
         tracing::info!("== stage {stage}");
         self.downloaded = 0;
         self.current = Some((stage.to_string(), Instant::now(), cpu_seconds(), written_bytes()));
+        Ok(())
     }
 
     pub fn end(&mut self) {
