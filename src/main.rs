@@ -14,6 +14,7 @@ mod chroot;
 mod checksum;
 mod cmd;
 mod disk;
+mod doctor;
 mod error;
 mod hooks;
 mod esp;
@@ -94,6 +95,16 @@ enum OutFormat {
 enum Command {
     /// Build an image from a definition and a base (cloud image or root tarball).
     Build(BuildArgs),
+    /// Find (and with --fix release) loop devices, mounts, work directories and partial
+    /// outputs a crashed kiln left behind.
+    Doctor {
+        /// Output directories to check for work directories and partial files.
+        dirs: Vec<PathBuf>,
+        #[arg(long)]
+        fix: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// SHA-256 of files, skipping holes (same output as sha256sum).
     Checksum {
         #[arg(required = true)]
@@ -177,6 +188,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Doctor { dirs, fix, json } => doctor::cmd_doctor(&dirs, fix, json),
         Command::Checksum { files } => checksum::cmd_checksum(&files),
         Command::Inspect { image, json } => inspect::cmd_inspect(&image, json),
         Command::Verify { image, def, json } => verify::cmd_verify(&image, &def, json),

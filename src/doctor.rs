@@ -1,0 +1,150 @@
+//! `kiln doctor`: find what a crashed kiln left behind, and with `--fix` release it.
+//!
+//! kiln's own design leaves nothing after a crash (private mount namespace, autoclear
+//! loop devices, children killed with kiln), so doctor is the backstop: it reports loop
+//! devices still attached to kiln's partial images, mounts under kiln work directories
+//! in the host's namespace, work directories with a state file of a process that is
+//! gone, and partial outputs. `--fix` unmounts (deepest first), detaches, and removes
+//! work directories and partial outputs — a directory is removed only once nothing is
+//! mounted in it.
+
+use crate::state;
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Serialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Finding {
+    Loop { device: PathBuf, backing: PathBuf },
+    Mount { target: PathBuf },
+    WorkDir { path: PathBuf, pid: Option<u32> },
+    Partial { path: PathBuf },
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Look for leftovers: globally (loop devices, mounts) and in `dirs` (output
+/// directories: work directories and partial files).
+pub fn scan(dirs: &[PathBuf]) -> Result<Vec<Finding>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/sys/block").context("reading /sys/block")?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let dev = PathBuf::from(format!("/dev/{name}"));
+        if let Some(b) = state::loop_backing(&dev) {
+            let s = b.to_string_lossy();
+            let s = s.trim_end_matches(" (deleted)");
+            let running = b.parent().is_some_and(dirs_running);
+            if (s.ends_with(".raw.partial") || s.contains("/.kiln-work-")) && !running {
+                out.push(Finding::Loop { device: dev, backing: b });
+            }
+        }
+    }
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for l in mi.lines() {
+        if let Some(t) = l.split(' ').nth(4) {
+            if t.contains("/.kiln-work-") {
+                out.push(Finding::Mount { target: PathBuf::from(t.replace("\\040", " ")) });
+            }
+        }
+    }
+    for d in dirs {
+        let Ok(rd) = std::fs::read_dir(d) else { continue };
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let p = e.path();
+            if n.starts_with(".kiln-work-") && p.is_dir() {
+                let pid = state::read(&p).ok().flatten().map(|s| s.pid);
+                if pid.is_some_and(pid_alive) {
+                    continue; // a running build
+                }
+                out.push(Finding::WorkDir { path: p, pid });
+            } else if n.ends_with(".partial") {
+                let busy = dirs_running(d);
+                if !busy {
+                    out.push(Finding::Partial { path: p });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Is a kiln build running in output directory `d`?
+fn dirs_running(d: &Path) -> bool {
+    std::fs::read_dir(d)
+        .map(|rd| {
+            rd.flatten().any(|e| {
+                e.file_name().to_string_lossy().starts_with(".kiln-work-")
+                    && state::read(&e.path()).ok().flatten().is_some_and(|s| pid_alive(s.pid))
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Release findings: mounts deepest first, then loop devices, then directories/files.
+pub fn fix(findings: &[Finding]) -> Result<()> {
+    let mut mounts: Vec<&PathBuf> = findings.iter().filter_map(|f| if let Finding::Mount { target } = f { Some(target) } else { None }).collect();
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for m in &mounts {
+        nix::mount::umount2(m.as_path(), nix::mount::MntFlags::empty()).with_context(|| format!("unmounting {}", m.display()))?;
+        println!("unmounted {}", m.display());
+    }
+    for f in findings {
+        if let Finding::Loop { device, .. } = f {
+            loopdev::LoopDevice::open(device)
+                .and_then(|d| d.detach())
+                .with_context(|| format!("detaching {}", device.display()))?;
+            println!("detached {}", device.display());
+        }
+    }
+    let still_mounted = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    for f in findings {
+        match f {
+            Finding::WorkDir { path, .. } => {
+                if still_mounted.contains(&*path.to_string_lossy()) {
+                    anyhow::bail!("{} still has something mounted; not removing it", path.display());
+                }
+                std::fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))?;
+                println!("removed {}", path.display());
+            }
+            Finding::Partial { path } => {
+                std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
+                println!("removed {}", path.display());
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+pub fn cmd_doctor(dirs: &[PathBuf], do_fix: bool, json: bool) -> Result<()> {
+    let findings = scan(dirs)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "findings": findings }))?);
+    } else if findings.is_empty() {
+        println!("nothing left behind by kiln");
+    } else {
+        for f in &findings {
+            match f {
+                Finding::Loop { device, backing } => println!("loop device {} attached to {}", device.display(), backing.display()),
+                Finding::Mount { target } => println!("mount {}", target.display()),
+                Finding::WorkDir { path, pid } => println!("work directory {} (kiln pid {} is gone)", path.display(), pid.map(|p| p.to_string()).unwrap_or("?".into())),
+                Finding::Partial { path } => println!("partial output {}", path.display()),
+            }
+        }
+    }
+    if findings.is_empty() {
+        return Ok(());
+    }
+    if do_fix {
+        fix(&findings)?;
+        return Ok(());
+    }
+    anyhow::bail!("{} leftover(s) found; run `kiln doctor --fix {}` to release them", findings.len(), dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" "))
+}
