@@ -98,7 +98,17 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     prepare_workdir(&work)?;
     crate::state::start(&work)?;
     let partial = opts.out.join(format!("{raw_name}.partial"));
-    let result = build_in(&def, opts, disk_base.as_deref(), &work, &partial, timings);
+    let result = build_in(&def, opts, disk_base.as_deref(), &work, &partial, timings).map_err(|e| {
+        if format!("{e:#}").contains("No space left on device") {
+            e.context(format!(
+                "the image's root filesystem ran out of space; raise disk_size (now {} GiB) in {}",
+                def.disk_size >> 30,
+                def.file.display()
+            ))
+        } else {
+            e
+        }
+    });
     // The guards inside build_in have run by now. The work directory goes only when
     // nothing is left mounted in it: a directory whose unmount failed is never deleted.
     let all_released = matches!(result, Ok(true) | Err(_)) && !crate::state::holds_anything(&work);
@@ -247,6 +257,9 @@ fn build_in(
             write_fstab(&rd)?;
         }
         crate::provision::provision(&root_dir, &rd, def, &opts.provision, &mut mounts, timings)?;
+        if disk_base.is_none() && def.bootloader {
+            crate::bootloader::install(partial, &layout, &dev, &root_dir, &rd, &mut mounts, timings)?;
+        }
         timings.begin("scrub")?;
         crate::scrub::scrub(&rd)?;
         timings.begin("trim")?;

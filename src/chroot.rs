@@ -65,6 +65,7 @@ impl Session {
         }
 
         let saved_policy = if rd.exists(POLICY_RC_D)? { Some(rd.read(POLICY_RC_D)?) } else { None };
+        rd.create_dir_all("/usr/sbin", 0o755)?;
         rd.write_file(POLICY_RC_D, format!("#!/bin/sh\n{POLICY_MARK}exit 101\n").as_bytes(), 0o755)?;
         let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         Ok(Session { root: root.to_owned(), depth, saved_policy, jobs })

@@ -33,7 +33,10 @@ pub fn run_all(dir: &Path, session: &Session, rd: &RootDir) -> Result<()> {
             rd.remove_file(&inside).ok();
             r
         } else {
-            Cmd::new(&hook).env("KILN_ROOT", session.root()).current_dir(dir).run()
+            // Host hooks write into the image with `$KILN root-write`, which resolves
+            // paths inside KILN_ROOT (a symlink in the image can't send it to the host).
+            let kiln = std::env::current_exe().unwrap_or_else(|_| "kiln".into());
+            Cmd::new(&hook).env("KILN_ROOT", session.root()).env("KILN", kiln).current_dir(dir).run()
         };
         res.with_context(|| format!("hook {name} failed"))?;
     }

@@ -20,6 +20,10 @@ struct RawDef {
     name: Option<String>,
     description: Option<String>,
     disk_size: Option<String>,
+    /// Install the cloud image's bootloader (UEFI shim+grub, BIOS grub) when assembling
+    /// a disk from a root tarball. Default true; false for roots that aren't bootable
+    /// systems (test fixtures, containers).
+    bootloader: Option<bool>,
     payload: Option<RawPayload>,
     #[serde(default)]
     repository: Vec<Repository>,
@@ -92,6 +96,7 @@ pub struct ImageDef {
     pub name: String,
     pub description: String,
     pub disk_size: u64,
+    pub bootloader: bool,
     pub payload: PayloadFacts,
     pub repositories: Vec<Repository>,
     pub stages: Vec<Stage>,
@@ -182,12 +187,14 @@ pub fn load(path: &Path) -> Result<ImageDef> {
     let mut name = None;
     let mut description = None;
     let mut disk_size = None;
+    let mut bootloader = None;
     let mut payload = RawPayload::default();
     let mut repos: Vec<Repository> = Vec::new();
     let mut stages: Vec<(RawStage, PathBuf)> = Vec::new();
     for (file, raw) in chain.iter().rev() {
         name = raw.name.clone().or(name);
         description = raw.description.clone().or(description);
+        bootloader = raw.bootloader.or(bootloader);
         if let Some(ds) = &raw.disk_size {
             disk_size = Some((ds.clone(), file.clone()));
         }
@@ -287,7 +294,7 @@ pub fn load(path: &Path) -> Result<ImageDef> {
             require_modules: s.require_modules,
         });
     }
-    Ok(ImageDef { file: path.clone(), project_root, name, description, disk_size, payload, repositories: repos, stages: out_stages })
+    Ok(ImageDef { file: path.clone(), project_root, name, description, disk_size, bootloader: bootloader.unwrap_or(true), payload, repositories: repos, stages: out_stages })
 }
 
 /// Parse `package-lists/X.list`: one package a line, `name=version` pins, `#` comments,

@@ -8,6 +8,7 @@
 
 mod acquire;
 mod apt;
+mod bootloader;
 mod build;
 mod cancel;
 mod chroot;
@@ -105,6 +106,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// For host hooks: write stdin to PATH inside an image root, resolving PATH inside
+    /// the root so a symlink in the image can never redirect the write onto the host.
+    RootWrite {
+        /// The image root (a hook's $KILN_ROOT).
+        #[arg(long, env = "KILN_ROOT")]
+        root: PathBuf,
+        /// Path inside the image, e.g. /etc/modprobe.d/local.conf.
+        path: String,
+        /// File mode (octal).
+        #[arg(long, default_value = "644")]
+        mode: String,
+    },
     /// SHA-256 of files, skipping holes (same output as sha256sum).
     Checksum {
         #[arg(required = true)]
@@ -189,6 +202,16 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Doctor { dirs, fix, json } => doctor::cmd_doctor(&dirs, fix, json),
+        Command::RootWrite { root, path, mode } => {
+            let mode = u32::from_str_radix(&mode, 8).map_err(|_| error::user(format!("--mode {mode} is not an octal mode")))?;
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut data)?;
+            let rd = rootdir::RootDir::open(&root)?;
+            if let Some(parent) = std::path::Path::new(&path).parent() {
+                rd.create_dir_all(parent, 0o755)?;
+            }
+            rd.write_file(&path, &data, mode)
+        }
         Command::Checksum { files } => checksum::cmd_checksum(&files),
         Command::Inspect { image, json } => inspect::cmd_inspect(&image, json),
         Command::Verify { image, def, json } => verify::cmd_verify(&image, &def, json),

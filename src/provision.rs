@@ -44,31 +44,44 @@ pub fn provision(
     }
     let session = Session::enter(root, rd, mounts)?;
     let res = (|| -> Result<()> {
-        let mut apt = Apt::setup(&session, rd, mounts, &opts.cache_dir, &opts.repo_overrides)?;
+        // apt's build-time setup only when a stage uses apt.
+        let uses_apt = def.stages.iter().any(stage_uses_apt);
+        let mut apt = if uses_apt { Some(Apt::setup(&session, rd, mounts, &opts.cache_dir, &opts.repo_overrides)?) } else { None };
         let mut updated = false;
         for stage in &def.stages {
             timings.begin(&stage.name)?;
-            let before = apt.downloaded;
-            run_stage(def, stage, &mut apt, &session, rd, &mut updated)
+            let before = apt.as_ref().map_or(0, |a| a.downloaded);
+            run_stage(def, stage, apt.as_mut(), &session, rd, &mut updated)
                 .with_context(|| format!("stage {} of {}", stage.name, def.name))?;
-            timings.downloaded = apt.downloaded - before;
+            timings.downloaded = apt.as_ref().map_or(0, |a| a.downloaded) - before;
         }
         timings.begin("initramfs")?;
-        apt.finish(def)
+        match apt {
+            Some(a) => a.finish(def),
+            None => Ok(()),
+        }
     })();
     let closed = session.close(rd, mounts);
     res?;
     closed
 }
 
+fn stage_uses_apt(s: &crate::imagedef::Stage) -> bool {
+    s.full_upgrade || s.kernel_headers || !s.packages.is_empty() || !s.repositories.is_empty() || !s.hold.is_empty()
+}
+
 fn run_stage(
     def: &ImageDef,
     stage: &crate::imagedef::Stage,
-    apt: &mut Apt,
+    apt: Option<&mut Apt>,
     session: &Session,
     rd: &RootDir,
     updated: &mut bool,
 ) -> Result<()> {
+    if !stage_uses_apt(stage) {
+        return run_files(stage, session, rd);
+    }
+    let apt = apt.expect("apt is set up when a stage uses it");
     let mut repos_changed = false;
     for id in &stage.repositories {
         apt.add_repository(def, def.repository(id).unwrap())?;
@@ -103,6 +116,11 @@ fn run_stage(
         }
     }
     apt.hold(&hold, &pins)?;
+    run_files(stage, session, rd)
+}
+
+/// Overlays, hooks and the module check of a stage.
+fn run_files(stage: &crate::imagedef::Stage, session: &Session, rd: &RootDir) -> Result<()> {
     for o in &stage.overlays {
         crate::overlays::apply(o, rd)?;
     }

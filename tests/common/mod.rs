@@ -123,7 +123,7 @@ pub fn standin_overrides() -> Vec<String> {
 }
 
 pub fn run_kiln(args: &[&str]) -> Output {
-    let out = Command::new(kiln()).args(args).env("KILN_CACHE_DIR", cache().join("kiln-cache")).output().unwrap();
+    let out = Command::new(kiln()).args(args).env("KILN_CACHE_DIR", cache().join("kiln-cache")).env("RUST_BACKTRACE", "0").output().unwrap();
     eprintln!(
         "$ kiln {}\n--- stdout\n{}--- stderr\n{}",
         args.join(" "),
@@ -213,7 +213,7 @@ pub fn disk_only_def(dir: &Path, name: &str, size: &str) -> PathBuf {
     let p = images.join(format!("{name}.toml"));
     std::fs::write(
         &p,
-        format!("name = \"{name}\"\ndescription = \"disk layer test\"\ndisk_size = \"{size}\"\n[payload]\nuri = \"https://bucket.example/images/{{name}}.raw\"\n"),
+        format!("name = \"{name}\"\ndescription = \"disk layer test\"\ndisk_size = \"{size}\"\nbootloader = false\n[payload]\nuri = \"https://bucket.example/images/{{name}}.raw\"\n"),
     )
     .unwrap();
     p
