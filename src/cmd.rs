@@ -116,6 +116,11 @@ impl Cmd {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // Its own process group, so cancellation stops the child *and* what it
+                // started (a hook's `sleep`, apt's dpkg) together.
+                if libc::setpgid(0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 Ok(())
             });
         }
@@ -152,8 +157,10 @@ impl Cmd {
                 break st;
             }
             if crate::cancel::is_cancelled() {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+                let pg = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGTERM);
                 std::thread::sleep(std::time::Duration::from_millis(500));
+                let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
                 let _ = child.kill();
                 let _ = child.wait();
                 let _ = out_thread.join();

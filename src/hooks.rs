@@ -36,7 +36,16 @@ pub fn run_all(dir: &Path, session: &Session, rd: &RootDir) -> Result<()> {
             // Host hooks write into the image with `$KILN root-write`, which resolves
             // paths inside KILN_ROOT (a symlink in the image can't send it to the host).
             let kiln = std::env::current_exe().unwrap_or_else(|_| "kiln".into());
-            Cmd::new(&hook).env("KILN_ROOT", session.root()).env("KILN", kiln).current_dir(dir).run()
+            // In its own PID namespace, like chroot commands: whatever the hook starts
+            // dies with it, even if kiln is SIGKILLed (nothing may keep kiln's mount
+            // namespace, and so the image's loop device, alive).
+            Cmd::new("unshare")
+                .args(["--pid", "--fork", "--kill-child", "--"])
+                .arg(&hook)
+                .env("KILN_ROOT", session.root())
+                .env("KILN", kiln)
+                .current_dir(dir)
+                .run()
         };
         res.with_context(|| format!("hook {name} failed"))?;
     }

@@ -9,6 +9,7 @@
 mod acquire;
 mod apt;
 mod bootloader;
+mod boottest;
 mod build;
 mod cancel;
 mod chroot;
@@ -142,6 +143,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Boot a throwaway copy of an image in QEMU through UEFI (OVMF) and/or BIOS
+    /// (SeaBIOS) and check it from inside; exits 1 if any check fails.
+    BootTest {
+        image: PathBuf,
+        #[arg(long, value_enum, default_value = "both")]
+        firmware: boottest::FirmwareChoice,
+        /// Time budget per boot, split over the phases (firmware 1/5, kernel to
+        /// cloud-init done 3/5, checks 1/5).
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -215,6 +230,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Checksum { files } => checksum::cmd_checksum(&files),
         Command::Inspect { image, json } => inspect::cmd_inspect(&image, json),
         Command::Verify { image, def, json } => verify::cmd_verify(&image, &def, json),
+        Command::BootTest { image, firmware, timeout_secs, json } => {
+            boottest::cmd_boot_test(&boottest::Opts { image, firmware, timeout_secs, json })
+        }
     }
 }
 

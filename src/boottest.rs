@@ -1,0 +1,1095 @@
+//! `kiln boot-test IMAGE`: boot the image through real firmware and check it from inside.
+//!
+//! Each boot runs on a throwaway qcow2 overlay of the image (the image itself is never
+//! written) in QEMU — OVMF for UEFI, SeaBIOS for BIOS — with a cloud-init NoCloud seed (a
+//! FAT volume labelled `cidata`, written with fatfs) whose user-data creates a test user
+//! and starts a check script once cloud-init has finished. The script prints one line per
+//! check on the serial console, `KILN-CHECK <name> <ok|fail> <value>`, then `KILN-DONE`,
+//! and powers the guest off; kiln reads the serial log as it grows.
+//!
+//! - Acceleration: KVM only if it really runs guest code (a 512-byte boot sector that
+//!   writes a marker to QEMU's debug port, with a short timeout); a /dev/kvm that opens
+//!   but hangs (nested virtualisation without real-mode support, as on our machines)
+//!   falls back to TCG.
+//! - Phases, each with its own time limit (fractions of `--timeout-secs`): firmware and
+//!   GRUB until the kernel prints `Linux version`; kernel until cloud-init is done; the
+//!   checks. A guest that hangs fails with the phase it hung in and the last serial
+//!   lines; a kernel that cannot mount its root filesystem (initramfs `ALERT! ... does
+//!   not exist`, the `(initramfs)` prompt, a VFS panic) fails at once with that message.
+//!   QEMU is killed when kiln is done with it, on every path (a guard, and
+//!   PR_SET_PDEATHSIG if kiln itself dies).
+//! - Two boots of two fresh overlays (UEFI and BIOS, or the one firmware twice) must
+//!   report different machine-ids and SSH host keys: the image carries no identity.
+//!
+//! What is expected comes from the image itself (`inspect`): its newest kernel, its
+//! kubelet/kubeadm/kubectl versions, and, when it has an `nvidia-driver-*` package, the
+//! driver version (modinfo, vermagic = the running kernel) and the spec's NVreg options.
+
+use crate::cmd::Cmd;
+use crate::inspect::{upstream_version, ImageFacts, ImageFormat};
+use crate::verify::Check;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// Lines of serial output shown when a boot fails.
+pub const TAIL_LINES: usize = 30;
+
+/// The user cloud-init creates in the guest.
+pub const TEST_USER: &str = "kiln-test";
+
+/// The NVreg options the spec puts on the NVIDIA module.
+const NVREG_OPTIONS: [&str; 2] = ["NVreg_EnableGpuFirmware=1", "NVreg_PreserveVideoMemoryAllocations=1"];
+
+const SYSCTLS: [&str; 3] = ["net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables", "net.ipv4.ip_forward"];
+
+/// What kiln looks for (firmware code, variables template) for UEFI boots.
+const OVMF: [(&str, &str); 3] = [
+    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+    ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum FirmwareChoice {
+    Uefi,
+    Bios,
+    Both,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    Uefi,
+    Bios,
+}
+
+impl Firmware {
+    pub fn name(self) -> &'static str {
+        match self {
+            Firmware::Uefi => "uefi",
+            Firmware::Bios => "bios",
+        }
+    }
+}
+
+pub struct Opts {
+    pub image: PathBuf,
+    pub firmware: FirmwareChoice,
+    pub timeout_secs: u64,
+    pub json: bool,
+}
+
+/// One phase of a boot.
+#[derive(Debug, Clone, Serialize)]
+pub struct Phase {
+    pub name: &'static str,
+    pub limit_s: u64,
+    /// How long it took; `None` if it never finished.
+    pub duration_s: Option<f64>,
+    pub ok: bool,
+}
+
+/// One boot of a fresh overlay.
+#[derive(Debug, Clone, Serialize)]
+pub struct Boot {
+    pub firmware: Firmware,
+    /// 1 for the first boot with this firmware, 2 for the second.
+    pub run: u32,
+    /// From starting QEMU to QEMU gone.
+    pub wall_s: f64,
+    pub phases: Vec<Phase>,
+    pub checks: Vec<Check>,
+    /// Why the boot failed before all checks were in, if it did.
+    pub error: Option<String>,
+    /// The last serial lines, when the boot failed.
+    pub serial_tail: Vec<String>,
+    #[serde(skip)]
+    machine_id: Option<String>,
+    #[serde(skip)]
+    host_key: Option<String>,
+}
+
+impl Boot {
+    fn label(&self) -> String {
+        if self.run == 1 {
+            self.firmware.name().to_string()
+        } else {
+            format!("{}#{}", self.firmware.name(), self.run)
+        }
+    }
+
+    fn passed(&self) -> bool {
+        self.error.is_none() && self.phases.iter().all(|p| p.ok) && self.checks.iter().all(|c| c.ok)
+    }
+}
+
+/// `kiln boot-test --json` output.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub image: String,
+    pub accel: String,
+    pub accel_note: String,
+    pub boots: Vec<Boot>,
+    /// Checks across boots (identity regenerated per machine).
+    pub checks: Vec<Check>,
+    pub passed: bool,
+}
+
+/// What the guest must show, read from the image.
+#[derive(Debug, Clone)]
+struct Expect {
+    kernel: String,
+    /// (package, upstream version) for kubelet, kubeadm, kubectl.
+    kube: Vec<(String, Option<String>)>,
+    /// The NVIDIA driver's upstream version, for images with an `nvidia-driver-*`.
+    nvidia: Option<String>,
+}
+
+impl Expect {
+    fn from_facts(f: &ImageFacts) -> Result<Expect> {
+        let kernel = f
+            .kernels
+            .iter()
+            .find(|k| k.vmlinuz && k.modules)
+            .map(|k| k.version.clone())
+            .context("the image has no bootable kernel (/boot/vmlinuz-V with /lib/modules/V)")?;
+        let kube: Vec<(String, Option<String>)> = ["kubelet", "kubeadm", "kubectl"]
+            .iter()
+            .map(|p| (p.to_string(), f.packages.get(*p).map(|v| upstream_version(&v.version).to_string())))
+            .collect();
+        let nvidia = f
+            .packages
+            .iter()
+            .find(|(n, _)| n.starts_with("nvidia-driver-"))
+            .map(|(_, v)| upstream_version(&v.version).to_string());
+        let kube_versions = kube.iter().filter_map(|(_, v): &(String, Option<String>)| v.as_ref());
+        for v in std::iter::once(&kernel).chain(nvidia.as_ref()).chain(kube_versions) {
+            if !safe_word(v) {
+                bail!("unexpected characters in {v:?} read from the image");
+            }
+        }
+        Ok(Expect { kernel, kube, nvidia })
+    }
+
+    /// (check name, what is expected), in the order the guest reports them.
+    fn checks(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = vec![
+            ("cloud-init".into(), "status: done".into()),
+            ("test-user".into(), format!("{TEST_USER} created by cloud-init")),
+            ("kernel".into(), format!("{} (the image's newest)", self.kernel)),
+            ("nouveau".into(), "not loaded".into()),
+            ("module overlay".into(), "loaded".into()),
+            ("module br_netfilter".into(), "loaded".into()),
+        ];
+        for s in SYSCTLS {
+            v.push((format!("sysctl {s}"), "1".into()));
+        }
+        v.push(("swap".into(), "off (swapon --show empty)".into()));
+        v.push(("machine-id".into(), "regenerated (32 hex digits)".into()));
+        v.push(("ssh host keys".into(), "regenerated on first boot".into()));
+        v.push(("containerd".into(), "active".into()));
+        v.push(("containerd SystemdCgroup".into(), "SystemdCgroup = true".into()));
+        for (p, ver) in &self.kube {
+            v.push((format!("{p} version"), match ver {
+                Some(ver) => format!("v{ver}"),
+                None => format!("{p} installed"),
+            }));
+        }
+        if let Some(nv) = &self.nvidia {
+            v.push(("nvidia modinfo version".into(), nv.clone()));
+            v.push(("nvidia vermagic".into(), "the running kernel".into()));
+            v.push(("nvidia NVreg options".into(), NVREG_OPTIONS.join(" ")));
+        }
+        v.push(("systemd".into(), "running (no failed units)".into()));
+        v
+    }
+}
+
+fn safe_word(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "._+~:-".contains(c))
+}
+
+/// `kiln boot-test`: boot, check, print, and fail (exit 1) if anything failed.
+pub fn cmd_boot_test(opts: &Opts) -> Result<()> {
+    let report = boot_test(opts)?;
+    let text = if opts.json {
+        let mut s = serde_json::to_string_pretty(&report).context("serialising the report")?;
+        s.push('\n');
+        s
+    } else {
+        render(&report)
+    };
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        other => other.context("writing to stdout")?,
+    }
+    if !report.passed {
+        let mut msgs: Vec<String> = report
+            .boots
+            .iter()
+            .filter_map(|b| b.error.as_ref().map(|e| format!("{}: {e}", b.label())))
+            .collect();
+        let failed: usize = report.boots.iter().map(|b| b.checks.iter().filter(|c| !c.ok).count()).sum::<usize>()
+            + report.checks.iter().filter(|c| !c.ok).count();
+        if failed > 0 {
+            msgs.push(format!("{failed} check(s) failed"));
+        }
+        bail!("boot test of {} failed: {}", opts.image.display(), msgs.join("; "));
+    }
+    Ok(())
+}
+
+/// Run the boots and collect the report (nothing printed).
+pub fn boot_test(opts: &Opts) -> Result<Report> {
+    if opts.timeout_secs < 30 {
+        crate::user_bail!("--timeout-secs {} is too short to boot anything; give at least 30", opts.timeout_secs);
+    }
+    let image = opts.image.canonicalize().with_context(|| format!("opening {}", opts.image.display()))?;
+    let facts = crate::inspect::inspect_image(&image).with_context(|| format!("reading {}", image.display()))?;
+    let expect = Expect::from_facts(&facts)?;
+    let tmp = tempfile::Builder::new().prefix("kiln-boottest-").tempdir().context("creating a temporary directory")?;
+    let (accel, accel_note) = detect_accel(tmp.path());
+    tracing::info!("accelerator: {accel} ({accel_note})");
+    let ctx = Ctx {
+        image: image.clone(),
+        format: facts.format,
+        accel: accel.clone(),
+        tmp: tmp.path().to_owned(),
+        limits: Limits::from_total(opts.timeout_secs),
+        expect,
+    };
+    let plan: Vec<(Firmware, u32)> = match opts.firmware {
+        FirmwareChoice::Both => vec![(Firmware::Uefi, 1), (Firmware::Bios, 1)],
+        FirmwareChoice::Uefi => vec![(Firmware::Uefi, 1), (Firmware::Uefi, 2)],
+        FirmwareChoice::Bios => vec![(Firmware::Bios, 1), (Firmware::Bios, 2)],
+    };
+    let mut boots: Vec<Boot> = Vec::new();
+    for (fw, run) in plan {
+        // The second boot with the same firmware only proves a fresh identity: not
+        // worth it once the first one failed.
+        if run == 2 && boots.iter().any(|b| !b.passed()) {
+            tracing::info!("skipping the second {} boot: the first one failed", fw.name());
+            continue;
+        }
+        tracing::info!("booting {} through {} (run {run})", image.display(), fw.name());
+        let b = boot(&ctx, fw, run)?;
+        tracing::info!("{} boot: {} in {:.1}s", b.label(), if b.passed() { "passed" } else { "FAILED" }, b.wall_s);
+        boots.push(b);
+    }
+    let checks = identity_checks(&boots);
+    let passed = boots.iter().all(Boot::passed) && checks.iter().all(|c| c.ok);
+    Ok(Report { image: image.display().to_string(), accel, accel_note, boots, checks, passed })
+}
+
+/// machine-id and SSH host key differ between two fresh copies.
+fn identity_checks(boots: &[Boot]) -> Vec<Check> {
+    let mut out = Vec::new();
+    for (name, get) in [
+        ("machine-id differs between boots", (|b: &Boot| b.machine_id.clone()) as fn(&Boot) -> Option<String>),
+        ("ssh host key differs between boots", |b: &Boot| b.host_key.clone()),
+    ] {
+        let vals: Vec<(String, Option<String>)> = boots.iter().map(|b| (b.label(), get(b))).collect();
+        let found = vals
+            .iter()
+            .map(|(l, v)| format!("{l}: {}", v.as_deref().unwrap_or("-")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let known: Vec<&String> = vals.iter().filter_map(|(_, v)| v.as_ref()).collect();
+        let ok = known.len() >= 2 && known.len() == vals.len() && {
+            let mut u = known.clone();
+            u.sort();
+            u.dedup();
+            u.len() == known.len()
+        };
+        let found = if known.len() < 2 { format!("{found} (needs two completed boots)") } else { found };
+        out.push(Check { name: name.into(), ok, found, expected: "different on every fresh copy".into() });
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------
+// One boot
+// ---------------------------------------------------------------------------------
+
+struct Ctx {
+    image: PathBuf,
+    format: ImageFormat,
+    accel: String,
+    tmp: PathBuf,
+    limits: Limits,
+    expect: Expect,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    firmware: u64,
+    cloud_init: u64,
+    checks: u64,
+}
+
+impl Limits {
+    /// Firmware and GRUB get a fifth of the budget, the kernel until cloud-init is done
+    /// three fifths, the checks a fifth.
+    fn from_total(total: u64) -> Limits {
+        Limits { firmware: total / 5, cloud_init: total * 3 / 5, checks: total - total / 5 - total * 3 / 5 }
+    }
+}
+
+const PHASE_FIRMWARE: &str = "firmware -> kernel start";
+const PHASE_CLOUD_INIT: &str = "kernel -> cloud-init done";
+const PHASE_CHECKS: &str = "checks";
+
+/// A running QEMU, killed (and reaped) when dropped.
+struct Qemu {
+    child: Child,
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_qemu(mut cmd: Cmd, log: &Path) -> Result<Qemu> {
+    tracing::info!(target: "kiln::cmd", "$ {}", cmd.display());
+    let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let err = out.try_clone()?;
+    let c = cmd.command_mut();
+    c.stdin(Stdio::null()).stdout(out).stderr(err);
+    // If kiln dies, so does QEMU.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        c.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = c.spawn().context("could not start qemu-system-x86_64 (install qemu-system-x86)")?;
+    Ok(Qemu { child })
+}
+
+fn boot(ctx: &Ctx, fw: Firmware, run: u32) -> Result<Boot> {
+    let dir = ctx.tmp.join(format!("{}-{run}", fw.name()));
+    std::fs::create_dir_all(&dir)?;
+    let overlay = dir.join("overlay.qcow2");
+    Cmd::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", ctx.format.as_str(), "-b"])
+        .arg(&ctx.image)
+        .arg(&overlay)
+        .run()
+        .context("creating the copy-on-write overlay")?;
+    let seed = dir.join("seed.img");
+    let instance = format!("kiln-boottest-{}-{run}-{}", fw.name(), std::process::id());
+    let user_data = user_data(&ctx.expect);
+    let meta_data = format!("instance-id: {instance}\nlocal-hostname: kiln-boottest\n");
+    crate::esp::make_cidata(&seed, &[("user-data", user_data.as_bytes()), ("meta-data", meta_data.as_bytes())])?;
+    let serial = dir.join("serial.log");
+    File::create(&serial)?;
+
+    let mut cmd = Cmd::new("qemu-system-x86_64")
+        .args(["-name", &format!("kiln-boottest-{}", fw.name()), "-machine", "q35", "-accel", &ctx.accel])
+        .args(["-m", "2048", "-smp", "2", "-nodefaults", "-display", "none", "-monitor", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=qcow2,cache=unsafe", overlay.display()))
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=raw,readonly=on", seed.display()))
+        .args(["-nic", "user,model=virtio-net-pci", "-device", "virtio-rng-pci"]);
+    if ctx.accel == "kvm" {
+        cmd = cmd.args(["-cpu", "host"]);
+    }
+    if fw == Firmware::Uefi {
+        let (code, vars) = ovmf()?;
+        let my_vars = dir.join("OVMF_VARS.fd");
+        std::fs::copy(vars, &my_vars).with_context(|| format!("copying {vars}"))?;
+        cmd = cmd
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={code}"))
+            .arg("-drive")
+            .arg(format!("if=pflash,format=raw,unit=1,file={}", my_vars.display()));
+    }
+    let qemu_log = dir.join("qemu.log");
+    let start = Instant::now();
+    let mut qemu = spawn_qemu(cmd, &qemu_log)?;
+    let mut w = Watch::new(ctx, fw, run, &serial)?;
+    let outcome = w.run(&mut qemu, start);
+    // Powered off, or killed now.
+    drop(qemu);
+    let wall_s = start.elapsed().as_secs_f64();
+    let mut b = w.finish(outcome, wall_s);
+    if b.error.is_some() {
+        let q = std::fs::read_to_string(&qemu_log).unwrap_or_default();
+        let q: Vec<&str> = q.lines().filter(|l| !l.trim().is_empty() && !l.contains("terminating on signal")).collect();
+        if !q.is_empty() {
+            b.serial_tail.push(format!("--- qemu: {}", q[q.len().saturating_sub(5)..].join(" | ")));
+        }
+    }
+    Ok(b)
+}
+
+fn ovmf() -> Result<(&'static str, &'static str)> {
+    OVMF.iter()
+        .find(|(c, v)| Path::new(c).exists() && Path::new(v).exists())
+        .copied()
+        .ok_or_else(|| crate::error::user(format!("no OVMF firmware found (looked for {}); install the ovmf package", OVMF.map(|o| o.0).join(", "))))
+}
+
+/// How a boot ended.
+enum Outcome {
+    Done,
+    Failed(String),
+}
+
+/// Follows one boot's serial log.
+struct Watch<'a> {
+    ctx: &'a Ctx,
+    fw: Firmware,
+    run: u32,
+    log: SerialLog,
+    t_kernel: Option<f64>,
+    t_cloud_init: Option<f64>,
+    t_done: Option<f64>,
+    /// name → (ok, value) as the guest reported them.
+    reported: Vec<(String, bool, String)>,
+    host_key: Option<String>,
+}
+
+impl<'a> Watch<'a> {
+    fn new(ctx: &'a Ctx, fw: Firmware, run: u32, serial: &Path) -> Result<Watch<'a>> {
+        Ok(Watch {
+            ctx,
+            fw,
+            run,
+            log: SerialLog::open(serial)?,
+            t_kernel: None,
+            t_cloud_init: None,
+            t_done: None,
+            reported: Vec::new(),
+            host_key: None,
+        })
+    }
+
+    fn run(&mut self, qemu: &mut Qemu, start: Instant) -> Outcome {
+        let lim = self.ctx.limits;
+        loop {
+            let now = start.elapsed().as_secs_f64();
+            let lines = match self.log.poll() {
+                Ok(l) => l,
+                Err(e) => return Outcome::Failed(format!("reading the serial log: {e:#}")),
+            };
+            for line in lines {
+                if let Some(msg) = self.line(&line, now) {
+                    return Outcome::Failed(msg);
+                }
+            }
+            if let Some(msg) = prompt_failure(&self.log.partial_line()) {
+                return Outcome::Failed(msg);
+            }
+            if self.t_done.is_some() {
+                // Give the guest a moment to power off; the guard kills it otherwise.
+                let t_done = self.t_done.unwrap();
+                match qemu.child.try_wait() {
+                    Ok(Some(_)) => return Outcome::Done,
+                    _ if now - t_done > 30.0 => {
+                        tracing::warn!("the guest did not power off within 30 s; killing QEMU");
+                        return Outcome::Done;
+                    }
+                    _ => {}
+                }
+            } else {
+                match qemu.child.try_wait() {
+                    Ok(Some(st)) => {
+                        // A last look at what it printed.
+                        if let Ok(lines) = self.log.poll() {
+                            for line in lines {
+                                if let Some(msg) = self.line(&line, now) {
+                                    return Outcome::Failed(msg);
+                                }
+                            }
+                        }
+                        if self.t_done.is_some() {
+                            return Outcome::Done;
+                        }
+                        return Outcome::Failed(format!("QEMU exited ({st}) during {}", self.current_phase()));
+                    }
+                    Err(e) => return Outcome::Failed(format!("waiting for QEMU: {e}")),
+                    Ok(None) => {}
+                }
+                let (phase, since, limit) = match (self.t_kernel, self.t_cloud_init) {
+                    (None, _) => (PHASE_FIRMWARE, 0.0, lim.firmware),
+                    (Some(k), None) => (PHASE_CLOUD_INIT, k, lim.cloud_init),
+                    (Some(_), Some(c)) => (PHASE_CHECKS, c, lim.checks),
+                };
+                if now - since > limit as f64 {
+                    let what = match phase {
+                        PHASE_FIRMWARE => "no kernel started (firmware or GRUB hung)",
+                        PHASE_CLOUD_INIT => "cloud-init did not finish",
+                        _ => "the checks did not finish",
+                    };
+                    return Outcome::Failed(format!("timed out after {limit} s in phase '{phase}': {what}"));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn current_phase(&self) -> &'static str {
+        match (self.t_kernel, self.t_cloud_init) {
+            (None, _) => PHASE_FIRMWARE,
+            (Some(_), None) => PHASE_CLOUD_INIT,
+            _ => PHASE_CHECKS,
+        }
+    }
+
+    /// React to one serial line; `Some(message)` ends the boot as failed.
+    fn line(&mut self, line: &str, now: f64) -> Option<String> {
+        if self.t_kernel.is_none() && line.contains("Linux version ") {
+            self.t_kernel = Some(now);
+        }
+        if let Some(rest) = marker(line, "KILN-PHASE cloud-init-done") {
+            self.t_cloud_init.get_or_insert(now);
+            if self.t_kernel.is_none() {
+                self.t_kernel = Some(now);
+            }
+            let _ = rest;
+            return None;
+        }
+        if let Some(rest) = marker(line, "KILN-CHECK") {
+            let mut it = rest.splitn(3, ' ');
+            let (name, status, value) = (it.next().unwrap_or(""), it.next().unwrap_or(""), it.next().unwrap_or("").trim());
+            let name = name.replace('_', " ").replace("%u", "_");
+            self.reported.retain(|(n, _, _)| *n != name);
+            self.reported.push((name, status == "ok", value.to_string()));
+            return None;
+        }
+        if let Some(rest) = marker(line, "KILN-INFO ssh-host-key") {
+            self.host_key = Some(rest.to_string());
+            return None;
+        }
+        if marker(line, "KILN-DONE").is_some() {
+            self.t_done.get_or_insert(now);
+            if self.t_cloud_init.is_none() {
+                self.t_cloud_init = Some(now);
+            }
+            return None;
+        }
+        root_failure(line).or_else(|| prompt_failure(line))
+    }
+
+    fn finish(self, outcome: Outcome, wall_s: f64) -> Boot {
+        let lim = self.ctx.limits;
+        let d = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        };
+        let phases = vec![
+            Phase { name: PHASE_FIRMWARE, limit_s: lim.firmware, duration_s: self.t_kernel, ok: self.t_kernel.is_some() },
+            Phase {
+                name: PHASE_CLOUD_INIT,
+                limit_s: lim.cloud_init,
+                duration_s: d(self.t_kernel, self.t_cloud_init),
+                ok: self.t_cloud_init.is_some(),
+            },
+            Phase { name: PHASE_CHECKS, limit_s: lim.checks, duration_s: d(self.t_cloud_init, self.t_done), ok: self.t_done.is_some() },
+        ];
+        let error = match outcome {
+            Outcome::Done => None,
+            Outcome::Failed(m) => Some(m),
+        };
+        let mut checks = Vec::new();
+        if error.is_none() || !self.reported.is_empty() {
+            for (name, expected) in self.ctx.expect.checks() {
+                let c = match self.reported.iter().find(|(n, _, _)| *n == name) {
+                    Some((_, ok, value)) => Check { name: name.clone(), ok: *ok, found: value.clone(), expected },
+                    None => Check { name: name.clone(), ok: false, found: "not reported by the guest".into(), expected },
+                };
+                checks.push(c);
+            }
+        }
+        let machine_id = self
+            .reported
+            .iter()
+            .find(|(n, ok, _)| n == "machine-id" && *ok)
+            .map(|(_, _, v)| v.clone());
+        let serial_tail = if error.is_some() { self.log.tail(TAIL_LINES) } else { Vec::new() };
+        Boot {
+            firmware: self.fw,
+            run: self.run,
+            wall_s,
+            phases,
+            checks,
+            error,
+            serial_tail,
+            machine_id,
+            host_key: self.host_key,
+        }
+    }
+}
+
+/// The rest of `line` after `tag` (a kiln marker the guest printed), if it has one.
+fn marker<'l>(line: &'l str, tag: &str) -> Option<&'l str> {
+    let i = line.find(tag)?;
+    let rest = &line[i + tag.len()..];
+    if rest.is_empty() || rest.starts_with(' ') {
+        Some(rest.trim())
+    } else {
+        None
+    }
+}
+
+/// The kernel or initramfs could not mount the root filesystem.
+fn root_failure(line: &str) -> Option<String> {
+    const PREFIX: &str = "kernel could not mount the root filesystem";
+    if line.contains("ALERT!") && line.contains("does not exist") {
+        let i = line.find("ALERT!").unwrap();
+        return Some(format!("{PREFIX}: {}", line[i..].trim()));
+    }
+    // "Gave up waiting for root file system device" comes first; the ALERT line (with
+    // the device) follows at once, and the (initramfs) prompt after it.
+    if line.contains("VFS: Unable to mount root fs") {
+        let msg = line.split("] ").last().unwrap_or(line).trim();
+        return Some(format!("{PREFIX}: {msg}"));
+    }
+    None
+}
+
+/// An interactive prompt nobody will answer.
+fn prompt_failure(partial: &str) -> Option<String> {
+    if partial.trim_start().starts_with("(initramfs)") {
+        return Some("kernel could not mount the root filesystem: the initramfs dropped to its shell ((initramfs) prompt)".into());
+    }
+    if partial.contains("grub rescue>") {
+        return Some("GRUB could not load its modules or find its configuration (grub rescue> prompt)".into());
+    }
+    if partial.contains("Kernel panic - not syncing") {
+        let i = partial.find("Kernel panic").unwrap();
+        return Some(format!("kernel panic: {}", partial[i..].trim()));
+    }
+    None
+}
+
+/// A growing serial log file read line by line, with terminal escapes removed.
+struct SerialLog {
+    file: File,
+    pos: u64,
+    partial: Vec<u8>,
+    lines: Vec<String>,
+}
+
+impl SerialLog {
+    fn open(path: &Path) -> Result<SerialLog> {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        Ok(SerialLog { file, pos: 0, partial: Vec::new(), lines: Vec::new() })
+    }
+
+    /// The complete lines that arrived since the last call.
+    fn poll(&mut self) -> Result<Vec<String>> {
+        self.file.seek(SeekFrom::Start(self.pos))?;
+        let mut buf = Vec::new();
+        self.file.read_to_end(&mut buf)?;
+        self.pos += buf.len() as u64;
+        let mut new = Vec::new();
+        for &b in &buf {
+            if b == b'\n' {
+                let l = clean(&self.partial);
+                self.partial.clear();
+                new.push(l.clone());
+                self.lines.push(l);
+            } else {
+                self.partial.push(b);
+            }
+        }
+        Ok(new)
+    }
+
+    /// The end of the line being written (prompts have no newline after them).
+    fn partial_line(&self) -> String {
+        clean(&self.partial[self.partial.len().saturating_sub(300)..])
+    }
+
+    fn tail(&self, n: usize) -> Vec<String> {
+        let mut all: Vec<String> = self.lines.iter().filter(|l| !l.trim().is_empty()).cloned().collect();
+        let p = clean(&self.partial);
+        if !p.trim().is_empty() {
+            all.push(p);
+        }
+        all[all.len().saturating_sub(n)..].to_vec()
+    }
+}
+
+/// Serial bytes → printable text: ANSI escape sequences and control characters removed.
+fn clean(bytes: &[u8]) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            match chars.peek() {
+                Some('[') => {
+                    chars.next();
+                    // CSI: parameters, then one final byte in @..~.
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+                Some(_) => {
+                    chars.next();
+                }
+                None => {}
+            }
+        } else if c == '\t' {
+            out.push(' ');
+        } else if !c.is_control() {
+            out.push(c);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------
+// The guest side
+// ---------------------------------------------------------------------------------
+
+/// The check script, run as root by a transient systemd unit started from runcmd, so
+/// that it can wait for cloud-init to finish.
+fn check_script(e: &Expect) -> String {
+    let mut s = String::from(
+        r#"#!/bin/bash
+# kiln boot-test: checks run in the guest; results go to the serial console.
+con=/dev/ttyS0
+emit() { printf '\r\nKILN-%s\r\n' "$*" > "$con"; }
+# check NAME OK(1/0) VALUE; NAME has '_' for ' ' (and %u for '_').
+check() {
+  v=$(printf '%s' "$3" | tr '\r\n\t' '   ' | cut -c1-200)
+  [ -n "$v" ] || v=-
+  if [ "$2" = 1 ]; then emit "CHECK $1 ok $v"; else emit "CHECK $1 fail $v"; fi
+}
+is() { if [ "$1" = "$2" ]; then echo 1; else echo 0; fi; }
+has_word() { printf '%s\n' "$1" | tr ' ' '\n' | grep -qxF -- "$2" && echo 1 || echo 0; }
+st=$(timeout 900 cloud-init status --wait 2>&1 | tail -n1)
+emit "PHASE cloud-init-done $st"
+check cloud-init "$(printf '%s' "$st" | grep -q 'status: done' && echo 1 || echo 0)" "$st"
+u=$(id TESTUSER 2>&1)
+check test-user "$(id -u TESTUSER >/dev/null 2>&1 && echo 1 || echo 0)" "$u"
+k=$(uname -r)
+check kernel "$(is "$k" "EXPECT_KERNEL")" "$k"
+if [ -e /sys/module/nouveau ]; then check nouveau 0 loaded; else check nouveau 1 "not loaded"; fi
+for m in overlay br_netfilter; do
+  if [ -e /sys/module/$m ]; then check module_$(printf %s $m | sed 's/_/%u/g') 1 loaded; else check module_$(printf %s $m | sed 's/_/%u/g') 0 "not loaded"; fi
+done
+for s in SYSCTLS; do
+  v=$(sysctl -n "$s" 2>&1)
+  check "sysctl_$(printf %s "$s" | sed 's/_/%u/g')" "$(is "$v" 1)" "$v"
+done
+sw=$(swapon --show --noheadings 2>&1)
+if [ -z "$sw" ]; then check swap 1 off; else check swap 0 "$sw"; fi
+mid=$(cat /etc/machine-id 2>&1)
+check machine-id "$(printf '%s' "$mid" | grep -Eqx '[0-9a-f]{32}' && echo 1 || echo 0)" "$mid"
+keys=$(ls /etc/ssh/ 2>/dev/null | sed -n 's/^ssh_host_\(.*\)_key$/\1/p' | tr '\n' ' ')
+fp=$(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null | awk '{print $2}')
+check ssh_host_keys "$([ -n "$keys" ] && [ -n "$fp" ] && echo 1 || echo 0)" "${keys}ed25519 ${fp:-missing}"
+[ -n "$fp" ] && emit "INFO ssh-host-key $fp"
+for i in $(seq 90); do systemctl is-active -q containerd && break; sleep 1; done
+a=$(systemctl is-active containerd 2>&1)
+check containerd "$(is "$a" active)" "$a"
+sc=$( (containerd config dump 2>/dev/null || cat /etc/containerd/config.toml) | grep -E '^[[:space:]]*SystemdCgroup[[:space:]]*=' | tr -d ' \t' | sort | uniq -c | tr -s ' ' | tr '\n' ' ')
+if printf '%s' "$sc" | grep -q 'SystemdCgroup=true' && ! printf '%s' "$sc" | grep -q 'SystemdCgroup=false'; then ok=1; else ok=0; fi
+check containerd_SystemdCgroup "$ok" "${sc:-no SystemdCgroup in containerd's config}"
+"#,
+    );
+    for (p, ver) in &e.kube {
+        let cmd = match p.as_str() {
+            "kubelet" => "kubelet --version",
+            "kubeadm" => "kubeadm version -o short",
+            _ => "kubectl version --client",
+        };
+        let test = match ver {
+            Some(v) => format!("\"$(has_word \"$v\" v{v})\""),
+            None => "\"$(command -v P >/dev/null && echo 1 || echo 0)\"".replace('P', p),
+        };
+        s.push_str(&format!("v=$({cmd} 2>&1 | head -n1)\ncheck {p}_version {test} \"$v\"\n"));
+    }
+    if let Some(nv) = &e.nvidia {
+        s.push_str(&format!(
+            r#"v=$(modinfo -F version nvidia 2>&1)
+check nvidia_modinfo_version "$(is "$v" "{nv}")" "$v"
+vm=$(modinfo -F vermagic nvidia 2>&1 | awk '{{print $1}}')
+check nvidia_vermagic "$(is "$vm" "$(uname -r)")" "$vm (running $(uname -r))"
+o=$(modprobe -c 2>/dev/null | grep NVreg | tr '\n' ' ')
+ok=1
+for want in {opts}; do printf '%s' "$o" | grep -q "$want" || ok=0; done
+check nvidia_NVreg_options "$ok" "${{o:-no NVreg options}}"
+"#,
+            opts = NVREG_OPTIONS.join(" ")
+        ));
+    }
+    s.push_str(
+        r#"ss=$(timeout 60 systemctl is-system-running --wait 2>&1)
+failed=$(systemctl list-units --state=failed --no-legend --plain 2>/dev/null | awk '{print $1}' | tr '\n' ' ')
+check systemd "$(is "$ss" running)" "$ss ${failed}"
+emit DONE
+sync
+systemctl poweroff
+"#,
+    );
+    s.replace("TESTUSER", TEST_USER)
+        .replace("EXPECT_KERNEL", &e.kernel)
+        .replace("SYSCTLS", &SYSCTLS.join(" "))
+}
+
+/// cloud-init user-data: the test user and the check script, started once the final
+/// stage runs.
+fn user_data(e: &Expect) -> String {
+    let script: String = check_script(e).lines().map(|l| format!("      {l}\n")).collect();
+    format!(
+        "#cloud-config\n\
+         users:\n\
+         \x20 - name: {TEST_USER}\n\
+         \x20   gecos: kiln boot-test\n\
+         \x20   groups: [sudo]\n\
+         \x20   sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n\
+         \x20   shell: /bin/bash\n\
+         \x20   lock_passwd: true\n\
+         bootcmd:\n\
+         \x20 - [sh, -c, 'printf \"\\r\\nKILN-PHASE bootcmd\\r\\n\" > /dev/ttyS0']\n\
+         write_files:\n\
+         \x20 - path: /var/lib/kiln-boottest/checks.sh\n\
+         \x20   permissions: '0755'\n\
+         \x20   content: |\n\
+         {script}\
+         runcmd:\n\
+         \x20 - [systemd-run, --no-block, --unit=kiln-boottest, /bin/bash, /var/lib/kiln-boottest/checks.sh]\n"
+    )
+}
+
+// ---------------------------------------------------------------------------------
+// KVM or TCG
+// ---------------------------------------------------------------------------------
+
+/// A boot sector that writes "KILN-KVM-OK" to QEMU's debug console (port 0x402) and
+/// exits through isa-debug-exit (port 0xf4): real-mode guest code, what a broken nested
+/// KVM fails to run.
+fn probe_sector() -> Vec<u8> {
+    let mut code: Vec<u8> = vec![
+        0xFA, // cli
+        0x31, 0xC0, // xor ax, ax
+        0x8E, 0xD8, // mov ds, ax
+        0xFC, // cld
+        0xBE, 0x1D, 0x7C, // mov si, 0x7c1d (msg)
+        0xBA, 0x02, 0x04, // mov dx, 0x402
+        0xAC, // .loop: lodsb
+        0x84, 0xC0, // test al, al
+        0x74, 0x03, // jz .done
+        0xEE, // out dx, al
+        0xEB, 0xF8, // jmp .loop
+        0xBA, 0xF4, 0x00, // .done: mov dx, 0xf4
+        0x30, 0xC0, // xor al, al
+        0xEE, // out dx, al
+        0xF4, // hlt
+        0xEB, 0xFD, // jmp hlt
+    ];
+    debug_assert_eq!(code.len(), 0x1D);
+    code.extend_from_slice(b"KILN-KVM-OK\0");
+    code.resize(510, 0);
+    code.extend_from_slice(&[0x55, 0xAA]);
+    code
+}
+
+const KVM_PROBE_SECS: u64 = 8;
+
+/// ("kvm" | "tcg", why).
+fn detect_accel(tmp: &Path) -> (String, String) {
+    if std::env::var("KILN_BOOTTEST_ACCEL").as_deref() == Ok("tcg") {
+        return ("tcg".into(), "KILN_BOOTTEST_ACCEL=tcg".into());
+    }
+    if !Path::new("/dev/kvm").exists() {
+        return ("tcg".into(), "no /dev/kvm".into());
+    }
+    match probe_kvm(tmp) {
+        Ok(()) => ("kvm".into(), "KVM probe ran guest code".into()),
+        Err(e) => ("tcg".into(), format!("KVM does not work here: {e:#}")),
+    }
+}
+
+fn probe_kvm(tmp: &Path) -> Result<()> {
+    let dir = tmp.join("kvm-probe");
+    std::fs::create_dir_all(&dir)?;
+    let img = dir.join("probe.img");
+    std::fs::write(&img, probe_sector())?;
+    let out = dir.join("debugcon.log");
+    File::create(&out)?;
+    let cmd = Cmd::new("qemu-system-x86_64")
+        .args(["-accel", "kvm", "-nodefaults", "-display", "none", "-monitor", "none", "-serial", "none", "-no-reboot"])
+        .args(["-boot", "a", "-chardev"])
+        .arg(format!("file,id=dbg,path={}", out.display()))
+        .args(["-device", "isa-debugcon,iobase=0x402,chardev=dbg", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=floppy", img.display()));
+    let log = dir.join("qemu.log");
+    let mut q = spawn_qemu(cmd, &log)?;
+    let t0 = Instant::now();
+    loop {
+        let seen = std::fs::read(&out).unwrap_or_default();
+        if seen.windows(11).any(|w| w == b"KILN-KVM-OK") {
+            return Ok(());
+        }
+        if let Some(st) = q.child.try_wait()? {
+            let msg = std::fs::read_to_string(&log).unwrap_or_default();
+            let msg: Vec<&str> = msg.lines().filter(|l| !l.contains("warning:")).collect();
+            bail!("QEMU with -accel kvm exited ({st}) without running the probe: {}", msg.join(" "));
+        }
+        if t0.elapsed() > Duration::from_secs(KVM_PROBE_SECS) {
+            bail!("a real-mode probe did not run within {KVM_PROBE_SECS} s under -accel kvm");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Output
+// ---------------------------------------------------------------------------------
+
+fn render(r: &Report) -> String {
+    let mut s = format!("Image: {}\nAccelerator: {} ({})\n\n", r.image, r.accel, r.accel_note);
+    s.push_str("  BOOT     PHASE                       LIMIT    TIME  RESULT\n");
+    for b in &r.boots {
+        for p in &b.phases {
+            let t = p.duration_s.map(|d| format!("{d:.1}s")).unwrap_or_else(|| "-".into());
+            s.push_str(&format!(
+                "  {:<7}  {:<26}  {:>4}s  {:>6}  {}\n",
+                b.label(),
+                p.name,
+                p.limit_s,
+                t,
+                if p.ok { "ok" } else { "FAIL" }
+            ));
+        }
+        s.push_str(&format!("  {:<7}  {:<26}  {:>5}  {:>6}\n", b.label(), "total (QEMU wall time)", "", format!("{:.1}s", b.wall_s)));
+    }
+    for b in &r.boots {
+        s.push_str(&format!("\n{} boot:\n", b.label()));
+        if let Some(e) = &b.error {
+            s.push_str(&format!("  FAILED: {e}\n  last serial lines:\n"));
+            for l in &b.serial_tail {
+                s.push_str(&format!("    | {l}\n"));
+            }
+        }
+        if !b.checks.is_empty() {
+            s.push_str(&crate::verify::render_table(&b.checks));
+        }
+    }
+    s.push('\n');
+    s.push_str(&crate::verify::render_table(&r.checks));
+    if r.passed {
+        let n: usize = r.boots.iter().map(|b| b.checks.len()).sum::<usize>() + r.checks.len();
+        s.push_str(&format!("\nall {n} checks passed in {} boots\n", r.boots.len()));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expect(gpu: bool) -> Expect {
+        Expect {
+            kernel: "5.15.0-204-generic".into(),
+            kube: vec![("kubelet".into(), Some("1.30.0".into())), ("kubeadm".into(), Some("1.30.0".into())), ("kubectl".into(), None)],
+            nvidia: gpu.then(|| "565.57.01".into()),
+        }
+    }
+
+    #[test]
+    fn probe_sector_layout() {
+        let s = probe_sector();
+        assert_eq!(s.len(), 512);
+        assert_eq!(&s[510..], &[0x55, 0xAA]);
+        assert_eq!(&s[0x1D..0x1D + 11], b"KILN-KVM-OK");
+    }
+
+    #[test]
+    fn serial_cleaning_and_markers() {
+        assert_eq!(clean(b"\x1b[0;32m  OK  \x1b[0m] Started\r"), "  OK  ] Started");
+        assert_eq!(marker("[  12.3] foo KILN-CHECK kernel ok 5.15", "KILN-CHECK"), Some("kernel ok 5.15"));
+        assert_eq!(marker("KILN-DONE", "KILN-DONE"), Some(""));
+        assert_eq!(marker("KILN-DONEX", "KILN-DONE"), None);
+        let alert = "ALERT!  UUID=0badc0de-0000-4000-8000-000000000000 does not exist.  Dropping to a shell!";
+        let m = root_failure(alert).unwrap();
+        assert!(m.starts_with("kernel could not mount the root filesystem: ALERT!"), "{m}");
+        assert!(root_failure("[    3.2] VFS: Unable to mount root fs on unknown-block(0,0)").is_some());
+        assert!(root_failure("[  OK  ] Reached target Local File Systems.").is_none());
+        assert!(prompt_failure("(initramfs) ").unwrap().contains("root filesystem"));
+        assert!(prompt_failure("grub rescue> ").is_some());
+        assert!(prompt_failure("Ubuntu 22.04 login: ").is_none());
+    }
+
+    #[test]
+    fn user_data_is_yaml_with_the_script() {
+        let ud = user_data(&expect(true));
+        assert!(ud.starts_with("#cloud-config\n"));
+        assert!(ud.contains("      #!/bin/bash\n"), "{ud}");
+        assert!(ud.contains("5.15.0-204-generic"));
+        assert!(ud.contains("has_word \"$v\" v1.30.0"));
+        assert!(ud.contains("NVreg_EnableGpuFirmware=1 NVreg_PreserveVideoMemoryAllocations=1"));
+        assert!(!ud.contains('\t'), "YAML block scalars must not contain tabs");
+        assert!(!user_data(&expect(false)).contains("modinfo"));
+        // Every line of the script is indented inside the block scalar.
+        let block: Vec<&str> = ud.lines().skip_while(|l| !l.contains("content: |")).skip(1).take_while(|l| !l.starts_with("runcmd:")).collect();
+        assert!(block.iter().all(|l| l.starts_with("      ") || l.is_empty()), "{block:?}");
+    }
+
+    #[test]
+    fn script_check_names_match_expectations() {
+        let e = expect(true);
+        let script = check_script(&e);
+        for (name, _) in e.checks() {
+            let tag = name.replace('_', "%u").replace(' ', "_");
+            let literal = script.contains(&format!("check {tag} ")) || script.contains(&format!("check \"{tag}"));
+            let generated = name.starts_with("module ") || name.starts_with("sysctl ");
+            assert!(literal || generated, "no check line for {name:?} ({tag})");
+        }
+    }
+
+    #[test]
+    fn limits_split_the_budget() {
+        let l = Limits::from_total(600);
+        assert_eq!((l.firmware, l.cloud_init, l.checks), (120, 360, 120));
+        let l = Limits::from_total(31);
+        assert_eq!(l.firmware + l.cloud_init + l.checks, 31);
+    }
+
+    #[test]
+    fn identity_must_differ() {
+        let mk = |fw, mid: Option<&str>, key: Option<&str>| Boot {
+            firmware: fw,
+            run: 1,
+            wall_s: 1.0,
+            phases: vec![],
+            checks: vec![],
+            error: None,
+            serial_tail: vec![],
+            machine_id: mid.map(str::to_string),
+            host_key: key.map(str::to_string),
+        };
+        let c = identity_checks(&[mk(Firmware::Uefi, Some("a"), Some("k1")), mk(Firmware::Bios, Some("b"), Some("k2"))]);
+        assert!(c.iter().all(|c| c.ok), "{c:?}");
+        let c = identity_checks(&[mk(Firmware::Uefi, Some("a"), Some("k1")), mk(Firmware::Bios, Some("a"), Some("k2"))]);
+        assert!(!c[0].ok && c[1].ok);
+        let c = identity_checks(&[mk(Firmware::Uefi, Some("a"), Some("k1"))]);
+        assert!(c.iter().all(|c| !c.ok));
+    }
+}
