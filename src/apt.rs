@@ -54,6 +54,8 @@ impl std::str::FromStr for RepoOverride {
 pub struct Apt<'a> {
     pub s: &'a Session,
     rd: &'a RootDir,
+    /// The host side of the package cache bind-mounted on /var/cache/apt/archives.
+    archives_host: PathBuf,
     saved_initramfs: Option<Vec<u8>>,
     mandb_flag: bool,
     overrides: Vec<RepoOverride>,
@@ -73,8 +75,8 @@ impl<'a> Apt<'a> {
         let archives = cache_dir.join("apt-archives");
         std::fs::create_dir_all(archives.join("partial"))
             .with_context(|| format!("creating package cache {}", archives.display()))?;
-        rd.create_dir_all(ARCHIVES, 0o755)?;
-        mounts.bind(&archives, &s.root().join(ARCHIVES.trim_start_matches('/')), false)?;
+        mounts.bind(&archives, &rd.mount_point(ARCHIVES)?, false)?;
+        let archives_host = archives.clone();
         rd.write_file(
             APT_CONF,
             b"// kiln build-time settings, removed after the build\n\
@@ -114,10 +116,9 @@ impl<'a> Apt<'a> {
         for o in overrides.iter().filter(|o| o.uri.starts_with("file://")) {
             let host = PathBuf::from(o.uri.trim_start_matches("file://"));
             let inside = format!("/run/kiln/repos/{}", o.id);
-            rd.create_dir_all(&inside, 0o755)?;
-            mounts.bind(&host, &s.root().join(inside.trim_start_matches('/')), false)?;
+            mounts.bind(&host, &rd.mount_point(&inside)?, false)?;
         }
-        Ok(Apt { s, rd, saved_initramfs, mandb_flag, overrides: overrides.to_vec(), configured: vec![], downloaded: 0 })
+        Ok(Apt { s, rd, archives_host, saved_initramfs, mandb_flag, overrides: overrides.to_vec(), configured: vec![], downloaded: 0 })
     }
 
     fn get(&mut self, args: &[&str]) -> Result<String> {
@@ -163,8 +164,22 @@ impl<'a> Apt<'a> {
         Ok(())
     }
 
+    /// apt-get update, failing on any index it could not fetch (apt itself only warns
+    /// and carries on with stale or missing lists, which would turn a network outage
+    /// into a misleading "package not found" later).
     pub fn update(&mut self) -> Result<()> {
-        self.get(&["update"]).context("apt-get update in the image failed (network down or a repository unreachable?)")?;
+        const WHAT: &str = "apt-get update in the image failed (network down or a repository unreachable?)";
+        let out = self.s.cmd("apt-get").args(["-q", "update"]).run().context(WHAT)?;
+        let text = out.stdout_str();
+        self.downloaded += fetched_bytes(&text);
+        let failed: Vec<&str> = text
+            .lines()
+            .chain(out.stderr.lines())
+            .filter(|l| l.starts_with("Err:") || l.starts_with("W: Failed to fetch") || l.starts_with("E: "))
+            .collect();
+        if !failed.is_empty() {
+            anyhow::bail!("{WHAT}:\n    {}", failed.iter().take(8).cloned().collect::<Vec<_>>().join("\n    "));
+        }
         Ok(())
     }
 
@@ -203,7 +218,7 @@ impl<'a> Apt<'a> {
         let pin = p.pool.as_ref().unwrap();
         let file = pin.path.rsplit('/').next().unwrap();
         let inside = format!("{ARCHIVES}/{file}");
-        let host = self.s.root().join(inside.trim_start_matches('/'));
+        let host = self.archives_host.join(file);
         let have = host.is_file() && crate::checksum::hex(&crate::checksum::sha256_file(&host, None)?) == pin.sha256;
         if !have {
             let url = format!("{}/{}", mirror.trim_end_matches('/'), pin.path);

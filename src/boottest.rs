@@ -406,7 +406,8 @@ fn boot(ctx: &Ctx, fw: Firmware, run: u32) -> Result<Boot> {
         .arg(format!("file={},if=virtio,format=qcow2,cache=unsafe", overlay.display()))
         .arg("-drive")
         .arg(format!("file={},if=virtio,format=raw,readonly=on", seed.display()))
-        .args(["-nic", "user,model=virtio-net-pci", "-device", "virtio-rng-pci"]);
+        // The guest gets DHCP from QEMU but no way out: the boot test is offline.
+        .args(["-nic", "user,model=virtio-net-pci,restrict=on", "-device", "virtio-rng-pci"]);
     if ctx.accel == "kvm" {
         cmd = cmd.args(["-cpu", "host"]);
     }
@@ -864,6 +865,11 @@ fn user_data(e: &Expect) -> String {
          \x20   sudo: \"ALL=(ALL) NOPASSWD:ALL\"\n\
          \x20   shell: /bin/bash\n\
          \x20   lock_passwd: true\n\
+         # The image is under test, not the network: no locale generation (it installs\n\
+         # the locales package from the internet when the image lacks it).\n\
+         locale: false\n\
+         package_update: false\n\
+         package_upgrade: false\n\
          bootcmd:\n\
          \x20 - [sh, -c, 'printf \"\\r\\nKILN-PHASE bootcmd\\r\\n\" > /dev/ttyS0']\n\
          write_files:\n\

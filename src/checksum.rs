@@ -170,10 +170,15 @@ fn sum_line(digest: &[u8; 32], name: &[u8]) -> Vec<u8> {
 /// Turn a failure to read a named file into an input error when it is the user's
 /// (missing, not permitted, a directory); keep real I/O failures as they are.
 fn classify(path: &Path, err: anyhow::Error) -> anyhow::Error {
-    let kind = err.chain().find_map(|e| e.downcast_ref::<io::Error>()).map(io::Error::kind);
-    match kind {
-        Some(k @ (ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::IsADirectory)) => {
-            crate::error::user(format!("cannot hash {}: {}", path.display(), io::Error::from(k)))
+    let io = err.chain().find_map(|e| e.downcast_ref::<io::Error>());
+    match io {
+        Some(io)
+            if matches!(
+                io.kind(),
+                ErrorKind::NotFound | ErrorKind::PermissionDenied | ErrorKind::IsADirectory
+            ) =>
+        {
+            crate::error::user(format!("cannot hash {}: {io}", path.display()))
         }
         _ => err,
     }

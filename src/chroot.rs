@@ -23,6 +23,8 @@ const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 pub struct Session {
     root: PathBuf,
+    /// /proc of the image, resolved inside the root.
+    proc_mp: PathBuf,
     depth: usize,
     saved_policy: Option<Vec<u8>>,
     pub jobs: usize,
@@ -31,28 +33,23 @@ pub struct Session {
 impl Session {
     pub fn enter(root: &Path, rd: &RootDir, mounts: &mut MountStack) -> Result<Session> {
         let depth = mounts.len();
-        let j = |p: &str| root.join(p);
         let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-        // Mount points are created through RootDir: a symlinked /proc in the image
-        // must not send a mount onto the host.
-        for d in ["proc", "sys", "dev", "run", "tmp"] {
-            rd.create_dir_all(d, 0o755)?;
-            if rd.symlink_metadata(d)?.file_type().is_symlink() {
-                anyhow::bail!("/{d} in the image is a symlink; refusing to mount over it");
-            }
-        }
-        mounts.mount("proc", &j("proc"), Some("proc"), nosuid, None)?;
-        mounts.mount("sysfs", &j("sys"), Some("sysfs"), nosuid | MsFlags::MS_RDONLY, None)?;
-        mounts.bind(Path::new("/dev"), &j("dev"), false)?;
+        // Mount points are resolved inside the image root: a symlinked /proc or /run in
+        // the image must not send a mount onto the host.
+        let mp = |d: &str| rd.mount_point(d);
+        let proc_mp = mp("/proc")?;
+        mounts.mount("proc", &proc_mp, Some("proc"), nosuid, None)?;
+        mounts.mount("sysfs", &mp("/sys")?, Some("sysfs"), nosuid | MsFlags::MS_RDONLY, None)?;
+        mounts.bind(Path::new("/dev"), &mp("/dev")?, false)?;
         mounts.mount(
             "devpts",
-            &j("dev/pts"),
+            &mp("/dev/pts")?,
             Some("devpts"),
             MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
             Some("newinstance,ptmxmode=0666,mode=620,gid=5"),
         )?;
-        mounts.mount("tmpfs", &j("run"), Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=755"))?;
-        mounts.mount("tmpfs", &j("tmp"), Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+        mounts.mount("tmpfs", &mp("/run")?, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=755"))?;
+        mounts.mount("tmpfs", &mp("/tmp")?, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
 
         // The resolver: Ubuntu's resolv.conf points into /run, now our tmpfs.
         let host_resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
@@ -68,14 +65,14 @@ impl Session {
         rd.create_dir_all("/usr/sbin", 0o755)?;
         rd.write_file(POLICY_RC_D, format!("#!/bin/sh\n{POLICY_MARK}exit 101\n").as_bytes(), 0o755)?;
         let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-        Ok(Session { root: root.to_owned(), depth, saved_policy, jobs })
+        Ok(Session { root: root.to_owned(), proc_mp, depth, saved_policy, jobs })
     }
 
     /// A command to run inside the image.
     pub fn cmd(&self, program: &str) -> Cmd {
         Cmd::new("unshare")
             .args(["--pid", "--fork", "--kill-child"])
-            .arg(format!("--mount-proc={}", self.root.join("proc").display()))
+            .arg(format!("--mount-proc={}", self.proc_mp.display()))
             .arg("--")
             .arg("chroot")
             .arg(&self.root)

@@ -678,6 +678,25 @@ impl RootDir {
 
     // ---- resolution ----------------------------------------------------------------
 
+    /// The host path of directory `path` resolved inside the root, for use as a mount
+    /// point: mount(2) follows symlinks on the host, so a mount target must never be
+    /// built by joining an image path onto the root (`/var/cache/apt/archives -> /etc`
+    /// would mount over the host's /etc). The directory is created if missing.
+    pub fn mount_point(&self, path: impl AsRef<Path>) -> Result<PathBuf> {
+        let path = path.as_ref();
+        self.create_dir_all(path, 0o755)?;
+        (|| {
+            let fd = self.resolve(&components(path), dir_path_flags())?;
+            let real = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)))?;
+            let root = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.fd)))?;
+            if !real.starts_with(&root) {
+                return Err(io::Error::other(format!("resolves to {} outside the image root", real.display())));
+            }
+            Ok::<_, io::Error>(real)
+        })()
+        .with_context(|| self.ctx("resolving mount point", path))
+    }
+
     /// `openat2(root, comps, flags)` with `RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS`. The
     /// one place a multi-component path is resolved.
     fn resolve(&self, comps: &[&OsStr], flags: OFlag) -> io::Result<OwnedFd> {

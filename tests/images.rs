@@ -169,3 +169,47 @@ fn unsatisfiable_pins_fail_clearly() {
         assert_no_leaks(d.path());
     }
 }
+
+/// A package that doesn't exist (exit 2, named with its list and line) and the network
+/// dropping during apt (exit 1, saying so), on the real base.
+#[test]
+fn apt_failures_are_clear() {
+    require_root!();
+    let d = scratch("aptfail");
+    for sub in ["images", "package-lists"] {
+        std::fs::create_dir_all(d.path().join(sub)).unwrap();
+    }
+    std::fs::write(d.path().join("package-lists/missing.list"), "# a typo\nkubelett\n").unwrap();
+    std::fs::write(d.path().join("package-lists/tools.list"), "htop\n").unwrap();
+    let def = |name: &str, list: &str| {
+        let p = d.path().join(format!("images/{name}.toml"));
+        std::fs::write(
+            &p,
+            format!("name = \"{name}\"\ndescription = \"apt test\"\ndisk_size = \"4G\"\n[payload]\nuri = \"https://x/{{name}}.raw\"\n[[stage]]\nname = \"system-update\"\npackages = [\"{list}\"]\n"),
+        )
+        .unwrap();
+        p
+    };
+    let base = base_tarball();
+    let out = d.path().join("out");
+    let missing = def("missing", "missing");
+    let o = run_kiln(&["build", missing.to_str().unwrap(), "--base", base.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("missing.list:2") && err.contains("kubelett") && err.contains("not in the image's repositories"), "{err}");
+    // No network: a private network namespace with only loopback.
+    let offline = def("offline", "tools");
+    let o = std::process::Command::new("unshare")
+        .arg("-n")
+        .arg(kiln())
+        .args(["build", offline.to_str().unwrap(), "--base", base.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .env("KILN_CACHE_DIR", cache().join("kiln-cache"))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("apt-get update in the image failed") && err.contains("network"), "{err}");
+    assert!(std::fs::read_dir(&out).map(|r| r.count()).unwrap_or(0) == 0);
+    assert_no_leaks(d.path());
+}
