@@ -251,8 +251,9 @@ mkfs.vfat -F 32 -n UEFI "$esp_dev" >/dev/null
 # Jammy's e2fsck and GRUB 2.06 can't read orphan_file or metadata_csum_seed, which newer
 # e2fsprogs turn on; no lazy inode-table init (it would otherwise run on first boot).
 features=^metadata_csum_seed
-if [[ $(mke2fs -V 2>&1 | awk 'NR == 1 { print $2 }') == 1.4[7-9]* ]]; then
-  features+=,^orphan_file
+e2fsprogs=$(mke2fs -V 2>&1 | awk 'NR == 1 { print $2 }')
+if [[ $(printf '%s\n' 1.47 "$e2fsprogs" | sort -V | head -n 1) == 1.47 ]]; then
+  features+=,^orphan_file # known from e2fsprogs 1.47 on
 fi
 mkfs.ext4 -q -F -L cloudimg-rootfs -O "$features" -E lazy_itable_init=0,lazy_journal_init=0,discard "$root_dev"
 mnt -t ext4 "$root_dev" "$root"
@@ -264,7 +265,7 @@ printf 'LABEL=cloudimg-rootfs\t/\text4\tdiscard,errors=remount-ro\t0 1\nLABEL=UE
 
 # --- The chroot: proc, sys, dev, dev/pts, a fresh /run with the host's resolver --------
 begin chroot-setup
-root_depth=${#mounted[@]}
+root_depth=${#mounted[@]} # just the root filesystem
 mkdir -p "$root"/{proc,sys,dev,run,tmp}
 mnt -t proc -o nosuid,nodev,noexec proc "$root/proc"
 mnt -t sysfs -o ro,nosuid,nodev,noexec sysfs "$root/sys"
@@ -604,7 +605,7 @@ fi
 # --- Leave the chroot: policy-rc.d goes, every mount but the root is released ---------
 begin chroot-teardown
 if [[ -n $saved_policy ]]; then cp -a "$saved_policy" "$policy"; else rm -f "$policy"; fi
-unmount_to "$((root_depth + 1))"
+unmount_to "$root_depth"
 
 # --- Scrub: no identity, secret, history, log or cache in the image ---------------------
 begin scrub

@@ -63,13 +63,16 @@ mkdir -p "$out" "$logs" "$work" "$tcache"
 # Only this script's results (bench/checksum.sh writes into target/bench too).
 rm -f "$out"/build-*.json "$out"/build-*.md "$out"/finish* "$out"/verify-*.json "$out"/rss-* \
   "$out/commands.txt" "$out/summary.md"
-current_log=""
+current_logs=() # shown when the benchmark fails
 on_exit() {
-  local rc=$?
+  local rc=$? l
   set +e
-  if ((rc != 0)) && [[ -n $current_log && -f $current_log ]]; then
-    echo "bench: failed; last lines of $current_log:" >&2
-    tail -n 40 "$current_log" >&2
+  if ((rc != 0)); then
+    for l in "${current_logs[@]}"; do
+      [[ -f $l ]] || continue
+      echo "bench: failed; last lines of $l:" >&2
+      tail -n 40 "$l" >&2
+    done
   fi
   if [[ ${BENCH_KEEP:-} != 1 ]]; then
     rm -rf --one-file-system "$work"/baseline "$work"/kiln "$work"/warm "$work"/finish
@@ -109,8 +112,8 @@ avail=$(df --output=avail -BG "$work" | tail -n 1 | tr -dc 0-9)
 
 # --- 1. kiln, release -----------------------------------------------------------------------
 say "building kiln (release)"
-current_log=$logs/cargo-build.log
-(cd "$project" && "$cargo" build --release --bin kiln) >"$current_log" 2>&1
+current_logs=("$logs/cargo-build.log")
+(cd "$project" && "$cargo" build --release --bin kiln) >"$logs/cargo-build.log" 2>&1
 kiln=${CARGO_TARGET_DIR:-$project/target}/release/kiln
 [[ -x $kiln ]] || die "$kiln was not built"
 
@@ -135,12 +138,12 @@ short_hash() { (cd "$project" && "$out/short-hash" "$@"); }
 base=$tcache/base-jammy-$(short_hash tests/fixtures/make-base.sh).tar
 standin=$tcache/standin-$(short_hash tests/fixtures/make-standin-repo.sh)
 say "fixtures: $base, $standin"
-current_log=$logs/fixtures.log
+current_logs=("$logs/fixtures.log")
 # shellcheck disable=SC2016 # $1, $2 are the inner bash's arguments
-flock "$tcache/base.lock" bash -c '[[ -e $1 ]] || "$2" "$1"' _ "$base" "$project/tests/fixtures/make-base.sh" >"$current_log" 2>&1
+flock "$tcache/base.lock" bash -c '[[ -e $1 ]] || "$2" "$1"' _ "$base" "$project/tests/fixtures/make-base.sh" >"$logs/fixtures.log" 2>&1
 # shellcheck disable=SC2016
 flock "$tcache/standin.lock" bash -c '[[ -e $1/kubernetes/InRelease ]] || "$2" "$1"' _ "$standin" \
-  "$project/tests/fixtures/make-standin-repo.sh" >>"$current_log" 2>&1
+  "$project/tests/fixtures/make-standin-repo.sh" >>"$logs/fixtures.log" 2>&1
 
 # --repo-override for the repositories an image has (kiln refuses overrides of others).
 read -r -d '' repo_ids_py <<'PY' || true
@@ -197,12 +200,12 @@ measure_rss() { # LOG CMD...
 }
 for img in "${images[@]}"; do
   say "warming the cache: kiln build $img"
-  current_log=$logs/warm-$img.log
+  current_logs=("$logs/warm-$img.log")
   rm -rf --one-file-system "$work/warm/$img"
   if [[ $img == "$finish_image" ]]; then
-    measure_rss "$current_log" bash -c "exec $(kiln_cmd "$img" "$work/warm/$img") --timings"
+    measure_rss "$logs/warm-$img.log" bash -c "exec $(kiln_cmd "$img" "$work/warm/$img") --timings"
   else
-    bash -c "$(kiln_cmd "$img" "$work/warm/$img") --timings" >"$current_log" 2>&1
+    bash -c "$(kiln_cmd "$img" "$work/warm/$img") --timings" >"$logs/warm-$img.log" 2>&1
   fi
   rm -rf --one-file-system "$work/warm/$img"
 done
@@ -220,12 +223,12 @@ for img in "${images[@]}"; do
     echo "$k_cmd"
   } >>"$out/commands.txt"
   say "hyperfine: baseline vs kiln, $img, $runs runs each"
-  current_log=$logs/baseline-$img.log
+  current_logs=("$logs/baseline-$img.log" "$logs/kiln-$img.log")
   hyperfine --shell bash --runs "$runs" \
     --export-json "$out/build-$img.json" --export-markdown "$out/build-$img.md" \
     --prepare "rm -rf --one-file-system $(q "$b_out") && sync" -n "bench/baseline.sh" "$b_cmd" \
     --prepare "rm -rf --one-file-system $(q "$k_out") && sync" -n "kiln build" "$k_cmd"
-  current_log=""
+  current_logs=()
   # Not timed: both images checked against the definition by kiln verify (the baseline
   # must build the same image for the comparison to mean anything).
   for who in baseline kiln; do
@@ -456,7 +459,7 @@ B_OUT=$out B_LOGS=$logs B_DOCS=$project/docs/benchmarks.md B_IMAGES="${images[*]
   B_DATE="$(date -u '+%Y-%m-%d %H:%M UTC')" B_NPROC="$(nproc)" \
   B_CPU="$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)" \
   B_MEM="$(awk '/^MemTotal:/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)" \
-  B_KERNEL="$(uname -r)" B_OS="$(. /etc/os-release && echo "${PRETTY_NAME:-unknown}")" \
+  B_KERNEL="$(uname -r)" B_OS="$(sed -n 's/^PRETTY_NAME=//p' /etc/os-release | tr -d '"')" \
   B_REV="$(git -C "$project" rev-parse --short HEAD 2>/dev/null || echo "(unknown revision)")" \
   B_LOAD_BEFORE="$load_before" B_LOAD_AFTER="$load_after" B_INVOCATION="$invocation" \
   python3 "$out/summarize.py"

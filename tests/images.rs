@@ -16,7 +16,7 @@ struct Built {
     _dir: tempfile::TempDir,
 }
 
-fn build(def: &str, base: PathBuf, tag: &str) -> Built {
+fn build(def: &str, base: PathBuf, tag: &str, repos: &[&str]) -> Built {
     let dir = scratch(tag);
     let out = dir.path().join("out");
     let def = project().join("images").join(format!("{def}.toml"));
@@ -29,7 +29,7 @@ fn build(def: &str, base: PathBuf, tag: &str) -> Built {
         out.to_string_lossy().into(),
         "--timings".into(),
     ];
-    args.extend(standin_overrides());
+    args.extend(standin_overrides(repos));
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = run_kiln(&argv);
     assert!(o.status.success(), "building {} failed", def.display());
@@ -41,13 +41,13 @@ fn build(def: &str, base: PathBuf, tag: &str) -> Built {
 /// GPU-ready image from the root tarball.
 fn gpu_ready() -> &'static Built {
     static B: OnceLock<Built> = OnceLock::new();
-    B.get_or_init(|| build("ubuntu-2204-gpu-ready-nodriver", base_tarball(), "gpu-ready"))
+    B.get_or_init(|| build("ubuntu-2204-gpu-ready-nodriver", base_tarball(), "gpu-ready", &["kubernetes"]))
 }
 
 /// NVIDIA image from the qcow2 "cloud image".
 fn nvidia() -> &'static Built {
     static B: OnceLock<Built> = OnceLock::new();
-    B.get_or_init(|| build("ubuntu-2204-nvidia-565-firmware1", cloud_qcow2(), "nvidia"))
+    B.get_or_init(|| build("ubuntu-2204-nvidia-565-firmware1", cloud_qcow2(), "nvidia", &["kubernetes", "nvidia-container-toolkit"]))
 }
 
 fn verify(b: &Built, def: &str) -> serde_json::Value {

@@ -108,11 +108,10 @@ pub fn standin_repos() -> PathBuf {
     p
 }
 
-/// `--repo-override` flags pointing both third-party repositories at the stand-ins.
-pub fn standin_overrides() -> Vec<String> {
+/// `--repo-override` flags pointing the given third-party repositories at the stand-ins.
+pub fn standin_overrides(ids: &[&str]) -> Vec<String> {
     let r = standin_repos();
-    ["kubernetes", "nvidia-container-toolkit"]
-        .iter()
+    ids.iter()
         .flat_map(|id| {
             [
                 "--repo-override".to_string(),
