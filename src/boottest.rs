@@ -21,6 +21,9 @@
 //! - Two boots of two fresh overlays (UEFI and BIOS, or the one firmware twice) must
 //!   report different machine-ids and SSH host keys: the image carries no identity.
 //!
+//! `KILN_BOOTTEST_LOGS=DIR` keeps each boot's serial console and QEMU log in DIR
+//! (`uefi-serial.log`, `bios-qemu.log`, ...), e.g. as CI artifacts.
+//!
 //! What is expected comes from the image itself (`inspect`): its newest kernel, its
 //! kubelet/kubeadm/kubectl versions, and, when it has an `nvidia-driver-*` package, the
 //! driver version (modinfo, vermagic = the running kernel) and the spec's NVreg options.
@@ -430,6 +433,14 @@ fn boot(ctx: &Ctx, fw: Firmware, run: u32) -> Result<Boot> {
     drop(qemu);
     let wall_s = start.elapsed().as_secs_f64();
     let mut b = w.finish(outcome, wall_s);
+    if let Some(logs) = std::env::var_os("KILN_BOOTTEST_LOGS") {
+        let logs = PathBuf::from(logs);
+        std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+        for (from, name) in [(&serial, "serial.log"), (&qemu_log, "qemu.log")] {
+            let to = logs.join(format!("{}-{name}", b.label().replace('#', "-")));
+            std::fs::copy(from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        }
+    }
     if b.error.is_some() {
         let q = std::fs::read_to_string(&qemu_log).unwrap_or_default();
         let q: Vec<&str> = q.lines().filter(|l| !l.trim().is_empty() && !l.contains("terminating on signal")).collect();
@@ -807,9 +818,9 @@ check ssh_host_keys "$([ -n "$keys" ] && [ -n "$fp" ] && echo 1 || echo 0)" "${k
 for i in $(seq 90); do systemctl is-active -q containerd && break; sleep 1; done
 a=$(systemctl is-active containerd 2>&1)
 check containerd "$(is "$a" active)" "$a"
-sc=$( (containerd config dump 2>/dev/null || cat /etc/containerd/config.toml) | grep -E '^[[:space:]]*SystemdCgroup[[:space:]]*=' | tr -d ' \t' | sort | uniq -c | tr -s ' ' | tr '\n' ' ')
+sc=$(cat /etc/containerd/config.toml 2>/dev/null | grep -E '^[[:space:]]*SystemdCgroup[[:space:]]*=' | tr -d ' \t' | sort | uniq -c | tr -s ' ' | tr '\n' ' ')
 if printf '%s' "$sc" | grep -q 'SystemdCgroup=true' && ! printf '%s' "$sc" | grep -q 'SystemdCgroup=false'; then ok=1; else ok=0; fi
-check containerd_SystemdCgroup "$ok" "${sc:-no SystemdCgroup in containerd's config}"
+check containerd_SystemdCgroup "$ok" "${sc:-no SystemdCgroup in /etc/containerd/config.toml}"
 "#,
     );
     for (p, ver) in &e.kube {
@@ -822,15 +833,15 @@ check containerd_SystemdCgroup "$ok" "${sc:-no SystemdCgroup in containerd's con
             Some(v) => format!("\"$(has_word \"$v\" v{v})\""),
             None => "\"$(command -v P >/dev/null && echo 1 || echo 0)\"".replace('P', p),
         };
-        s.push_str(&format!("v=$({cmd} 2>&1 | head -n1)\ncheck {p}_version {test} \"$v\"\n"));
+        s.push_str(&format!("v=$(timeout 30 {cmd} 2>&1 | head -n1)\ncheck {p}_version {test} \"$v\"\n"));
     }
     if let Some(nv) = &e.nvidia {
         s.push_str(&format!(
-            r#"v=$(modinfo -F version nvidia 2>&1)
+            r#"v=$(timeout 30 modinfo -F version nvidia 2>&1)
 check nvidia_modinfo_version "$(is "$v" "{nv}")" "$v"
-vm=$(modinfo -F vermagic nvidia 2>&1 | awk '{{print $1}}')
+vm=$(timeout 30 modinfo -F vermagic nvidia 2>&1 | awk '{{print $1}}')
 check nvidia_vermagic "$(is "$vm" "$(uname -r)")" "$vm (running $(uname -r))"
-o=$(modprobe -c 2>/dev/null | grep NVreg | tr '\n' ' ')
+o=$(timeout 30 modprobe -c 2>/dev/null | grep NVreg | tr '\n' ' ')
 ok=1
 for want in {opts}; do printf '%s' "$o" | grep -q "$want" || ok=0; done
 check nvidia_NVreg_options "$ok" "${{o:-no NVreg options}}"

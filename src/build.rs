@@ -53,6 +53,7 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     }
     timings.begin("acquire")?;
     let def = imagedef::load(&opts.def)?;
+    crate::provision::check_overrides(&def, &opts.provision.repo_overrides)?;
     let raw_name = format!("{}.raw", def.name);
     let final_raw = opts.out.join(&raw_name);
     let final_json = opts.out.join(format!("{}.json", def.name));

@@ -21,6 +21,22 @@ pub struct ProvisionOpts {
     pub repo_overrides: Vec<RepoOverride>,
 }
 
+/// `--repo-override` may only name repositories the definition has (checked before
+/// anything is written).
+pub fn check_overrides(def: &ImageDef, overrides: &[RepoOverride]) -> Result<()> {
+    for o in overrides {
+        if def.repository(&o.id).is_none() {
+            crate::user_bail!(
+                "--repo-override {}: the image definition {} has no repository with that id (it has: {})",
+                o.id,
+                def.file.display(),
+                def.repositories.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn provision(
     root: &Path,
     rd: &RootDir,
@@ -31,16 +47,6 @@ pub fn provision(
 ) -> Result<()> {
     if def.stages.is_empty() {
         return Ok(());
-    }
-    for o in &opts.repo_overrides {
-        if def.repository(&o.id).is_none() {
-            crate::user_bail!(
-                "--repo-override {}: the image definition {} has no repository with that id (it has: {})",
-                o.id,
-                def.file.display(),
-                def.repositories.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", ")
-            );
-        }
     }
     let session = Session::enter(root, rd, mounts)?;
     let res = (|| -> Result<()> {
