@@ -56,6 +56,8 @@ pub struct Apt<'a> {
     rd: &'a RootDir,
     /// The host side of the package cache bind-mounted on /var/cache/apt/archives.
     archives_host: PathBuf,
+    /// Held while this build uses the shared package cache.
+    _cache_lock: std::fs::File,
     saved_initramfs: Option<Vec<u8>>,
     mandb_flag: bool,
     overrides: Vec<RepoOverride>,
@@ -75,6 +77,9 @@ impl<'a> Apt<'a> {
         let archives = cache_dir.join("apt-archives");
         std::fs::create_dir_all(archives.join("partial"))
             .with_context(|| format!("creating package cache {}", archives.display()))?;
+        // apt in two images sharing one cache would fight over its lock: builds that
+        // share a cache take turns for the apt part of the build.
+        let cache_lock = lock_cache(&archives)?;
         mounts.bind(&archives, &rd.mount_point(ARCHIVES)?, false)?;
         let archives_host = archives.clone();
         rd.write_file(
@@ -118,7 +123,7 @@ impl<'a> Apt<'a> {
             let inside = format!("/run/kiln/repos/{}", o.id);
             mounts.bind(&host, &rd.mount_point(&inside)?, false)?;
         }
-        Ok(Apt { s, rd, archives_host, saved_initramfs, mandb_flag, overrides: overrides.to_vec(), configured: vec![], downloaded: 0 })
+        Ok(Apt { s, rd, archives_host, _cache_lock: cache_lock, saved_initramfs, mandb_flag, overrides: overrides.to_vec(), configured: vec![], downloaded: 0 })
     }
 
     fn get(&mut self, args: &[&str]) -> Result<String> {
@@ -348,6 +353,23 @@ impl<'a> Apt<'a> {
         }
         Ok(())
     }
+}
+
+fn lock_cache(archives: &Path) -> Result<std::fs::File> {
+    use std::os::unix::io::AsRawFd;
+    let path = archives.join(".kiln-lock");
+    let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        tracing::info!("another kiln build is using the package cache {}; waiting for it", archives.display());
+        loop {
+            crate::cancel::check()?;
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+    Ok(f)
 }
 
 /// `apt-cache policy` → package → versions in its version table.
