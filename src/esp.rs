@@ -142,14 +142,7 @@ pub fn label(file: &File, offset: u64, len: u64) -> Result<String> {
 /// (`user-data`, `meta-data`, `network-config`): a cloud-init NoCloud seed to attach to
 /// QEMU as a second drive.
 pub fn make_cidata(path: &Path, files: &[(&str, &[u8])]) -> Result<()> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.set_len(CIDATA_SIZE).with_context(|| format!("sizing {}", path.display()))?;
+    let file = crate::sparse::create_sized(path, CIDATA_SIZE)?;
     let ctx = || format!("writing the cloud-init seed {}", path.display());
     format(&file, 0, CIDATA_SIZE, CIDATA_LABEL, FatType::Fat12).with_context(ctx)?;
     write_files(&file, 0, CIDATA_SIZE, files).with_context(ctx)

@@ -32,6 +32,19 @@ pub fn data_extents(f: &File) -> std::io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
+/// Create (or truncate) `path` as a sparse file of `size` bytes, open for read and write.
+pub fn create_sized(path: &Path, size: u64) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(size).with_context(|| format!("setting the size of {} to {size} bytes", path.display()))?;
+    Ok(f)
+}
+
 /// Copy `src` to a new `dst` of the same length, writing only the data extents
 /// (copy_file_range, which the filesystem may turn into a reflink).
 pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64> {
