@@ -385,6 +385,7 @@ mod dot_entries {
 mod tests {
     use super::*;
     use crate::error::exit_code;
+    use std::fs::OpenOptions;
     use std::io::{Seek, SeekFrom};
     use std::process::Command;
 
