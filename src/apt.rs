@@ -21,6 +21,7 @@ const DPKG_CONF: &str = "/etc/dpkg/dpkg.cfg.d/kiln-unsafe-io";
 const INITRAMFS_CONF: &str = "/etc/initramfs-tools/update-initramfs.conf";
 const MANDB_FLAG: &str = "/var/lib/man-db/auto-update";
 const ARCHIVES: &str = "/var/cache/apt/archives";
+const LISTS: &str = "/var/lib/apt/lists";
 
 /// `--repo-override ID=URI[,key=PATH]`: point a repository at a mirror or a local
 /// directory for this build; the image keeps the definition's repository.
@@ -81,6 +82,13 @@ impl<'a> Apt<'a> {
         // share a cache take turns for the apt part of the build.
         let cache_lock = lock_cache(&archives)?;
         mounts.bind(&archives, &rd.mount_point(ARCHIVES)?, false)?;
+        // The package indexes live in the cache too: a rebuild's apt update then only
+        // revalidates them (If-Modified-Since, pdiffs) instead of downloading ~50 MB,
+        // and the image never holds them (the scrub would empty them anyway).
+        let lists = cache_dir.join("apt-lists");
+        std::fs::create_dir_all(lists.join("partial"))
+            .with_context(|| format!("creating package index cache {}", lists.display()))?;
+        mounts.bind(&lists, &rd.mount_point(LISTS)?, false)?;
         let archives_host = archives.clone();
         rd.write_file(
             APT_CONF,
@@ -149,6 +157,24 @@ impl<'a> Apt<'a> {
         };
         self.write_repo(repo, &uri, &key)?;
         self.configured.push(repo.clone());
+        Ok(())
+    }
+
+    /// Overridden repositories whose list the image already has (it was built from an
+    /// image made with the same definition) point at the override from the start.
+    pub fn redirect_present_overrides(&mut self, def: &ImageDef) -> Result<()> {
+        let ids: Vec<String> = self.overrides.iter().map(|o| o.id.clone()).collect();
+        for id in ids {
+            let present = self.rd.exists(&format!("/etc/apt/sources.list.d/{id}.list"))?
+                || self.rd.exists(&format!("/etc/apt/sources.list.d/{id}.sources"))?;
+            if let (true, Some(repo)) = (present, def.repository(&id)) {
+                if self.rd.exists(&format!("/etc/apt/sources.list.d/{id}.sources"))? {
+                    self.rd.remove_file(&format!("/etc/apt/sources.list.d/{id}.sources"))?;
+                }
+                tracing::info!("repository {id}: already listed in the base image; redirected to the override");
+                self.add_repository(def, repo)?;
+            }
+        }
         Ok(())
     }
 

@@ -53,6 +53,12 @@ pub fn provision(
         // apt's build-time setup only when a stage uses apt.
         let uses_apt = def.stages.iter().any(stage_uses_apt);
         let mut apt = if uses_apt { Some(Apt::setup(&session, rd, mounts, &opts.cache_dir, &opts.repo_overrides)?) } else { None };
+        if let Some(a) = apt.as_mut() {
+            // A base that is itself a built image already lists the definition's
+            // repositories: an overridden one must be redirected before the first
+            // apt update, or that update goes to the unreachable original.
+            a.redirect_present_overrides(def)?;
+        }
         let mut updated = false;
         for stage in &def.stages {
             timings.begin(&stage.name)?;
