@@ -2,8 +2,9 @@
 //! (tests/fixtures/make-base.sh, cached) with the real Ubuntu archive — kernel headers,
 //! DKMS, the NVIDIA 565.57.01 .4 packages, containerd, runc — and STAND-IN packages only
 //! for the two repositories this machine can't reach (Kubernetes, NVIDIA container
-//! toolkit; tests/fixtures/make-standin-repo.sh). Each image is built once per run and
-//! shared by the tests that inspect it.
+//! toolkit; tests/fixtures/make-standin-repo.sh). Each image is built once (cached in
+//! $KILN_TEST_CACHE/images, keyed by the kiln binary, the definitions and the base) and
+//! shared by the tests that inspect it and the boot tests.
 
 mod common;
 use common::*;
@@ -13,41 +14,23 @@ use std::sync::OnceLock;
 struct Built {
     out: PathBuf,
     raw: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
-fn build(def: &str, base: PathBuf, tag: &str, repos: &[&str]) -> Built {
-    let dir = scratch(tag);
-    let out = dir.path().join("out");
-    let def = project().join("images").join(format!("{def}.toml"));
-    let mut args: Vec<String> = vec![
-        "build".into(),
-        def.to_string_lossy().into(),
-        "--base".into(),
-        base.to_string_lossy().into(),
-        "--out".into(),
-        out.to_string_lossy().into(),
-        "--timings".into(),
-    ];
-    args.extend(standin_overrides(repos));
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = run_kiln(&argv);
-    assert!(o.status.success(), "building {} failed", def.display());
-    let name = def.file_stem().unwrap().to_string_lossy().to_string();
-    assert_no_leaks(dir.path());
-    Built { raw: out.join(format!("{name}.raw")), out, _dir: dir }
+fn built(raw: PathBuf) -> Built {
+    Built { out: raw.parent().unwrap().to_path_buf(), raw }
 }
 
-/// GPU-ready image from the root tarball.
+/// GPU-ready image from the root tarball (the seed shared with tests/boot.rs).
 fn gpu_ready() -> &'static Built {
     static B: OnceLock<Built> = OnceLock::new();
-    B.get_or_init(|| build("ubuntu-2204-gpu-ready-nodriver", base_tarball(), "gpu-ready", &["kubernetes"]))
+    B.get_or_init(|| built(gpu_ready_seed()))
 }
 
-/// NVIDIA image from the qcow2 "cloud image".
+/// NVIDIA image built on the GPU-ready image converted to qcow2: the "cloud disk"
+/// input path (qcow2 detected and converted, disk and root grown 20 -> 25 GB).
 fn nvidia() -> &'static Built {
     static B: OnceLock<Built> = OnceLock::new();
-    B.get_or_init(|| build("ubuntu-2204-nvidia-565-firmware1", cloud_qcow2(), "nvidia", &["kubernetes", "nvidia-container-toolkit"]))
+    B.get_or_init(|| built(nvidia_seed()))
 }
 
 fn verify(b: &Built, def: &str) -> serde_json::Value {

@@ -261,3 +261,94 @@ pub fn assert_no_leaks(dir: &Path) {
     let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mi.lines().any(|l| l.contains(&d)), "mounts leaked:\n{mi}");
 }
+
+/// A seed image (`images/DEF.toml`) built from `base` with the stand-in repositories
+/// named in `repos`, shared by every test binary and kept across runs in
+/// `$KILN_TEST_CACHE/images/`: rebuilt only when the kiln binary, the definition tree
+/// (images/, package-lists/, overlays/, hooks/, keys/) or the base changes. Older builds
+/// of the same definition are removed. Returns the raw image.
+pub fn seed_image(def: &str, base: &Path, repos: &[&str]) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::fs::read(kiln()).unwrap().hash(&mut h);
+    let mut files = Vec::new();
+    for d in ["images", "package-lists", "overlays", "hooks", "keys"] {
+        collect_files(&project().join(d), &mut files);
+    }
+    files.sort();
+    for f in &files {
+        f.hash(&mut h);
+        std::fs::read(f).unwrap().hash(&mut h);
+    }
+    let md = std::fs::metadata(base).unwrap();
+    (base, md.len(), md.modified().unwrap()).hash(&mut h);
+    repos.hash(&mut h);
+    let key = format!("{def}-{:016x}", h.finish());
+    let images = cache().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let _l = lock(&format!("image-{def}"));
+    let dir = images.join(&key);
+    let raw = dir.join(format!("{def}.raw"));
+    if !raw.exists() {
+        for e in std::fs::read_dir(&images).unwrap().flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if n.starts_with(&format!("{def}-")) && n != key {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let d = project().join("images").join(format!("{def}.toml"));
+        let mut args: Vec<String> = vec!["build".into(), d.to_string_lossy().into(), "--base".into(), base.to_string_lossy().into()];
+        args.extend(["--out".into(), dir.to_string_lossy().into(), "--force".into(), "--timings".into()]);
+        args.extend(standin_overrides(repos));
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = run_kiln(&argv);
+        assert!(o.status.success(), "building {def} from {} failed", base.display());
+        assert_no_leaks(&dir);
+    }
+    raw
+}
+
+pub const GPU_READY: &str = "ubuntu-2204-gpu-ready-nodriver";
+pub const NVIDIA: &str = "ubuntu-2204-nvidia-565-firmware1";
+
+/// The GPU-ready seed image, built from the root tarball (so with kiln's bootloader).
+pub fn gpu_ready_seed() -> PathBuf {
+    seed_image(GPU_READY, &base_tarball(), &["kubernetes"])
+}
+
+/// The GPU-ready seed image as a qcow2 "cloud disk" (uncompressed qemu-img convert,
+/// kept next to the raw): the base the NVIDIA image is built on, as the spec layers it.
+pub fn gpu_ready_qcow2() -> PathBuf {
+    let raw = gpu_ready_seed();
+    let q = raw.with_extension("qcow2");
+    let _l = lock(&format!("image-{GPU_READY}-qcow2"));
+    if !q.exists() {
+        let partial = q.with_extension("qcow2.partial");
+        sh("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), partial.to_str().unwrap()]);
+        std::fs::rename(&partial, &q).unwrap();
+    }
+    q
+}
+
+/// The NVIDIA seed image, built on the GPU-ready image's qcow2: a cloud-disk base
+/// whose disk and root kiln grows from 20 to 25 GB, keeping its bootloader.
+pub fn nvidia_seed() -> PathBuf {
+    seed_image(NVIDIA, &gpu_ready_qcow2(), &["kubernetes", "nvidia-container-toolkit"])
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            collect_files(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+/// Copy an image keeping it sparse (`cp --sparse=always`).
+pub fn copy_sparse(from: &Path, to: &Path) {
+    sh("cp", &["--sparse=always", from.to_str().unwrap(), to.to_str().unwrap()]);
+}
