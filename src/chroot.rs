@@ -30,6 +30,9 @@ pub struct Session {
     pub jobs: usize,
 }
 
+/// Extra kernel-module compiler flags for builds in the image (see [`Session::cmd`]).
+pub const KCFLAGS: &str = "-g0";
+
 impl Session {
     pub fn enter(root: &Path, rd: &RootDir, mounts: &mut MountStack) -> Result<Session> {
         let depth = mounts.len();
@@ -86,6 +89,11 @@ impl Session {
             .env("DEBCONF_NONINTERACTIVE_SEEN", "true")
             .env("TERM", "dumb")
             .env("MAKEFLAGS", format!("-j{}", self.jobs))
+            // Kernel modules built here (DKMS) are stripped of debug info when they are
+            // installed (dkms.conf STRIP defaults to yes), so generating it is wasted
+            // work (see docs/benchmarks.md for what it saves on the NVIDIA modules). kbuild
+            // appends KCFLAGS last, so -g0 wins over the kernel config's -g.
+            .env("KCFLAGS", KCFLAGS)
     }
 
     /// Run a shell snippet inside the image.
