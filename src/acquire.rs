@@ -218,6 +218,11 @@ pub fn cached_raw(cache_dir: &Path, sha256: &str) -> PathBuf {
     cache_dir.join("bases").join(format!("{sha256}.raw"))
 }
 
+/// Where the decompressed form of a compressed root tarball with this sha256 is cached.
+pub fn cached_tar(cache_dir: &Path, sha256: &str) -> PathBuf {
+    cache_dir.join("bases").join(format!("{sha256}.tar"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -86,6 +86,22 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         }
         BaseFormat::Tar(_) => None,
     };
+    // A compressed root tarball is decompressed once into the cache, by its sha256:
+    // later builds from the same base skip the (single-threaded) xz or gzip decoding.
+    let tarball: PathBuf = match format {
+        BaseFormat::Tar(c) if c != acquire::Compression::None => {
+            let cached = acquire::cached_tar(&opts.cache_dir, &base_sha);
+            if cached.exists() {
+                tracing::info!("using the cached decompressed form of {} ({})", opts.base.display(), cached.display());
+            } else {
+                std::fs::create_dir_all(cached.parent().unwrap())
+                    .with_context(|| format!("creating cache directory {}", opts.cache_dir.display()))?;
+                crate::unpack::decompress_to(&opts.base, &cached)?;
+            }
+            cached
+        }
+        _ => opts.base.clone(),
+    };
     if let Some(b) = &disk_base {
         acquire::validate_disk(b, &opts.base, def.disk_size)?;
     }
@@ -99,7 +115,7 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     prepare_workdir(&work)?;
     crate::state::start(&work)?;
     let partial = opts.out.join(format!("{raw_name}.partial"));
-    let result = build_in(&def, opts, disk_base.as_deref(), &work, &partial, timings).map_err(|e| {
+    let result = build_in(&def, opts, disk_base.as_deref(), &tarball, &work, &partial, timings).map_err(|e| {
         if format!("{e:#}").contains("No space left on device") {
             e.context(format!(
                 "the image's root filesystem ran out of space; raise disk_size (now {} GiB) in {}",
@@ -204,6 +220,7 @@ fn build_in(
     def: &ImageDef,
     opts: &BuildOpts,
     disk_base: Option<&Path>,
+    tarball: &Path,
     work: &Path,
     partial: &Path,
     timings: &mut Timings,
@@ -250,9 +267,9 @@ fn build_in(
         let rd = RootDir::open(&root_dir)?;
         if disk_base.is_none() {
             timings.begin("unpack")?;
-            let len = std::fs::metadata(&opts.base)?.len();
+            let len = std::fs::metadata(tarball)?.len();
             let pb = crate::progress::bytes(len, "unpacking");
-            let st = crate::unpack::unpack_tarball(&opts.base, &rd, Some(&pb))?;
+            let st = crate::unpack::unpack_tarball(tarball, &rd, Some(&pb))?;
             pb.finish_and_clear();
             tracing::info!("unpacked {} entries ({})", st.entries, crate::timings::human(st.bytes));
             write_fstab(&rd)?;

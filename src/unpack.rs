@@ -80,6 +80,46 @@ pub fn unpack_tarball(tarball: &Path, root: &RootDir, progress: Option<&Progress
     Ok(stats)
 }
 
+/// Decompress the root tarball `tarball` (.tar.xz or .tar.gz) into the plain tar
+/// `dest`, written as `dest.partial` and renamed when the whole stream (trailer and
+/// checksum included) decoded. A stream that is not a tar, or is truncated or corrupt,
+/// is a user error naming `tarball`; nothing is left at `dest` then.
+pub fn decompress_to(tarball: &Path, dest: &Path) -> Result<u64> {
+    let file = File::open(tarball).with_context(|| format!("opening {}", tarball.display()))?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let pb = crate::progress::bytes(len, "decompressing");
+    let input = BufReader::with_capacity(BUF_SIZE, Counted { inner: file, progress: Some(pb.clone()) });
+    let mut stream = open_stream(tarball, input)?;
+    let partial = dest.with_extension("tar.partial");
+    let res = (|| -> Result<u64> {
+        let out = File::create(&partial).with_context(|| format!("creating {}", partial.display()))?;
+        let mut w = io::BufWriter::with_capacity(BUF_SIZE, out);
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut n = 0u64;
+        loop {
+            let k = match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(k) => k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(corrupt(tarball, "decompressing it", e)),
+            };
+            w.write_all(&buf[..k]).with_context(|| format!("writing {}", partial.display()))?;
+            n += k as u64;
+        }
+        let out = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", partial.display()))?;
+        out.sync_all().with_context(|| format!("syncing {}", partial.display()))?;
+        std::fs::rename(&partial, dest).with_context(|| format!("renaming {} to {}", partial.display(), dest.display()))?;
+        Ok(n)
+    })();
+    pb.finish_and_clear();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    let n = res?;
+    tracing::info!("decompressed {} ({}) into the cache: {}", tarball.display(), crate::timings::human(n), dest.display());
+    Ok(n)
+}
+
 /// The tarball's bytes as read from disk, counted on the progress bar.
 struct Counted {
     inner: File,
@@ -601,6 +641,34 @@ mod tests {
             let stats = unpack_bytes(tmp.path(), name, &bytes, &root).unwrap_or_else(|e| panic!("{name}: {e:#}"));
             check_sample(&root_path, stats, with_xattrs);
         }
+    }
+
+    #[test]
+    fn decompress_to_cache_gives_the_plain_tar_and_leaves_nothing_on_corruption() {
+        let tmp = tempfile::tempdir().unwrap();
+        let tar = sample(false);
+        for (name, bytes) in [("root.tar.xz", xz(&tar)), ("root.tar.gz", gzip(&tar))] {
+            let src = tmp.path().join(name);
+            std::fs::write(&src, &bytes).unwrap();
+            let dest = tmp.path().join(format!("{name}.cached.tar"));
+            assert_eq!(decompress_to(&src, &dest).unwrap(), tar.len() as u64);
+            assert_eq!(std::fs::read(&dest).unwrap(), tar, "{name}");
+            // Truncated: a user error naming the tarball; no cache entry, no partial.
+            std::fs::write(&src, &bytes[..bytes.len() - 40]).unwrap();
+            let dest = tmp.path().join(format!("{name}.truncated.tar"));
+            let e = decompress_to(&src, &dest).unwrap_err();
+            assert_eq!(crate::error::exit_code(&e), 2, "{e:#}");
+            assert!(format!("{e:#}").contains("truncated or corrupt"), "{e:#}");
+            assert!(format!("{e:#}").contains(name), "{e:#}");
+            assert!(!dest.exists() && !dest.with_extension("tar.partial").exists());
+        }
+        // Not a tar inside: refused before anything is written.
+        let src = tmp.path().join("notatar.tar.xz");
+        std::fs::write(&src, xz(&[7u8; 4096])).unwrap();
+        let dest = tmp.path().join("notatar.tar");
+        let e = decompress_to(&src, &dest).unwrap_err();
+        assert!(format!("{e:#}").contains("not a tar archive"), "{e:#}");
+        assert!(!dest.exists());
     }
 
     #[test]

@@ -67,8 +67,22 @@ fn root_tarball_becomes_checked_raw_image() {
     let tarball = small_tarball(d.path(), true);
     let def = disk_only_def(d.path(), "tarball-img", "2G");
     let out = d.path().join("out");
-    let o = run_kiln(&["build", def.to_str().unwrap(), "--base", tarball.to_str().unwrap(), "--out", out.to_str().unwrap(), "--timings"]);
+    let cache = d.path().join("cache");
+    let (base, cache_arg) = (tarball.to_str().unwrap(), cache.to_str().unwrap());
+    let o = run_kiln(&["build", def.to_str().unwrap(), "--base", base, "--out", out.to_str().unwrap(), "--timings", "--cache-dir", cache_arg]);
     assert!(o.status.success());
+    // The .tar.xz was decompressed once into the cache, under its sha256; a second
+    // build from it uses that and does not decode the xz again.
+    let sha = sh("sha256sum", &[base]).split_whitespace().next().unwrap().to_string();
+    let cached = cache.join("bases").join(format!("{sha}.tar"));
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(&mut xz2::read::XzDecoder::new(std::fs::File::open(&tarball).unwrap()), &mut plain).unwrap();
+    assert!(std::fs::read(&cached).unwrap() == plain, "{} is not the decompressed tarball", cached.display());
+    let out2 = d.path().join("out2");
+    let o = run_kiln(&["build", def.to_str().unwrap(), "--base", base, "--out", out2.to_str().unwrap(), "--cache-dir", cache_arg]);
+    assert!(o.status.success());
+    assert!(stderr(&o).contains("using the cached decompressed form"), "{}", stderr(&o));
+    check_disk(&out2.join("tarball-img.raw"), 2 << 30);
     let raw = out.join("tarball-img.raw");
     check_disk(&raw, 2 << 30);
     check_artifacts(&out, "tarball-img");
