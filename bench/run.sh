@@ -331,7 +331,7 @@ w(f"Command: `sudo {env['B_INVOCATION']}`: hyperfine, {runs} run(s) per command,
   "Root tarball to checksummed raw image; base: the tests' Ubuntu 22.04 root tarball "
   "(`tests/fixtures/make-base.sh`); Kubernetes and NVIDIA container toolkit from the tests' stand-in "
   "repositories, everything else from the Ubuntu archive; the package cache warmed by one kiln build "
-  "of each image before timing (both sides still fetch the Ubuntu indexes with `apt-get update`).")
+  "of each image before timing (both sides run `apt-get update` against the Ubuntu archive; kiln keeps the indexes in its cache and only revalidates them, the baseline downloads about 50 MB of them into the image each time).")
 w("")
 w("| image | baseline (`bench/baseline.sh`) | kiln | kiln/baseline | target (kiln) |")
 w("|---|---:|---:|---:|---|")

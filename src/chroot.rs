@@ -91,7 +91,7 @@ impl Session {
             .env("MAKEFLAGS", format!("-j{}", self.jobs))
             // Kernel modules built here (DKMS) are stripped of debug info when they are
             // installed (dkms.conf STRIP defaults to yes), so generating it is wasted
-            // work (see docs/benchmarks.md for what it saves on the NVIDIA modules). kbuild
+            // work, and the NVIDIA modules are the build's longest step. kbuild
             // appends KCFLAGS last, so -g0 wins over the kernel config's -g.
             .env("KCFLAGS", KCFLAGS)
     }
