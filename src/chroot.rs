@@ -10,7 +10,7 @@
 //! namespace (`unshare --pid --fork --kill-child`), so a daemon a package script starts
 //! dies with it. [`Session::close`] removes all of it.
 
-use crate::cmd::{Cmd, Output};
+use crate::cmd::Cmd;
 use crate::mounts::MountStack;
 use crate::rootdir::RootDir;
 use anyhow::{Context, Result};
@@ -94,11 +94,6 @@ impl Session {
             // work, and the NVIDIA modules are the build's longest step. kbuild
             // appends KCFLAGS last, so -g0 wins over the kernel config's -g.
             .env("KCFLAGS", KCFLAGS)
-    }
-
-    /// Run a shell snippet inside the image.
-    pub fn sh(&self, script: &str) -> Result<Output> {
-        self.cmd("/bin/sh").args(["-ec", script]).run()
     }
 
     pub fn root(&self) -> &Path {

@@ -77,12 +77,6 @@ impl Cmd {
         self
     }
 
-    /// Stream the child's output to kiln's stderr as it runs (still keeping the tail).
-    pub fn passthrough(mut self, yes: bool) -> Self {
-        self.passthrough = yes;
-        self
-    }
-
     /// Access the underlying `Command` (pre_exec hooks and the like).
     pub fn command_mut(&mut self) -> &mut Command {
         &mut self.inner
@@ -95,11 +89,6 @@ impl Cmd {
     /// Run to completion; error if it exits non-zero.
     pub fn run(self) -> Result<Output> {
         self.run_inner(None)
-    }
-
-    /// Run with `input` on stdin.
-    pub fn run_with_stdin(self, input: &[u8]) -> Result<Output> {
-        self.run_inner(Some(input))
     }
 
     fn run_inner(mut self, input: Option<&[u8]>) -> Result<Output> {

@@ -22,6 +22,7 @@ const FAT_SECTOR: u64 = 512;
 /// Size of the standalone NoCloud seed image: small enough to be FAT12.
 const CIDATA_SIZE: u64 = 2 << 20;
 
+#[cfg(test)]
 /// The ESP's volume label on Ubuntu cloud images.
 pub const ESP_LABEL: &str = "UEFI";
 
@@ -130,6 +131,7 @@ pub fn read_file(file: &File, offset: u64, len: u64, path: &str) -> Result<Vec<u
     Ok(data)
 }
 
+#[cfg(test)]
 /// The volume label of the FAT volume at `offset..offset+len`: the root directory's
 /// label entry if there is one (what blkid and Linux report), else the boot sector's.
 pub fn label(file: &File, offset: u64, len: u64) -> Result<String> {

@@ -610,21 +610,25 @@ impl RootFs {
         Ok(RootFs { fs, partition: part.number, disk })
     }
 
+    #[cfg(test)]
     /// The image this root was opened from, as given.
     pub fn image(&self) -> &Path {
         &self.disk.source
     }
 
+    #[cfg(test)]
     /// Number of the partition holding this filesystem.
     pub fn partition(&self) -> u32 {
         self.partition
     }
 
+    #[cfg(test)]
     /// Filesystem label.
     pub fn label(&self) -> String {
         self.fs.label().display().to_string()
     }
 
+    #[cfg(test)]
     /// Filesystem UUID, lower-case `8-4-4-4-12`.
     pub fn uuid(&self) -> String {
         self.fs.uuid().to_string()
@@ -639,6 +643,7 @@ impl RootFs {
         self.fs.read(path).map_err(|e| self.err("reading", path, e))
     }
 
+    #[cfg(test)]
     /// Whole contents of a file as UTF-8.
     pub fn read_to_string(&self, path: &str) -> Result<String> {
         self.fs.read_to_string(path).map_err(|e| self.err("reading", path, e))

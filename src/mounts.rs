@@ -108,10 +108,6 @@ impl MountStack {
         self.unwind_to(0)
     }
 
-    /// True when nothing this stack mounted is still mounted.
-    pub fn all_released(&self) -> bool {
-        self.mounts.is_empty() && self.failed.is_empty()
-    }
 }
 
 fn unmount(target: &Path) -> Result<()> {

@@ -158,23 +158,23 @@ impl Metadata {
         self.len
     }
 
+    #[cfg(test)]
     /// Modification time, seconds since the epoch.
     pub fn mtime(&self) -> i64 {
         self.mtime
     }
 
-    pub fn dev(&self) -> u64 {
-        self.dev
-    }
-
+    #[cfg(test)]
     pub fn ino(&self) -> u64 {
         self.ino
     }
 
+    #[cfg(test)]
     pub fn nlink(&self) -> u64 {
         self.nlink
     }
 
+    #[cfg(test)]
     /// Device number of a character or block device node.
     pub fn rdev(&self) -> u64 {
         self.rdev
@@ -209,6 +209,7 @@ impl RootDir {
         Ok(root)
     }
 
+    #[cfg(test)]
     /// Where the root is on the host (for messages).
     pub fn host_path(&self) -> &Path {
         &self.host
@@ -335,6 +336,7 @@ impl RootDir {
         self.write_atomic(path, contents, mode, false).with_context(|| self.ctx("writing", path))
     }
 
+    #[cfg(test)]
     /// [`RootDir::write_file`], and fsync the file and its directory before returning.
     pub fn write_file_synced(&self, path: impl AsRef<Path>, contents: &[u8], mode: u32) -> Result<()> {
         let path = path.as_ref();
@@ -487,6 +489,7 @@ impl RootDir {
         }
     }
 
+    #[cfg(test)]
     /// Target of symlink `path`, verbatim.
     pub fn read_link(&self, path: impl AsRef<Path>) -> Result<PathBuf> {
         let path = path.as_ref();
