@@ -71,36 +71,33 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     };
     let format = acquire::detect_format(&opts.base)?;
     let base_sha = acquire::verify_sha256(&opts.base, &expected)?;
-    let disk_base: Option<PathBuf> = match format {
-        BaseFormat::Raw => Some(opts.base.clone()),
-        BaseFormat::Qcow2 => {
-            let cached = acquire::cached_raw(&opts.cache_dir, &base_sha);
-            if cached.exists() {
-                tracing::info!("using the cached raw form of {} ({})", opts.base.display(), cached.display());
-            } else {
-                std::fs::create_dir_all(cached.parent().unwrap())
-                    .with_context(|| format!("creating cache directory {}", opts.cache_dir.display()))?;
-                acquire::qcow2_to_raw(&opts.base, &cached)?;
-            }
-            Some(cached)
+    // A base is converted once into the cache, by its sha256: a qcow2 to raw, a
+    // compressed root tarball to a plain tar (later builds skip the single-threaded xz
+    // or gzip decoding). The disk base, or else the tarball to unpack:
+    let base = &opts.base;
+    let cached = |path: PathBuf, form: &str, make: &dyn Fn(&Path, &Path) -> Result<()>| -> Result<PathBuf> {
+        if path.exists() {
+            tracing::info!("using the cached {form} form of {} ({})", base.display(), path.display());
+        } else {
+            std::fs::create_dir_all(path.parent().unwrap())
+                .with_context(|| format!("creating cache directory {}", opts.cache_dir.display()))?;
+            make(base, &path)?;
         }
-        BaseFormat::Tar(_) => None,
+        Ok(path)
     };
-    // A compressed root tarball is decompressed once into the cache, by its sha256:
-    // later builds from the same base skip the (single-threaded) xz or gzip decoding.
-    let tarball: PathBuf = match format {
-        BaseFormat::Tar(c) if c != acquire::Compression::None => {
-            let cached = acquire::cached_tar(&opts.cache_dir, &base_sha);
-            if cached.exists() {
-                tracing::info!("using the cached decompressed form of {} ({})", opts.base.display(), cached.display());
-            } else {
-                std::fs::create_dir_all(cached.parent().unwrap())
-                    .with_context(|| format!("creating cache directory {}", opts.cache_dir.display()))?;
-                crate::unpack::decompress_to(&opts.base, &cached)?;
-            }
-            cached
+    let (disk_base, tarball): (Option<PathBuf>, PathBuf) = match format {
+        BaseFormat::Raw => (Some(base.clone()), base.clone()),
+        BaseFormat::Qcow2 => {
+            let raw = cached(acquire::cached_raw(&opts.cache_dir, &base_sha), "raw", &acquire::qcow2_to_raw)?;
+            (Some(raw), base.clone())
         }
-        _ => opts.base.clone(),
+        BaseFormat::Tar(acquire::Compression::None) => (None, base.clone()),
+        BaseFormat::Tar(_) => {
+            let tar = cached(acquire::cached_tar(&opts.cache_dir, &base_sha), "decompressed", &|b, d| {
+                crate::unpack::decompress_to(b, d).map(|_| ())
+            })?;
+            (None, tar)
+        }
     };
     if let Some(b) = &disk_base {
         acquire::validate_disk(b, &opts.base, def.disk_size)?;
