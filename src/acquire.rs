@@ -43,10 +43,16 @@ const QCOW_MAGIC: &[u8] = b"QFI\xfb";
 /// Identify the base from its first bytes.
 pub fn detect_format(path: &Path) -> Result<BaseFormat> {
     let mut f = std::fs::File::open(path).map_err(|e| {
-        user(format!("cannot open base {}: {e}; pass a cloud image (raw/qcow2) or a root tarball", path.display()))
+        user(format!(
+            "cannot open base {}: {e}; pass a cloud image (raw/qcow2) or a root tarball",
+            path.display()
+        ))
     })?;
     if f.metadata()?.is_dir() {
-        user_bail!("base {} is a directory; pass a cloud image (raw/qcow2) or a root tarball", path.display());
+        user_bail!(
+            "base {} is a directory; pass a cloud image (raw/qcow2) or a root tarball",
+            path.display()
+        );
     }
     let mut head = vec![0u8; 1024];
     let n = read_up_to(&mut f, &mut head).with_context(|| format!("reading {}", path.display()))?;
@@ -103,11 +109,13 @@ fn tar_inside(path: &Path, c: Compression) -> Result<BaseFormat> {
         Compression::None => Box::new(f),
     };
     let mut head = [0u8; 512];
-    let n = read_up_to(&mut r, &mut head).map_err(|e| {
-        user(format!("base {} is a damaged {c:?} stream: {e}", path.display()))
-    })?;
+    let n = read_up_to(&mut r, &mut head)
+        .map_err(|e| user(format!("base {} is a damaged {c:?} stream: {e}", path.display())))?;
     if n < 512 || !is_tar_header(&head) {
-        user_bail!("base {} is {c:?}-compressed but holds no tar archive; kiln takes root tarballs (.tar, .tar.xz, .tar.gz)", path.display());
+        user_bail!(
+            "base {} is {c:?}-compressed but holds no tar archive; kiln takes root tarballs (.tar, .tar.xz, .tar.gz)",
+            path.display()
+        );
     }
     Ok(BaseFormat::Tar(c))
 }
@@ -147,16 +155,24 @@ fn normalize_hex(h: &str, what: &str) -> Result<String> {
 fn sum_from_file(sums: &Path, base: &Path) -> Result<String> {
     let text = std::fs::read_to_string(sums)
         .map_err(|e| user(format!("cannot read --base-sha256sums {}: {e}", sums.display())))?;
-    let name = base.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = base
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     for line in text.lines() {
         let mut parts = line.splitn(2, char::is_whitespace);
-        let (Some(sum), Some(file)) = (parts.next(), parts.next()) else { continue };
+        let (Some(sum), Some(file)) = (parts.next(), parts.next()) else {
+            continue;
+        };
         let file = file.trim_start().trim_start_matches('*');
         if file == name || Path::new(file).file_name().is_some_and(|f| f.to_string_lossy() == name) {
             return normalize_hex(sum, &format!("{} line for {name}", sums.display()));
         }
     }
-    user_bail!("{} has no line for {name}; add one or pass --base-sha256", sums.display())
+    user_bail!(
+        "{} has no line for {name}; add one or pass --base-sha256",
+        sums.display()
+    )
 }
 
 /// Validate a qcow2 and convert it to a sparse raw file at `dest`.
@@ -183,10 +199,12 @@ pub fn qcow2_to_raw(src: &Path, dest: &Path) -> Result<()> {
 
 /// Check that a raw disk has a GPT and an ext4 root partition that fits `target_size`.
 pub fn validate_disk(path: &Path, shown_as: &Path, target_size: u64) -> Result<crate::disk::Layout> {
-    let layout = crate::disk::read_layout(path)
-        .map_err(|e| user(format!("base {}: {e:#}", shown_as.display())))?;
+    let layout = crate::disk::read_layout(path).map_err(|e| user(format!("base {}: {e:#}", shown_as.display())))?;
     let Some(root) = layout.root() else {
-        user_bail!("base {} has no Linux filesystem partition to use as the root", shown_as.display());
+        user_bail!(
+            "base {} has no Linux filesystem partition to use as the root",
+            shown_as.display()
+        );
     };
     let mut sb = [0u8; 2];
     {
@@ -273,7 +291,12 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &[1u8; 4096]).unwrap();
         let p = write(d.path(), "x.tar.gz", &gz.finish().unwrap());
-        assert!(detect_format(&p).unwrap_err().to_string().contains("holds no tar archive"));
+        assert!(
+            detect_format(&p)
+                .unwrap_err()
+                .to_string()
+                .contains("holds no tar archive")
+        );
         let mut mbr = vec![0u8; 1024];
         mbr[510] = 0x55;
         mbr[511] = 0xaa;
@@ -292,10 +315,19 @@ mod tests {
         let bad = "00".repeat(32);
         let e = verify_sha256(&p, &Expected::Hex(&bad)).unwrap_err().to_string();
         assert!(e.contains(&bad) && e.contains(good), "{e}");
-        let sums = write(d.path(), "SHA256SUMS", format!("{bad} *other.img\n{good} *base.tar\n").as_bytes());
+        let sums = write(
+            d.path(),
+            "SHA256SUMS",
+            format!("{bad} *other.img\n{good} *base.tar\n").as_bytes(),
+        );
         assert_eq!(verify_sha256(&p, &Expected::SumsFile(&sums)).unwrap(), good);
         let sums = write(d.path(), "S2", format!("{good}  other.img\n").as_bytes());
-        assert!(verify_sha256(&p, &Expected::SumsFile(&sums)).unwrap_err().to_string().contains("no line for base.tar"));
+        assert!(
+            verify_sha256(&p, &Expected::SumsFile(&sums))
+                .unwrap_err()
+                .to_string()
+                .contains("no line for base.tar")
+        );
         assert!(verify_sha256(&p, &Expected::Hex("xyz")).is_err());
     }
 }

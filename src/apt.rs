@@ -48,7 +48,11 @@ impl std::str::FromStr for RepoOverride {
                 _ => return Err(format!("unknown option `{p}` (expected key=PATH)")),
             }
         }
-        Ok(RepoOverride { id: id.into(), uri, key })
+        Ok(RepoOverride {
+            id: id.into(),
+            uri,
+            key,
+        })
     }
 }
 
@@ -131,7 +135,17 @@ impl<'a> Apt<'a> {
             let inside = format!("/run/kiln/repos/{}", o.id);
             mounts.bind(&host, &rd.mount_point(&inside)?, false)?;
         }
-        Ok(Apt { s, rd, archives_host, _cache_lock: cache_lock, saved_initramfs, mandb_flag, overrides: overrides.to_vec(), configured: vec![], downloaded: 0 })
+        Ok(Apt {
+            s,
+            rd,
+            archives_host,
+            _cache_lock: cache_lock,
+            saved_initramfs,
+            mandb_flag,
+            overrides: overrides.to_vec(),
+            configured: vec![],
+            downloaded: 0,
+        })
     }
 
     fn get(&mut self, args: &[&str]) -> Result<String> {
@@ -149,8 +163,17 @@ impl<'a> Apt<'a> {
         let ov = self.overrides.iter().find(|o| o.id == repo.id);
         let (uri, key) = match ov {
             Some(o) => {
-                let uri = if o.uri.starts_with("file://") { format!("file:///run/kiln/repos/{}", o.id) } else { o.uri.clone() };
-                tracing::info!("repository {}: using {} for this build (image keeps {})", repo.id, o.uri, repo.uri);
+                let uri = if o.uri.starts_with("file://") {
+                    format!("file:///run/kiln/repos/{}", o.id)
+                } else {
+                    o.uri.clone()
+                };
+                tracing::info!(
+                    "repository {}: using {} for this build (image keeps {})",
+                    repo.id,
+                    o.uri,
+                    repo.uri
+                );
                 (uri, o.key.clone().unwrap_or_else(|| def.project_root.join(&repo.key)))
             }
             None => (repo.uri.clone(), def.project_root.join(&repo.key)),
@@ -179,7 +202,8 @@ impl<'a> Apt<'a> {
     }
 
     fn write_repo(&self, repo: &Repository, uri: &str, key: &Path) -> Result<()> {
-        let data = std::fs::read(key).with_context(|| format!("reading key {} of repository {}", key.display(), repo.id))?;
+        let data =
+            std::fs::read(key).with_context(|| format!("reading key {} of repository {}", key.display(), repo.id))?;
         let armored = data.starts_with(b"-----BEGIN");
         let keyfile = format!("/etc/apt/keyrings/{}.{}", repo.id, if armored { "asc" } else { "gpg" });
         self.rd.create_dir_all("/etc/apt/keyrings", 0o755)?;
@@ -190,8 +214,16 @@ impl<'a> Apt<'a> {
             }
         }
         self.rd.write_file(&keyfile, &data, 0o644)?;
-        let line = format!("deb [signed-by={keyfile}] {uri} {} {}\n", repo.suite, repo.components.join(" "));
-        self.rd.write_file(&format!("/etc/apt/sources.list.d/{}.list", repo.id), line.trim_end().as_bytes(), 0o644)?;
+        let line = format!(
+            "deb [signed-by={keyfile}] {uri} {} {}\n",
+            repo.suite,
+            repo.components.join(" ")
+        );
+        self.rd.write_file(
+            &format!("/etc/apt/sources.list.d/{}.list", repo.id),
+            line.trim_end().as_bytes(),
+            0o644,
+        )?;
         Ok(())
     }
 
@@ -209,13 +241,17 @@ impl<'a> Apt<'a> {
             .filter(|l| l.starts_with("Err:") || l.starts_with("W: Failed to fetch") || l.starts_with("E: "))
             .collect();
         if !failed.is_empty() {
-            anyhow::bail!("{WHAT}:\n    {}", failed.iter().take(8).cloned().collect::<Vec<_>>().join("\n    "));
+            anyhow::bail!(
+                "{WHAT}:\n    {}",
+                failed.iter().take(8).cloned().collect::<Vec<_>>().join("\n    ")
+            );
         }
         Ok(())
     }
 
     pub fn full_upgrade(&mut self) -> Result<()> {
-        self.get(&["full-upgrade"]).context("apt-get full-upgrade in the image")?;
+        self.get(&["full-upgrade"])
+            .context("apt-get full-upgrade in the image")?;
         Ok(())
     }
 
@@ -280,11 +316,20 @@ impl<'a> Apt<'a> {
         if specs.is_empty() {
             return Ok(());
         }
-        let out = self.s.cmd("apt-cache").arg("policy").args(specs.iter().map(|p| p.name.as_str())).run()?;
+        let out = self
+            .s
+            .cmd("apt-cache")
+            .arg("policy")
+            .args(specs.iter().map(|p| p.name.as_str()))
+            .run()?;
         let policy = parse_policy(&out.stdout_str());
         for p in specs {
             let Some(versions) = policy.get(&p.name) else {
-                user_bail!("{}: package `{}` is not in the image's repositories; check the name or add its repository", p.origin, p.name);
+                user_bail!(
+                    "{}: package `{}` is not in the image's repositories; check the name or add its repository",
+                    p.origin,
+                    p.name
+                );
             };
             if let Some(v) = &p.version {
                 if !versions.iter().any(|x| x == v) {
@@ -293,11 +338,19 @@ impl<'a> Apt<'a> {
                          kiln never installs another version in its place",
                         p.origin,
                         p.name,
-                        if versions.is_empty() { "none".to_string() } else { versions.join(", ") }
+                        if versions.is_empty() {
+                            "none".to_string()
+                        } else {
+                            versions.join(", ")
+                        }
                     );
                 }
             } else if versions.is_empty() {
-                user_bail!("{}: package `{}` has no installable version in the image's repositories", p.origin, p.name);
+                user_bail!(
+                    "{}: package `{}` has no installable version in the image's repositories",
+                    p.origin,
+                    p.name
+                );
             }
         }
         Ok(())
@@ -332,7 +385,12 @@ impl<'a> Apt<'a> {
         // dpkg-query exits 1 when one of the names is unknown; the output still lists the rest.
         let text = match out {
             Ok(o) => o.stdout_str(),
-            Err(_) => self.s.cmd("dpkg-query").args(["-W", "-f", "${Package}\\t${Version}\\t${db:Status-Status}\\n"]).run()?.stdout_str(),
+            Err(_) => self
+                .s
+                .cmd("dpkg-query")
+                .args(["-W", "-f", "${Package}\\t${Version}\\t${db:Status-Status}\\n"])
+                .run()?
+                .stdout_str(),
         };
         Ok(text
             .lines()
@@ -349,15 +407,32 @@ impl<'a> Apt<'a> {
         if !pins.is_empty() {
             let mut prefs = String::from("# Written by kiln: pinned versions of the image definition.\n");
             for p in pins {
-                prefs += &format!("\nPackage: {}\nPin: version {}\nPin-Priority: 1001\n", p.name, p.version.as_deref().unwrap());
+                prefs += &format!(
+                    "\nPackage: {}\nPin: version {}\nPin-Priority: 1001\n",
+                    p.name,
+                    p.version.as_deref().unwrap()
+                );
             }
             let path = "/etc/apt/preferences.d/kiln-pins";
-            let old = if self.rd.exists(path)? { self.rd.read_to_string(path)? } else { String::new() };
-            let merged = if old.is_empty() { prefs } else { format!("{old}{}", prefs.split_once('\n').unwrap().1) };
+            let old = if self.rd.exists(path)? {
+                self.rd.read_to_string(path)?
+            } else {
+                String::new()
+            };
+            let merged = if old.is_empty() {
+                prefs
+            } else {
+                format!("{old}{}", prefs.split_once('\n').unwrap().1)
+            };
             self.rd.write_file(path, merged.as_bytes(), 0o644)?;
         }
         if !names.is_empty() {
-            self.s.cmd("apt-mark").arg("hold").args(names).run().context("apt-mark hold")?;
+            self.s
+                .cmd("apt-mark")
+                .arg("hold")
+                .args(names)
+                .run()
+                .context("apt-mark hold")?;
         }
         Ok(())
     }
@@ -375,7 +450,11 @@ impl<'a> Apt<'a> {
         }
         if let Some(orig) = &self.saved_initramfs {
             self.rd.write_file(INITRAMFS_CONF, orig, 0o644)?;
-            self.s.cmd("update-initramfs").args(["-u", "-k", "all"]).run().context("regenerating the initramfs")?;
+            self.s
+                .cmd("update-initramfs")
+                .args(["-u", "-k", "all"])
+                .run()
+                .context("regenerating the initramfs")?;
         }
         Ok(())
     }
@@ -386,7 +465,10 @@ fn lock_cache(archives: &Path) -> Result<std::fs::File> {
     let path = archives.join(".kiln-lock");
     let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        tracing::info!("another kiln build is using the package cache {}; waiting for it", archives.display());
+        tracing::info!(
+            "another kiln build is using the package cache {}; waiting for it",
+            archives.display()
+        );
         loop {
             crate::cancel::check()?;
             if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
@@ -468,14 +550,20 @@ pub fn archive_mirror(rd: &RootDir) -> Result<String> {
             }
         }
     }
-    user_bail!("the image's apt sources have no `deb` line for suite {codename}; a pool pin needs the archive mirror the image is configured with")
+    user_bail!(
+        "the image's apt sources have no `deb` line for suite {codename}; a pool pin needs the archive mirror the image is configured with"
+    )
 }
 
 fn mirror_from_list(text: &str, codename: &str) -> Option<String> {
     text.lines().find_map(|l| {
         let l = l.trim();
         let rest = l.strip_prefix("deb ")?;
-        let rest = if rest.trim_start().starts_with('[') { rest.split_once(']')?.1 } else { rest };
+        let rest = if rest.trim_start().starts_with('[') {
+            rest.split_once(']')?.1
+        } else {
+            rest
+        };
         let mut w = rest.split_whitespace();
         let (uri, suite) = (w.next()?, w.next()?);
         (suite == codename).then(|| uri.to_string())
@@ -484,8 +572,13 @@ fn mirror_from_list(text: &str, codename: &str) -> Option<String> {
 
 fn mirror_from_deb822(text: &str, codename: &str) -> Option<String> {
     for para in text.split("\n\n") {
-        let field = |k: &str| para.lines().find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()));
-        let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) else { continue };
+        let field = |k: &str| {
+            para.lines()
+                .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
+        };
+        let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:")) else {
+            continue;
+        };
         if suites.split_whitespace().any(|s| s == codename) {
             return uris.split_whitespace().next().map(str::to_string);
         }

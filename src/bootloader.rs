@@ -48,7 +48,7 @@ use crate::loopdev::Loop;
 use crate::mounts::MountStack;
 use crate::rootdir::{NodeKind, RootDir};
 use crate::timings::Timings;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use nix::mount::MsFlags;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -61,7 +61,10 @@ pub const CONSOLE_DROPIN: &str = "/etc/default/grub.d/50-kiln-console.cfg";
 /// serial port, as on Ubuntu's cloud images.
 pub const CMDLINE: &str = "console=tty1 console=ttyS0,115200n8";
 
-const SHIM_CANDIDATES: [&str; 2] = ["/usr/lib/shim/shimx64.efi.signed", "/usr/lib/shim/shimx64.efi.signed.latest"];
+const SHIM_CANDIDATES: [&str; 2] = [
+    "/usr/lib/shim/shimx64.efi.signed",
+    "/usr/lib/shim/shimx64.efi.signed.latest",
+];
 const SIGNED_GRUB: &str = "/usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed";
 const MOKMANAGER: &str = "/usr/lib/shim/mmx64.efi";
 const BOOT_IMG: &str = "/usr/lib/grub/i386-pc/boot.img";
@@ -105,16 +108,29 @@ pub fn install(
     // What the image must provide, checked before anything is changed.
     let shim = read_first(rd, &SHIM_CANDIDATES, "shim-signed")?;
     let grub_efi = read_first(rd, &[SIGNED_GRUB], "grub-efi-amd64-signed")?;
-    let mm = if rd.exists(MOKMANAGER)? { Some(rd.read(MOKMANAGER)?) } else { None };
+    let mm = if rd.exists(MOKMANAGER)? {
+        Some(rd.read(MOKMANAGER)?)
+    } else {
+        None
+    };
     let boot_img = read_first(rd, &[BOOT_IMG], "grub-pc-bin")?;
     let diskboot_img = read_first(rd, &[DISKBOOT_IMG], "grub-pc-bin")?;
-    for (tool, pkg) in [("/usr/sbin/grub-install", "grub2-common"), ("/usr/sbin/update-grub", "grub2-common"), ("/usr/sbin/grub-probe", "grub-common")] {
+    for (tool, pkg) in [
+        ("/usr/sbin/grub-install", "grub2-common"),
+        ("/usr/sbin/update-grub", "grub2-common"),
+        ("/usr/sbin/grub-probe", "grub-common"),
+    ] {
         if !rd.exists(tool)? {
-            crate::user_bail!("the root tarball has no {tool} (package {pkg}); kiln installs the bootloader with the image's own GRUB tools");
+            crate::user_bail!(
+                "the root tarball has no {tool} (package {pkg}); kiln installs the bootloader with the image's own GRUB tools"
+            );
         }
     }
     let kernels = crate::provision::image_kernels(rd)?;
-    let newest = kernels.first().context("the image has no kernel (no /boot/vmlinuz-* with a /lib/modules directory) to boot")?.clone();
+    let newest = kernels
+        .first()
+        .context("the image has no kernel (no /boot/vmlinuz-* with a /lib/modules directory) to boot")?
+        .clone();
 
     let uuid = ext4_uuid(image, root_part.offset_bytes())?;
     tracing::info!("root filesystem UUID {uuid}; kernel {newest}");
@@ -129,7 +145,10 @@ pub fn install(
     let res = (|| -> Result<()> {
         bios_install(&session, image)?;
         private_dev(root, rd, mounts, root_dev, &uuid)?;
-        session.cmd("update-grub").run().context("generating /boot/grub/grub.cfg with the image's update-grub")?;
+        session
+            .cmd("update-grub")
+            .run()
+            .context("generating /boot/grub/grub.cfg with the image's update-grub")?;
         Ok(())
     })();
     let closed = session.close(rd, mounts);
@@ -139,12 +158,21 @@ pub fn install(
     // The BIOS boot code: in the MBR's first 440 bytes only, pointing at partition 14.
     let mbr = read_at(image, 0, 512)?;
     if mbr[440..] != mbr_before[440..] {
-        bail!("grub-install changed the disk signature or the protective MBR's partition table of {}", image.display());
+        bail!(
+            "grub-install changed the disk signature or the protective MBR's partition table of {}",
+            image.display()
+        );
     }
     if format!("{:?}", crate::disk::read_layout(image)?) != layout_before {
         bail!("grub-install changed the GPT of {}", image.display());
     }
-    check_bios_boot(&mbr, &boot_img, &read_at(image, bios.offset_bytes(), 512)?, &diskboot_img, bios.offset_bytes() / 512)?;
+    check_bios_boot(
+        &mbr,
+        &boot_img,
+        &read_at(image, bios.offset_bytes(), 512)?,
+        &diskboot_img,
+        bios.offset_bytes() / 512,
+    )?;
 
     let cfg = rd.read_to_string("/boot/grub/grub.cfg")?;
     check_grub_cfg(&cfg, &uuid, &newest)?;
@@ -162,8 +190,13 @@ pub fn install(
         files.push(("EFI/BOOT/mmx64.efi", mm));
         files.push(("EFI/ubuntu/mmx64.efi", mm));
     }
-    let f = OpenOptions::new().read(true).write(true).open(image).with_context(|| format!("opening {}", image.display()))?;
-    crate::esp::write_files(&f, esp.offset_bytes(), esp.size_bytes(), &files).context("writing shim and GRUB to the ESP")?;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .with_context(|| format!("opening {}", image.display()))?;
+    crate::esp::write_files(&f, esp.offset_bytes(), esp.size_bytes(), &files)
+        .context("writing shim and GRUB to the ESP")?;
     let back = crate::esp::read_file(&f, esp.offset_bytes(), esp.size_bytes(), "EFI/ubuntu/grub.cfg")?;
     if back != stub.as_bytes() {
         bail!("EFI/ubuntu/grub.cfg on the ESP reads back different from what was written");
@@ -196,7 +229,8 @@ fn read_first(rd: &RootDir, paths: &[&str], package: &str) -> Result<Vec<u8>> {
 fn read_at(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, offset).with_context(|| format!("reading {} at {offset}", path.display()))?;
+    f.read_exact_at(&mut buf, offset)
+        .with_context(|| format!("reading {} at {offset}", path.display()))?;
     Ok(buf)
 }
 
@@ -211,7 +245,14 @@ pub fn ext4_uuid(image: &Path, offset: u64) -> Result<String> {
 
 fn format_uuid(b: &[u8]) -> String {
     let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 /// grub-install against a loop device over the whole image file.
@@ -223,7 +264,13 @@ fn bios_install(session: &Session, image: &Path) -> Result<()> {
         .args(["--target=i386-pc", "--boot-directory=/boot", "--modules=part_gpt"])
         .arg(disk.path())
         .run()
-        .with_context(|| format!("installing GRUB for BIOS boot on {} (whole image {})", disk.path().display(), image.display()));
+        .with_context(|| {
+            format!(
+                "installing GRUB for BIOS boot on {} (whole image {})",
+                disk.path().display(),
+                image.display()
+            )
+        });
     // Closing the last user of the loop device writes its cached blocks to the file.
     let closed = disk.close();
     out?;
@@ -234,10 +281,18 @@ fn bios_install(session: &Session, image: &Path) -> Result<()> {
 /// root's device is not a /dev/loopN and has a /dev/disk/by-uuid link (see the module
 /// documentation). Released with the session.
 fn private_dev(root: &Path, rd: &RootDir, mounts: &mut MountStack, root_dev: &Path, uuid: &str) -> Result<()> {
-    let rdev = std::fs::metadata(root_dev).with_context(|| format!("reading {}", root_dev.display()))?.rdev();
-    let dev_of_root = std::fs::metadata(root).with_context(|| format!("reading {}", root.display()))?.dev();
+    let rdev = std::fs::metadata(root_dev)
+        .with_context(|| format!("reading {}", root_dev.display()))?
+        .rdev();
+    let dev_of_root = std::fs::metadata(root)
+        .with_context(|| format!("reading {}", root.display()))?
+        .dev();
     if rdev != dev_of_root {
-        bail!("{} is not the device {} is mounted from", root_dev.display(), root.display());
+        bail!(
+            "{} is not the device {} is mounted from",
+            root_dev.display(),
+            root.display()
+        );
     }
     let loop_name = root_dev
         .file_name()
@@ -245,9 +300,20 @@ fn private_dev(root: &Path, rd: &RootDir, mounts: &mut MountStack, root_dev: &Pa
         .filter(|n| n.starts_with("loop"))
         .with_context(|| format!("{} is not a /dev/loopN device", root_dev.display()))?
         .to_string();
-    mounts.mount("tmpfs", &root.join("dev"), Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=755"))?;
+    mounts.mount(
+        "tmpfs",
+        &root.join("dev"),
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("mode=755"),
+    )?;
     let mk = |name: &str, major: u64, minor: u64| {
-        rd.mknod(format!("/dev/{name}"), NodeKind::Char, 0o666, nix::sys::stat::makedev(major, minor))
+        rd.mknod(
+            format!("/dev/{name}"),
+            NodeKind::Char,
+            0o666,
+            nix::sys::stat::makedev(major, minor),
+        )
     };
     mk("null", 1, 3)?;
     mk("zero", 1, 5)?;
@@ -258,7 +324,12 @@ fn private_dev(root: &Path, rd: &RootDir, mounts: &mut MountStack, root_dev: &Pa
     rd.symlink(ROOT_NODE, format!("/dev/{loop_name}"))?;
     rd.create_dir_all("/dev/disk/by-uuid", 0o755)?;
     rd.symlink(format!("../../{ROOT_NODE}"), format!("/dev/disk/by-uuid/{uuid}"))?;
-    for (name, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
         rd.symlink(target, format!("/dev/{name}"))?;
     }
     Ok(())
@@ -320,16 +391,26 @@ mod tests {
 
     #[test]
     fn grub_cfg_root_by_uuid() {
-        let good = format!("menuentry 'Ubuntu' {{\n\tsearch --no-floppy --fs-uuid --set=root {UUID}\n\tlinux\t/boot/vmlinuz-5.15.0-204-generic root=UUID={UUID} ro  {CMDLINE}\n\tinitrd\t/boot/initrd.img-5.15.0-204-generic\n}}\n");
+        let good = format!(
+            "menuentry 'Ubuntu' {{\n\tsearch --no-floppy --fs-uuid --set=root {UUID}\n\tlinux\t/boot/vmlinuz-5.15.0-204-generic root=UUID={UUID} ro  {CMDLINE}\n\tinitrd\t/boot/initrd.img-5.15.0-204-generic\n}}\n"
+        );
         check_grub_cfg(&good, UUID, "5.15.0-204-generic").unwrap();
         let loopdev = good.replace(&format!("root=UUID={UUID}"), "root=/dev/loop3");
-        let e = check_grub_cfg(&loopdev, UUID, "5.15.0-204-generic").unwrap_err().to_string();
+        let e = check_grub_cfg(&loopdev, UUID, "5.15.0-204-generic")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("root=/dev/loop3"), "{e}");
-        assert!(check_grub_cfg(&good, UUID, "5.15.0-999-generic").is_err(), "newest kernel missing");
+        assert!(
+            check_grub_cfg(&good, UUID, "5.15.0-999-generic").is_err(),
+            "newest kernel missing"
+        );
         assert!(check_grub_cfg("### END /etc/grub.d/10_linux ###\n", UUID, "5.15.0-204-generic").is_err());
         let label = good.replace(&format!("root=UUID={UUID}"), "root=LABEL=cloudimg-rootfs");
         check_grub_cfg(&label, UUID, "5.15.0-204-generic").unwrap();
-        let other = good.replace(&format!("root=UUID={UUID}"), "root=UUID=00000000-0000-0000-0000-000000000000");
+        let other = good.replace(
+            &format!("root=UUID={UUID}"),
+            "root=UUID=00000000-0000-0000-0000-000000000000",
+        );
         assert!(check_grub_cfg(&other, UUID, "5.15.0-204-generic").is_err());
     }
 

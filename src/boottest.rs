@@ -30,9 +30,9 @@
 //! driver version (modinfo, vermagic = the running kernel) and the spec's NVreg options.
 
 use crate::cmd::Cmd;
-use crate::inspect::{upstream_version, ImageFacts, ImageFormat};
+use crate::inspect::{ImageFacts, ImageFormat, upstream_version};
 use crate::verify::Check;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -49,7 +49,11 @@ pub const TEST_USER: &str = "kiln-test";
 /// The NVreg options the spec puts on the NVIDIA module.
 const NVREG_OPTIONS: [&str; 2] = ["NVreg_EnableGpuFirmware=1", "NVreg_PreserveVideoMemoryAllocations=1"];
 
-const SYSCTLS: [&str; 3] = ["net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables", "net.ipv4.ip_forward"];
+const SYSCTLS: [&str; 3] = [
+    "net.bridge.bridge-nf-call-iptables",
+    "net.bridge.bridge-nf-call-ip6tables",
+    "net.ipv4.ip_forward",
+];
 
 /// What kiln looks for (firmware code, variables template) for UEFI boots.
 const OVMF: [(&str, &str); 3] = [
@@ -164,7 +168,12 @@ impl Expect {
             .context("the image has no bootable kernel (/boot/vmlinuz-V with /lib/modules/V)")?;
         let kube: Vec<(String, Option<String>)> = ["kubelet", "kubeadm", "kubectl"]
             .iter()
-            .map(|p| (p.to_string(), f.packages.get(*p).map(|v| upstream_version(&v.version).to_string())))
+            .map(|p| {
+                (
+                    p.to_string(),
+                    f.packages.get(*p).map(|v| upstream_version(&v.version).to_string()),
+                )
+            })
             .collect();
         let nvidia = f
             .packages
@@ -199,10 +208,13 @@ impl Expect {
         v.push(("containerd".into(), "active".into()));
         v.push(("containerd SystemdCgroup".into(), "SystemdCgroup = true".into()));
         for (p, ver) in &self.kube {
-            v.push((format!("{p} version"), match ver {
-                Some(ver) => format!("v{ver}"),
-                None => format!("{p} installed"),
-            }));
+            v.push((
+                format!("{p} version"),
+                match ver {
+                    Some(ver) => format!("v{ver}"),
+                    None => format!("{p} installed"),
+                },
+            ));
         }
         if let Some(nv) = &self.nvidia {
             v.push(("nvidia modinfo version".into(), nv.clone()));
@@ -239,7 +251,11 @@ pub fn cmd_boot_test(opts: &Opts) -> Result<()> {
             .iter()
             .filter_map(|b| b.error.as_ref().map(|e| format!("{}: {e}", b.label())))
             .collect();
-        let failed: usize = report.boots.iter().map(|b| b.checks.iter().filter(|c| !c.ok).count()).sum::<usize>()
+        let failed: usize = report
+            .boots
+            .iter()
+            .map(|b| b.checks.iter().filter(|c| !c.ok).count())
+            .sum::<usize>()
             + report.checks.iter().filter(|c| !c.ok).count();
         if failed > 0 {
             msgs.push(format!("{failed} check(s) failed"));
@@ -252,12 +268,21 @@ pub fn cmd_boot_test(opts: &Opts) -> Result<()> {
 /// Run the boots and collect the report (nothing printed).
 pub fn boot_test(opts: &Opts) -> Result<Report> {
     if opts.timeout_secs < 30 {
-        crate::user_bail!("--timeout-secs {} is too short to boot anything; give at least 30", opts.timeout_secs);
+        crate::user_bail!(
+            "--timeout-secs {} is too short to boot anything; give at least 30",
+            opts.timeout_secs
+        );
     }
-    let image = opts.image.canonicalize().with_context(|| format!("opening {}", opts.image.display()))?;
+    let image = opts
+        .image
+        .canonicalize()
+        .with_context(|| format!("opening {}", opts.image.display()))?;
     let facts = crate::inspect::inspect_image(&image).with_context(|| format!("reading {}", image.display()))?;
     let expect = Expect::from_facts(&facts)?;
-    let tmp = tempfile::Builder::new().prefix("kiln-boottest-").tempdir().context("creating a temporary directory")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("kiln-boottest-")
+        .tempdir()
+        .context("creating a temporary directory")?;
     let (accel, accel_note) = detect_accel(tmp.path());
     tracing::info!("accelerator: {accel} ({accel_note})");
     let ctx = Ctx {
@@ -283,19 +308,34 @@ pub fn boot_test(opts: &Opts) -> Result<Report> {
         }
         tracing::info!("booting {} through {} (run {run})", image.display(), fw.name());
         let b = boot(&ctx, fw, run)?;
-        tracing::info!("{} boot: {} in {:.1}s", b.label(), if b.passed() { "passed" } else { "FAILED" }, b.wall_s);
+        tracing::info!(
+            "{} boot: {} in {:.1}s",
+            b.label(),
+            if b.passed() { "passed" } else { "FAILED" },
+            b.wall_s
+        );
         boots.push(b);
     }
     let checks = identity_checks(&boots);
     let passed = boots.iter().all(Boot::passed) && checks.iter().all(|c| c.ok);
-    Ok(Report { image: image.display().to_string(), accel, accel_note, boots, checks, passed })
+    Ok(Report {
+        image: image.display().to_string(),
+        accel,
+        accel_note,
+        boots,
+        checks,
+        passed,
+    })
 }
 
 /// machine-id and SSH host key differ between two fresh copies.
 fn identity_checks(boots: &[Boot]) -> Vec<Check> {
     let mut out = Vec::new();
     for (name, get) in [
-        ("machine-id differs between boots", (|b: &Boot| b.machine_id.clone()) as fn(&Boot) -> Option<String>),
+        (
+            "machine-id differs between boots",
+            (|b: &Boot| b.machine_id.clone()) as fn(&Boot) -> Option<String>,
+        ),
         ("ssh host key differs between boots", |b: &Boot| b.host_key.clone()),
     ] {
         let vals: Vec<(String, Option<String>)> = boots.iter().map(|b| (b.label(), get(b))).collect();
@@ -311,8 +351,17 @@ fn identity_checks(boots: &[Boot]) -> Vec<Check> {
             u.dedup();
             u.len() == known.len()
         };
-        let found = if known.len() < 2 { format!("{found} (needs two completed boots)") } else { found };
-        out.push(Check { name: name.into(), ok, found, expected: "different on every fresh copy".into() });
+        let found = if known.len() < 2 {
+            format!("{found} (needs two completed boots)")
+        } else {
+            found
+        };
+        out.push(Check {
+            name: name.into(),
+            ok,
+            found,
+            expected: "different on every fresh copy".into(),
+        });
     }
     out
 }
@@ -341,7 +390,11 @@ impl Limits {
     /// Firmware and GRUB get a fifth of the budget, the kernel until cloud-init is done
     /// three fifths, the checks a fifth.
     fn from_total(total: u64) -> Limits {
-        Limits { firmware: total / 5, cloud_init: total * 3 / 5, checks: total - total / 5 - total * 3 / 5 }
+        Limits {
+            firmware: total / 5,
+            cloud_init: total * 3 / 5,
+            checks: total - total / 5 - total * 3 / 5,
+        }
     }
 }
 
@@ -379,7 +432,9 @@ fn spawn_qemu(mut cmd: Cmd, log: &Path) -> Result<Qemu> {
             Ok(())
         });
     }
-    let child = c.spawn().context("could not start qemu-system-x86_64 (install qemu-system-x86)")?;
+    let child = c
+        .spawn()
+        .context("could not start qemu-system-x86_64 (install qemu-system-x86)")?;
     Ok(Qemu { child })
 }
 
@@ -397,24 +452,52 @@ fn boot(ctx: &Ctx, fw: Firmware, run: u32) -> Result<Boot> {
     let instance = format!("kiln-boottest-{}-{run}-{}", fw.name(), std::process::id());
     let user_data = user_data(&ctx.expect);
     let meta_data = format!("instance-id: {instance}\nlocal-hostname: kiln-boottest\n");
-    crate::esp::make_cidata(&seed, &[("user-data", user_data.as_bytes()), ("meta-data", meta_data.as_bytes())])?;
+    crate::esp::make_cidata(
+        &seed,
+        &[("user-data", user_data.as_bytes()), ("meta-data", meta_data.as_bytes())],
+    )?;
     let serial = dir.join("serial.log");
     File::create(&serial)?;
 
     let mut cmd = Cmd::new("qemu-system-x86_64")
-        .args(["-name", &format!("kiln-boottest-{}", fw.name()), "-machine", "q35", "-accel", &ctx.accel])
+        .args([
+            "-name",
+            &format!("kiln-boottest-{}", fw.name()),
+            "-machine",
+            "q35",
+            "-accel",
+            &ctx.accel,
+        ])
         // -nographic (not -display none) makes SeaBIOS mirror its text console, and so
         // GRUB's messages before GRUB's own serial terminal is up, to the serial port.
-        .args(["-m", "2048", "-smp", "2", "-nodefaults", "-nographic", "-monitor", "none", "-no-reboot"])
+        .args([
+            "-m",
+            "2048",
+            "-smp",
+            "2",
+            "-nodefaults",
+            "-nographic",
+            "-monitor",
+            "none",
+            "-no-reboot",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .arg("-drive")
-        .arg(format!("file={},if=virtio,format=qcow2,cache=unsafe", overlay.display()))
+        .arg(format!(
+            "file={},if=virtio,format=qcow2,cache=unsafe",
+            overlay.display()
+        ))
         .arg("-drive")
         .arg(format!("file={},if=virtio,format=raw,readonly=on", seed.display()))
         // The guest gets DHCP from QEMU but no way out: the boot test is offline. No
         // option ROM on the NIC: no iPXE, no network boot entries to try.
-        .args(["-netdev", "user,id=net0,restrict=on", "-device", "virtio-net-pci,netdev=net0,romfile="])
+        .args([
+            "-netdev",
+            "user,id=net0,restrict=on",
+            "-device",
+            "virtio-net-pci,netdev=net0,romfile=",
+        ])
         .args(["-device", "virtio-rng-pci"]);
     // No -cpu host under KVM: QEMU's default model boots Ubuntu everywhere, and -cpu host
     // aborts on some nested hosts (an MSR the host refuses).
@@ -447,9 +530,13 @@ fn boot(ctx: &Ctx, fw: Firmware, run: u32) -> Result<Boot> {
     }
     if b.error.is_some() {
         let q = std::fs::read_to_string(&qemu_log).unwrap_or_default();
-        let q: Vec<&str> = q.lines().filter(|l| !l.trim().is_empty() && !l.contains("terminating on signal")).collect();
+        let q: Vec<&str> = q
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.contains("terminating on signal"))
+            .collect();
         if !q.is_empty() {
-            b.serial_tail.push(format!("--- qemu: {}", q[q.len().saturating_sub(5)..].join(" | ")));
+            b.serial_tail
+                .push(format!("--- qemu: {}", q[q.len().saturating_sub(5)..].join(" | ")));
         }
     }
     Ok(b)
@@ -459,7 +546,12 @@ fn ovmf() -> Result<(&'static str, &'static str)> {
     OVMF.iter()
         .find(|(c, v)| Path::new(c).exists() && Path::new(v).exists())
         .copied()
-        .ok_or_else(|| crate::error::user(format!("no OVMF firmware found (looked for {}); install the ovmf package", OVMF.map(|o| o.0).join(", "))))
+        .ok_or_else(|| {
+            crate::error::user(format!(
+                "no OVMF firmware found (looked for {}); install the ovmf package",
+                OVMF.map(|o| o.0).join(", ")
+            ))
+        })
 }
 
 /// How a boot ended.
@@ -580,7 +672,11 @@ impl<'a> Watch<'a> {
         }
         if let Some(rest) = marker(line, "KILN-CHECK") {
             let mut it = rest.splitn(3, ' ');
-            let (name, status, value) = (it.next().unwrap_or(""), it.next().unwrap_or(""), it.next().unwrap_or("").trim());
+            let (name, status, value) = (
+                it.next().unwrap_or(""),
+                it.next().unwrap_or(""),
+                it.next().unwrap_or("").trim(),
+            );
             let name = name.replace('_', " ").replace("%u", "_");
             self.reported.retain(|(n, _, _)| *n != name);
             self.reported.push((name, status == "ok", value.to_string()));
@@ -607,14 +703,24 @@ impl<'a> Watch<'a> {
             _ => None,
         };
         let phases = vec![
-            Phase { name: PHASE_FIRMWARE, limit_s: lim.firmware, duration_s: self.t_kernel, ok: self.t_kernel.is_some() },
+            Phase {
+                name: PHASE_FIRMWARE,
+                limit_s: lim.firmware,
+                duration_s: self.t_kernel,
+                ok: self.t_kernel.is_some(),
+            },
             Phase {
                 name: PHASE_CLOUD_INIT,
                 limit_s: lim.cloud_init,
                 duration_s: d(self.t_kernel, self.t_cloud_init),
                 ok: self.t_cloud_init.is_some(),
             },
-            Phase { name: PHASE_CHECKS, limit_s: lim.checks, duration_s: d(self.t_cloud_init, self.t_done), ok: self.t_done.is_some() },
+            Phase {
+                name: PHASE_CHECKS,
+                limit_s: lim.checks,
+                duration_s: d(self.t_cloud_init, self.t_done),
+                ok: self.t_done.is_some(),
+            },
         ];
         let error = match outcome {
             Outcome::Done => None,
@@ -624,8 +730,18 @@ impl<'a> Watch<'a> {
         if error.is_none() || !self.reported.is_empty() {
             for (name, expected) in self.ctx.expect.checks() {
                 let c = match self.reported.iter().find(|(n, _, _)| *n == name) {
-                    Some((_, ok, value)) => Check { name: name.clone(), ok: *ok, found: value.clone(), expected },
-                    None => Check { name: name.clone(), ok: false, found: "not reported by the guest".into(), expected },
+                    Some((_, ok, value)) => Check {
+                        name: name.clone(),
+                        ok: *ok,
+                        found: value.clone(),
+                        expected,
+                    },
+                    None => Check {
+                        name: name.clone(),
+                        ok: false,
+                        found: "not reported by the guest".into(),
+                        expected,
+                    },
                 };
                 checks.push(c);
             }
@@ -635,7 +751,11 @@ impl<'a> Watch<'a> {
             .iter()
             .find(|(n, ok, _)| n == "machine-id" && *ok)
             .map(|(_, _, v)| v.clone());
-        let serial_tail = if error.is_some() { self.log.tail(TAIL_LINES) } else { Vec::new() };
+        let serial_tail = if error.is_some() {
+            self.log.tail(TAIL_LINES)
+        } else {
+            Vec::new()
+        };
         Boot {
             firmware: self.fw,
             run: self.run,
@@ -680,7 +800,10 @@ fn root_failure(line: &str) -> Option<String> {
 /// An interactive prompt nobody will answer.
 fn prompt_failure(partial: &str) -> Option<String> {
     if partial.trim_start().starts_with("(initramfs)") {
-        return Some("kernel could not mount the root filesystem: the initramfs dropped to its shell ((initramfs) prompt)".into());
+        return Some(
+            "kernel could not mount the root filesystem: the initramfs dropped to its shell ((initramfs) prompt)"
+                .into(),
+        );
     }
     if partial.contains("grub rescue>") {
         return Some("GRUB could not load its modules or find its configuration (grub rescue> prompt)".into());
@@ -703,7 +826,12 @@ struct SerialLog {
 impl SerialLog {
     fn open(path: &Path) -> Result<SerialLog> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        Ok(SerialLog { file, pos: 0, partial: Vec::new(), lines: Vec::new() })
+        Ok(SerialLog {
+            file,
+            pos: 0,
+            partial: Vec::new(),
+            lines: Vec::new(),
+        })
     }
 
     /// The complete lines that arrived since the last call.
@@ -836,7 +964,9 @@ check containerd_SystemdCgroup "$ok" "${sc:-no SystemdCgroup in /etc/containerd/
             Some(v) => format!("\"$(has_word \"$v\" v{v})\""),
             None => "\"$(command -v P >/dev/null && echo 1 || echo 0)\"".replace('P', p),
         };
-        s.push_str(&format!("v=$(timeout 30 {cmd} 2>&1 | head -n1)\ncheck {p}_version {test} \"$v\"\n"));
+        s.push_str(&format!(
+            "v=$(timeout 30 {cmd} 2>&1 | head -n1)\ncheck {p}_version {test} \"$v\"\n"
+        ));
     }
     if let Some(nv) = &e.nvidia {
         s.push_str(&format!(
@@ -948,15 +1078,23 @@ fn detect_accel(tmp: &Path) -> (String, String) {
     let kvm = run_probe(tmp, "kvm");
     let tcg = run_probe(tmp, "tcg");
     match (kvm, tcg) {
-        (Ok(k), Ok(t)) if k <= KVM_PROBE_LIMIT && k <= t * 2 => {
-            ("kvm".into(), format!("KVM probe ran in {:.2}s (TCG {:.2}s)", k.as_secs_f64(), t.as_secs_f64()))
-        }
+        (Ok(k), Ok(t)) if k <= KVM_PROBE_LIMIT && k <= t * 2 => (
+            "kvm".into(),
+            format!("KVM probe ran in {:.2}s (TCG {:.2}s)", k.as_secs_f64(), t.as_secs_f64()),
+        ),
         (Ok(k), Ok(t)) => (
             "tcg".into(),
-            format!("KVM works too slowly here: probe {:.2}s under KVM, {:.2}s under TCG", k.as_secs_f64(), t.as_secs_f64()),
+            format!(
+                "KVM works too slowly here: probe {:.2}s under KVM, {:.2}s under TCG",
+                k.as_secs_f64(),
+                t.as_secs_f64()
+            ),
         ),
         (Ok(k), Err(_)) if k <= KVM_PROBE_LIMIT => ("kvm".into(), format!("KVM probe ran in {:.2}s", k.as_secs_f64())),
-        (Ok(k), Err(_)) => ("tcg".into(), format!("KVM works too slowly here: probe {:.2}s", k.as_secs_f64())),
+        (Ok(k), Err(_)) => (
+            "tcg".into(),
+            format!("KVM works too slowly here: probe {:.2}s", k.as_secs_f64()),
+        ),
         (Err(e), _) => ("tcg".into(), format!("KVM does not work here: {e:#}")),
     }
 }
@@ -974,10 +1112,27 @@ fn run_probe(tmp: &Path, accel: &str) -> Result<Duration> {
     File::create(&out)?;
     // The machine the boots use, with nothing but the probe disk.
     let cmd = Cmd::new("qemu-system-x86_64")
-        .args(["-machine", "q35", "-accel", accel, "-m", "128", "-nodefaults", "-display", "none", "-monitor", "none"])
+        .args([
+            "-machine",
+            "q35",
+            "-accel",
+            accel,
+            "-m",
+            "128",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+        ])
         .args(["-serial", "none", "-no-reboot", "-chardev"])
         .arg(format!("file,id=dbg,path={}", out.display()))
-        .args(["-device", "isa-debugcon,iobase=0x402,chardev=dbg", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .args([
+            "-device",
+            "isa-debugcon,iobase=0x402,chardev=dbg",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        ])
         .arg("-drive")
         .arg(format!("file={},format=raw,if=virtio", img.display()));
     let log = dir.join("qemu.log");
@@ -995,10 +1150,16 @@ fn run_probe(tmp: &Path, accel: &str) -> Result<Duration> {
             }
             let msg = std::fs::read_to_string(&log).unwrap_or_default();
             let msg: Vec<&str> = msg.lines().filter(|l| !l.contains("warning:")).collect();
-            bail!("QEMU with -accel {accel} exited ({st}) without running the probe: {}", msg.join(" "));
+            bail!(
+                "QEMU with -accel {accel} exited ({st}) without running the probe: {}",
+                msg.join(" ")
+            );
         }
         if t0.elapsed() > LIMIT {
-            bail!("the probe boot sector did not run within {} s under -accel {accel}", LIMIT.as_secs());
+            bail!(
+                "the probe boot sector did not run within {} s under -accel {accel}",
+                LIMIT.as_secs()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -1023,7 +1184,13 @@ fn render(r: &Report) -> String {
                 if p.ok { "ok" } else { "FAIL" }
             ));
         }
-        s.push_str(&format!("  {:<7}  {:<26}  {:>5}  {:>6}\n", b.label(), "total (QEMU wall time)", "", format!("{:.1}s", b.wall_s)));
+        s.push_str(&format!(
+            "  {:<7}  {:<26}  {:>5}  {:>6}\n",
+            b.label(),
+            "total (QEMU wall time)",
+            "",
+            format!("{:.1}s", b.wall_s)
+        ));
     }
     for b in &r.boots {
         s.push_str(&format!("\n{} boot:\n", b.label()));
@@ -1053,7 +1220,11 @@ mod tests {
     fn expect(gpu: bool) -> Expect {
         Expect {
             kernel: "5.15.0-204-generic".into(),
-            kube: vec![("kubelet".into(), Some("1.30.0".into())), ("kubeadm".into(), Some("1.30.0".into())), ("kubectl".into(), None)],
+            kube: vec![
+                ("kubelet".into(), Some("1.30.0".into())),
+                ("kubeadm".into(), Some("1.30.0".into())),
+                ("kubectl".into(), None),
+            ],
             nvidia: gpu.then(|| "565.57.01".into()),
         }
     }
@@ -1069,12 +1240,18 @@ mod tests {
     #[test]
     fn serial_cleaning_and_markers() {
         assert_eq!(clean(b"\x1b[0;32m  OK  \x1b[0m] Started\r"), "  OK  ] Started");
-        assert_eq!(marker("[  12.3] foo KILN-CHECK kernel ok 5.15", "KILN-CHECK"), Some("kernel ok 5.15"));
+        assert_eq!(
+            marker("[  12.3] foo KILN-CHECK kernel ok 5.15", "KILN-CHECK"),
+            Some("kernel ok 5.15")
+        );
         assert_eq!(marker("KILN-DONE", "KILN-DONE"), Some(""));
         assert_eq!(marker("KILN-DONEX", "KILN-DONE"), None);
         let alert = "ALERT!  UUID=0badc0de-0000-4000-8000-000000000000 does not exist.  Dropping to a shell!";
         let m = root_failure(alert).unwrap();
-        assert!(m.starts_with("kernel could not mount the root filesystem: ALERT!"), "{m}");
+        assert!(
+            m.starts_with("kernel could not mount the root filesystem: ALERT!"),
+            "{m}"
+        );
         assert!(root_failure("[    3.2] VFS: Unable to mount root fs on unknown-block(0,0)").is_some());
         assert!(root_failure("[  OK  ] Reached target Local File Systems.").is_none());
         assert!(prompt_failure("(initramfs) ").unwrap().contains("root filesystem"));
@@ -1093,8 +1270,16 @@ mod tests {
         assert!(!ud.contains('\t'), "YAML block scalars must not contain tabs");
         assert!(!user_data(&expect(false)).contains("modinfo"));
         // Every line of the script is indented inside the block scalar.
-        let block: Vec<&str> = ud.lines().skip_while(|l| !l.contains("content: |")).skip(1).take_while(|l| !l.starts_with("runcmd:")).collect();
-        assert!(block.iter().all(|l| l.starts_with("      ") || l.is_empty()), "{block:?}");
+        let block: Vec<&str> = ud
+            .lines()
+            .skip_while(|l| !l.contains("content: |"))
+            .skip(1)
+            .take_while(|l| !l.starts_with("runcmd:"))
+            .collect();
+        assert!(
+            block.iter().all(|l| l.starts_with("      ") || l.is_empty()),
+            "{block:?}"
+        );
     }
 
     #[test]
@@ -1130,9 +1315,15 @@ mod tests {
             machine_id: mid.map(str::to_string),
             host_key: key.map(str::to_string),
         };
-        let c = identity_checks(&[mk(Firmware::Uefi, Some("a"), Some("k1")), mk(Firmware::Bios, Some("b"), Some("k2"))]);
+        let c = identity_checks(&[
+            mk(Firmware::Uefi, Some("a"), Some("k1")),
+            mk(Firmware::Bios, Some("b"), Some("k2")),
+        ]);
         assert!(c.iter().all(|c| c.ok), "{c:?}");
-        let c = identity_checks(&[mk(Firmware::Uefi, Some("a"), Some("k1")), mk(Firmware::Bios, Some("a"), Some("k2"))]);
+        let c = identity_checks(&[
+            mk(Firmware::Uefi, Some("a"), Some("k1")),
+            mk(Firmware::Bios, Some("a"), Some("k2")),
+        ]);
         assert!(!c[0].ok && c[1].ok);
         let c = identity_checks(&[mk(Firmware::Uefi, Some("a"), Some("k1"))]);
         assert!(c.iter().all(|c| !c.ok));

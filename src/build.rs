@@ -49,7 +49,9 @@ pub const ESP_LABEL: &str = "UEFI";
 
 pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     if !nix::unistd::geteuid().is_root() {
-        user_bail!("kiln build must run as root (it attaches loop devices and mounts filesystems); run it with sudo or in a --privileged container");
+        user_bail!(
+            "kiln build must run as root (it attaches loop devices and mounts filesystems); run it with sudo or in a --privileged container"
+        );
     }
     timings.begin("acquire")?;
     let def = imagedef::load(&opts.def)?;
@@ -60,7 +62,10 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     if !opts.force {
         for p in [&final_raw, &final_json] {
             if p.exists() {
-                user_bail!("{} already exists; pass --force to replace it or choose another --out", p.display());
+                user_bail!(
+                    "{} already exists; pass --force to replace it or choose another --out",
+                    p.display()
+                );
             }
         }
     }
@@ -77,7 +82,11 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     let base = &opts.base;
     let cached = |path: PathBuf, form: &str, make: &dyn Fn(&Path, &Path) -> Result<()>| -> Result<PathBuf> {
         if path.exists() {
-            tracing::info!("using the cached {form} form of {} ({})", base.display(), path.display());
+            tracing::info!(
+                "using the cached {form} form of {} ({})",
+                base.display(),
+                path.display()
+            );
         } else {
             std::fs::create_dir_all(path.parent().unwrap())
                 .with_context(|| format!("creating cache directory {}", opts.cache_dir.display()))?;
@@ -88,14 +97,20 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     let (disk_base, tarball): (Option<PathBuf>, PathBuf) = match format {
         BaseFormat::Raw => (Some(base.clone()), base.clone()),
         BaseFormat::Qcow2 => {
-            let raw = cached(acquire::cached_raw(&opts.cache_dir, &base_sha), "raw", &acquire::qcow2_to_raw)?;
+            let raw = cached(
+                acquire::cached_raw(&opts.cache_dir, &base_sha),
+                "raw",
+                &acquire::qcow2_to_raw,
+            )?;
             (Some(raw), base.clone())
         }
         BaseFormat::Tar(acquire::Compression::None) => (None, base.clone()),
         BaseFormat::Tar(_) => {
-            let tar = cached(acquire::cached_tar(&opts.cache_dir, &base_sha), "decompressed", &|b, d| {
-                crate::unpack::decompress_to(b, d).map(|_| ())
-            })?;
+            let tar = cached(
+                acquire::cached_tar(&opts.cache_dir, &base_sha),
+                "decompressed",
+                &|b, d| crate::unpack::decompress_to(b, d).map(|_| ()),
+            )?;
             (None, tar)
         }
     };
@@ -106,8 +121,14 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     // Nothing was written to the output directory before this point.
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating output directory {}", opts.out.display()))?;
     // Absolute, so hooks (run from their own directory) get a usable KILN_ROOT.
-    let out_dir = opts.out.canonicalize().with_context(|| format!("resolving {}", opts.out.display()))?;
-    let opts = &BuildOpts { out: out_dir, ..opts.clone() };
+    let out_dir = opts
+        .out
+        .canonicalize()
+        .with_context(|| format!("resolving {}", opts.out.display()))?;
+    let opts = &BuildOpts {
+        out: out_dir,
+        ..opts.clone()
+    };
     let work = opts.out.join(format!(".kiln-work-{}", def.name));
     prepare_workdir(&work)?;
     crate::state::start(&work)?;
@@ -132,7 +153,10 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
             tracing::warn!("could not remove work directory {}: {e}", work.display());
         }
     } else {
-        tracing::error!("work directory {} still holds mounts; left in place (see `kiln doctor`)", work.display());
+        tracing::error!(
+            "work directory {} still holds mounts; left in place (see `kiln doctor`)",
+            work.display()
+        );
     }
     let partials = [
         partial.clone(),
@@ -158,7 +182,12 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
 
 /// Read the facts back from the finished image, write the payload, checksum, and only
 /// then rename everything into place.
-fn finalize(def: &ImageDef, opts: &BuildOpts, partials: &[PathBuf; 3], timings: &mut Timings) -> Result<([u8; 32], Option<PathBuf>)> {
+fn finalize(
+    def: &ImageDef,
+    opts: &BuildOpts,
+    partials: &[PathBuf; 3],
+    timings: &mut Timings,
+) -> Result<([u8; 32], Option<PathBuf>)> {
     let [partial, json_partial, q_partial] = partials;
     let raw_name = format!("{}.raw", def.name);
     timings.begin("finalize")?;
@@ -179,14 +208,18 @@ fn finalize(def: &ImageDef, opts: &BuildOpts, partials: &[PathBuf; 3], timings: 
             .arg(q_partial)
             .run()
             .context("writing the qcow2 copy")?;
-        sums.push((format!("{}.qcow2", def.name), crate::checksum::sha256_file(q_partial, None)?));
+        sums.push((
+            format!("{}.qcow2", def.name),
+            crate::checksum::sha256_file(q_partial, None)?,
+        ));
         qcow2 = Some(opts.out.join(format!("{}.qcow2", def.name)));
     }
     crate::cancel::check()?;
     if let Some(q) = &qcow2 {
         std::fs::rename(q_partial, q).with_context(|| format!("renaming {} into place", q_partial.display()))?;
     }
-    std::fs::rename(partial, opts.out.join(&raw_name)).with_context(|| format!("renaming {} into place", partial.display()))?;
+    std::fs::rename(partial, opts.out.join(&raw_name))
+        .with_context(|| format!("renaming {} into place", partial.display()))?;
     std::fs::rename(json_partial, opts.out.join(format!("{}.json", def.name)))?;
     crate::checksum::write_sha256sums(&opts.out, &sums)?;
     timings.end();
@@ -244,14 +277,28 @@ fn build_in(
     let dev = root_loop.path().to_owned();
     if disk_base.is_some() {
         // -p fixes only what is safe; resize2fs insists on a freshly checked filesystem.
-        Cmd::new("e2fsck").args(["-f", "-p"]).arg(&dev).run().context("checking the base's root filesystem")?;
-        Cmd::new("resize2fs").arg(&dev).run().context("growing the root filesystem")?;
+        Cmd::new("e2fsck")
+            .args(["-f", "-p"])
+            .arg(&dev)
+            .run()
+            .context("checking the base's root filesystem")?;
+        Cmd::new("resize2fs")
+            .arg(&dev)
+            .run()
+            .context("growing the root filesystem")?;
     } else {
         let conf = work.join("mke2fs.conf");
         std::fs::write(&conf, MKE2FS_CONF)?;
         Cmd::new("mkfs.ext4")
             .env("MKE2FS_CONFIG", &conf)
-            .args(["-q", "-F", "-L", ROOT_LABEL, "-E", "lazy_itable_init=0,lazy_journal_init=0,discard"])
+            .args([
+                "-q",
+                "-F",
+                "-L",
+                ROOT_LABEL,
+                "-E",
+                "lazy_itable_init=0,lazy_journal_init=0,discard",
+            ])
             .arg(&dev)
             .run()
             .context("formatting the root filesystem")?;
@@ -278,7 +325,10 @@ fn build_in(
         timings.begin("scrub")?;
         crate::scrub::scrub(&rd)?;
         timings.begin("trim")?;
-        Cmd::new("fstrim").arg(&root_dir).run().context("discarding free blocks (fstrim) so the image stays sparse")?;
+        Cmd::new("fstrim")
+            .arg(&root_dir)
+            .run()
+            .context("discarding free blocks (fstrim) so the image stays sparse")?;
         Ok(())
     })();
     // Release in reverse order: mounts, then the loop device.
@@ -286,7 +336,11 @@ fn build_in(
     let all_released = unmounted.is_ok();
     res?;
     unmounted?;
-    Cmd::new("e2fsck").args(["-f", "-n"]).arg(&dev).run().context("final check of the root filesystem")?;
+    Cmd::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(&dev)
+        .run()
+        .context("final check of the root filesystem")?;
     root_loop.close()?;
     let f = std::fs::File::open(partial)?;
     f.sync_all().with_context(|| format!("syncing {}", partial.display()))?;
@@ -299,6 +353,7 @@ fn write_fstab(rd: &RootDir) -> Result<()> {
         "LABEL={ROOT_LABEL}\t/\text4\tdiscard,errors=remount-ro\t0 1\nLABEL={ESP_LABEL}\t/boot/efi\tvfat\tumask=0077\t0 1\n"
     );
     rd.create_dir_all("/boot/efi", 0o755)?;
-    rd.write_file("/etc/fstab", fstab.as_bytes(), 0o644).context("writing /etc/fstab")?;
+    rd.write_file("/etc/fstab", fstab.as_bytes(), 0o644)
+        .context("writing /etc/fstab")?;
     Ok(())
 }

@@ -28,7 +28,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 /// Install the SIGINT/SIGTERM handlers.
 pub fn install() {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
     let act = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
     for s in [Signal::SIGINT, Signal::SIGTERM] {
         unsafe {
@@ -52,8 +52,12 @@ pub fn check() -> anyhow::Result<()> {
 /// Test support: `KILN_FAULT=STAGE:error|sigterm|sigkill` injects a fault when the
 /// build reaches the boundary before STAGE (used by the fault-injection tests).
 pub fn fault_point(stage: &str) -> anyhow::Result<()> {
-    let Ok(spec) = std::env::var("KILN_FAULT") else { return Ok(()) };
-    let Some((at, what)) = spec.split_once(':') else { return Ok(()) };
+    let Ok(spec) = std::env::var("KILN_FAULT") else {
+        return Ok(());
+    };
+    let Some((at, what)) = spec.split_once(':') else {
+        return Ok(());
+    };
     if at != stage {
         return Ok(());
     }

@@ -59,7 +59,9 @@ pub const SHA256SUMS: &str = "SHA256SUMS";
 /// to the caller, normally the file size).
 pub fn sha256_file(path: &Path, progress: Option<&ProgressBar>) -> Result<[u8; 32]> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let meta = file.metadata().with_context(|| format!("cannot stat {}", path.display()))?;
+    let meta = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?;
     if meta.is_dir() {
         return Err(io::Error::from(ErrorKind::IsADirectory))
             .with_context(|| format!("cannot hash {}", path.display()));
@@ -67,7 +69,10 @@ pub fn sha256_file(path: &Path, progress: Option<&ProgressBar>) -> Result<[u8; 3
     let plan = if meta.is_file() {
         // SAFETY: plain syscall on a descriptor we own; only advisory.
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
-        Plan::Regular { size: meta.len(), walk_extents: true }
+        Plan::Regular {
+            size: meta.len(),
+            walk_extents: true,
+        }
     } else {
         Plan::Stream
     };
@@ -97,7 +102,9 @@ pub fn cmd_checksum(files: &[PathBuf]) -> Result<()> {
             Ok(digest) => {
                 let line = sum_line(&digest, path.as_os_str().as_bytes());
                 let mut out = io::stdout().lock();
-                out.write_all(&line).and_then(|()| out.flush()).context("writing to stdout")?;
+                out.write_all(&line)
+                    .and_then(|()| out.flush())
+                    .context("writing to stdout")?;
             }
             Err(e) => failures.push(classify(path, e)),
         }
@@ -111,7 +118,11 @@ pub fn cmd_checksum(files: &[PathBuf]) -> Result<()> {
             }
             let all_user = failures.iter().all(|e| crate::error::exit_code(e) == 2);
             let msg = format!("{n} of {} files could not be hashed (see above)", files.len());
-            Err(if all_user { crate::error::user(msg) } else { anyhow::anyhow!(msg) })
+            Err(if all_user {
+                crate::error::user(msg)
+            } else {
+                anyhow::anyhow!(msg)
+            })
         }
     }
 }
@@ -222,7 +233,9 @@ fn hash_with_plan(file: &File, plan: Plan, progress: Option<&ProgressBar>) -> Re
     let (full_tx, full_rx) = sync_channel::<Piece>(NBUF);
     let (free_tx, free_rx) = sync_channel::<Vec<u8>>(NBUF);
     for _ in 0..NBUF {
-        free_tx.send(vec![0u8; buf_size]).expect("channel has room for the pool");
+        free_tx
+            .send(vec![0u8; buf_size])
+            .expect("channel has room for the pool");
     }
     let mut hasher = Sha256::new();
     let mut hashed: u64 = 0;
@@ -285,13 +298,23 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn new(file: &'a File, full: SyncSender<Piece>, free: Receiver<Vec<u8>>) -> Self {
-        Reader { file, full, free, cur: None }
+        Reader {
+            file,
+            full,
+            free,
+            cur: None,
+        }
     }
 
     fn run(mut self, plan: Plan) -> io::Result<()> {
         match plan {
             Plan::Regular { size, walk_extents } => {
-                let mut extents = Extents { fd: self.file.as_raw_fd(), pos: 0, size, walk: walk_extents };
+                let mut extents = Extents {
+                    fd: self.file.as_raw_fd(),
+                    pos: 0,
+                    size,
+                    walk: walk_extents,
+                };
                 while let Some(ext) = extents.next()? {
                     match ext {
                         Extent::Data { start, len } => self.data(start, len)?,
@@ -432,10 +455,14 @@ impl Extents {
                     // Data from `start` to the next hole. There is always a hole at end
                     // of file, so this is at most `size` unless the file grew; if it
                     // shrank below `start`, read to `size` and let the read report it.
-                    let hole =
-                        self.seek(libc::SEEK_HOLE, start).map_err(|e| lseek_error("SEEK_HOLE", start, e))?;
+                    let hole = self
+                        .seek(libc::SEEK_HOLE, start)
+                        .map_err(|e| lseek_error("SEEK_HOLE", start, e))?;
                     self.pos = if hole > start { hole.min(self.size) } else { self.size };
-                    return Ok(Some(Extent::Data { start, len: self.pos - start }));
+                    return Ok(Some(Extent::Data {
+                        start,
+                        len: self.pos - start,
+                    }));
                 }
                 // No data at or after `start`: the rest of the file is a hole.
                 Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
@@ -450,7 +477,10 @@ impl Extents {
             }
         }
         self.pos = self.size;
-        Ok(Some(Extent::Data { start, len: self.size - start }))
+        Ok(Some(Extent::Data {
+            start,
+            len: self.size - start,
+        }))
     }
 
     fn seek(&self, whence: libc::c_int, offset: u64) -> io::Result<u64> {
@@ -458,7 +488,11 @@ impl Extents {
         // SAFETY: lseek on a descriptor owned by the caller; it only moves the file
         // offset, which nothing else uses (data is read with pread).
         let r = unsafe { libc::lseek(self.fd, off, whence) };
-        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r as u64) }
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as u64)
+        }
     }
 }
 
@@ -504,8 +538,16 @@ mod tests {
         let expected = sha256sum(path);
         assert_eq!(hex(&sha256_file(path, None).unwrap()), expected, "{}", path.display());
         let f = File::open(path).unwrap();
-        let plan = Plan::Regular { size: f.metadata().unwrap().len(), walk_extents: false };
-        assert_eq!(hex(&hash_with_plan(&f, plan, None).unwrap()), expected, "fallback {}", path.display());
+        let plan = Plan::Regular {
+            size: f.metadata().unwrap().len(),
+            walk_extents: false,
+        };
+        assert_eq!(
+            hex(&hash_with_plan(&f, plan, None).unwrap()),
+            expected,
+            "fallback {}",
+            path.display()
+        );
         let stream = hash_with_plan(&f, Plan::Stream, None).unwrap();
         assert_eq!(hex(&stream), expected, "stream {}", path.display());
     }
@@ -576,14 +618,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = sparse_file(dir.path(), "e", 12 * M, &[(4 * M, 4096)]);
         let f = File::open(&p).unwrap();
-        let mut ext = Extents { fd: f.as_raw_fd(), pos: 0, size: 12 * M, walk: true };
+        let mut ext = Extents {
+            fd: f.as_raw_fd(),
+            pos: 0,
+            size: 12 * M,
+            walk: true,
+        };
         let mut got = Vec::new();
         while let Some(e) = ext.next().unwrap() {
             got.push(e);
         }
         let want = [
             Extent::Hole { len: 4 * M },
-            Extent::Data { start: 4 * M, len: 4096 },
+            Extent::Data {
+                start: 4 * M,
+                len: 4096,
+            },
             Extent::Hole { len: 8 * M - 4096 },
         ];
         assert_eq!(got, want);
@@ -636,15 +686,30 @@ mod tests {
         std::fs::write(d.join("manifest.json"), b"{}\n").unwrap();
         let entries = vec![
             ("disk.raw".to_string(), sha256_file(&a, None).unwrap()),
-            ("manifest.json".to_string(), sha256_file(&d.join("manifest.json"), None).unwrap()),
+            (
+                "manifest.json".to_string(),
+                sha256_file(&d.join("manifest.json"), None).unwrap(),
+            ),
         ];
         write_sha256sums(d, &entries).unwrap();
         assert!(!d.join("SHA256SUMS.partial").exists());
-        let out = Cmd::new("sha256sum").arg("-c").arg("SHA256SUMS").current_dir(d).run().unwrap();
+        let out = Cmd::new("sha256sum")
+            .arg("-c")
+            .arg("SHA256SUMS")
+            .current_dir(d)
+            .run()
+            .unwrap();
         assert_eq!(out.stdout_str(), "disk.raw: OK\nmanifest.json: OK\n");
         // And the check does catch a change.
         std::fs::write(d.join("manifest.json"), b"{ }\n").unwrap();
-        assert!(Cmd::new("sha256sum").arg("-c").arg("SHA256SUMS").current_dir(d).run().is_err());
+        assert!(
+            Cmd::new("sha256sum")
+                .arg("-c")
+                .arg("SHA256SUMS")
+                .current_dir(d)
+                .run()
+                .is_err()
+        );
         assert!(write_sha256sums(d, &[("/abs".into(), [0; 32])]).is_err());
     }
 

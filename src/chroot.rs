@@ -51,8 +51,20 @@ impl Session {
             MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
             Some("newinstance,ptmxmode=0666,mode=620,gid=5"),
         )?;
-        mounts.mount("tmpfs", &mp("/run")?, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=755"))?;
-        mounts.mount("tmpfs", &mp("/tmp")?, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+        mounts.mount(
+            "tmpfs",
+            &mp("/run")?,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=755"),
+        )?;
+        mounts.mount(
+            "tmpfs",
+            &mp("/tmp")?,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        )?;
 
         // The resolver: Ubuntu's resolv.conf points into /run, now our tmpfs.
         let host_resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
@@ -64,11 +76,25 @@ impl Session {
             tracing::warn!("the image's /etc/resolv.conf is not a symlink into /run; apt may not resolve names");
         }
 
-        let saved_policy = if rd.exists(POLICY_RC_D)? { Some(rd.read(POLICY_RC_D)?) } else { None };
+        let saved_policy = if rd.exists(POLICY_RC_D)? {
+            Some(rd.read(POLICY_RC_D)?)
+        } else {
+            None
+        };
         rd.create_dir_all("/usr/sbin", 0o755)?;
-        rd.write_file(POLICY_RC_D, format!("#!/bin/sh\n{POLICY_MARK}exit 101\n").as_bytes(), 0o755)?;
+        rd.write_file(
+            POLICY_RC_D,
+            format!("#!/bin/sh\n{POLICY_MARK}exit 101\n").as_bytes(),
+            0o755,
+        )?;
         let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
-        Ok(Session { root: root.to_owned(), proc_mp, depth, saved_policy, jobs })
+        Ok(Session {
+            root: root.to_owned(),
+            proc_mp,
+            depth,
+            saved_policy,
+            jobs,
+        })
     }
 
     /// A command to run inside the image.
@@ -106,7 +132,9 @@ impl Session {
             Some(orig) => rd.write_file(POLICY_RC_D, orig, 0o755),
             None => rd.remove_file(POLICY_RC_D),
         };
-        let r2 = mounts.unwind_to(self.depth).context("releasing the chroot session's mounts");
+        let r2 = mounts
+            .unwind_to(self.depth)
+            .context("releasing the chroot session's mounts");
         r1.context("removing policy-rc.d")?;
         r2
     }

@@ -4,7 +4,7 @@
 //! stderr is captured (and echoed at debug level), and on failure the error carries the
 //! command line, the exit status and the last lines of stderr.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read};
@@ -37,7 +37,11 @@ impl Output {
 impl Cmd {
     pub fn new(program: impl AsRef<OsStr>) -> Self {
         let p = program.as_ref();
-        Cmd { inner: Command::new(p), display: p.to_string_lossy().into_owned(), passthrough: false }
+        Cmd {
+            inner: Command::new(p),
+            display: p.to_string_lossy().into_owned(),
+            passthrough: false,
+        }
     }
 
     pub fn arg(mut self, a: impl AsRef<OsStr>) -> Self {
@@ -142,7 +146,10 @@ impl Cmd {
         // Poll so that Ctrl-C / SIGTERM (which set the cancel flag) stop the child and
         // unwind kiln's guards instead of waiting for a long apt or dkms run.
         let status = loop {
-            if let Some(st) = child.try_wait().with_context(|| format!("waiting for `{}`", self.display))? {
+            if let Some(st) = child
+                .try_wait()
+                .with_context(|| format!("waiting for `{}`", self.display))?
+            {
                 break st;
             }
             if crate::cancel::is_cancelled() {
@@ -183,7 +190,10 @@ impl Cmd {
         if let Some(out) = out_tail {
             stdout = out.into_iter().collect::<Vec<_>>().join("\n").into_bytes();
         }
-        Ok(Output { stdout, stderr: stderr_text })
+        Ok(Output {
+            stdout,
+            stderr: stderr_text,
+        })
     }
 }
 

@@ -127,7 +127,9 @@ impl Layout {
     /// (as in Ubuntu cloud images), else the largest Linux filesystem partition.
     pub fn root(&self) -> Option<&Part> {
         let linux = || self.partitions.iter().filter(|p| p.kind() == PartKind::LinuxFs);
-        linux().find(|p| p.number == ROOT_NUMBER).or_else(|| linux().max_by_key(|p| p.size_bytes()))
+        linux()
+            .find(|p| p.number == ROOT_NUMBER)
+            .or_else(|| linux().max_by_key(|p| p.size_bytes()))
     }
 
     /// The EFI System Partition (the lowest-numbered one if there are several).
@@ -247,8 +249,11 @@ pub fn create_cloud_layout(path: &Path, size: u64) -> Result<Layout> {
 /// root partition that is not the last partition on the disk.
 pub fn grow(path: &Path, target: u64) -> Result<Layout> {
     let target = target.div_ceil(MIB) * MIB;
-    let mut file =
-        OpenOptions::new().read(true).write(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
     let mut gpt = read_gpt(&mut file, path)?;
     let ss = gpt.sector_size;
     let size = file_len(&file, path)?;
@@ -291,7 +296,8 @@ pub fn grow(path: &Path, target: u64) -> Result<Layout> {
     let old_backup_lba = gpt.header.backup_lba;
 
     if target > size {
-        file.set_len(target).with_context(|| format!("extending {} to {target} bytes", path.display()))?;
+        file.set_len(target)
+            .with_context(|| format!("extending {} to {target} bytes", path.display()))?;
     }
     let ctx = || format!("writing the GPT of {}", path.display());
     gpt.header.update_from(&mut file, ss).with_context(ctx)?;
@@ -325,7 +331,11 @@ fn read_gpt(file: &mut File, path: &Path) -> Result<GPT> {
         Err(gptman::Error::Io(e)) => {
             Err(anyhow::Error::new(e).context(format!("reading the partition table of {}", path.display())))
         }
-        Err(e) => Err(user(format!("{} has a damaged GPT partition table: {}", path.display(), gpt_error(&e)))),
+        Err(e) => Err(user(format!(
+            "{} has a damaged GPT partition table: {}",
+            path.display(),
+            gpt_error(&e)
+        ))),
     }
 }
 
@@ -394,7 +404,10 @@ fn update_protective_mbr(file: &mut File, ss: u64) -> std::io::Result<()> {
 }
 
 fn file_len(file: &File, path: &Path) -> Result<u64> {
-    Ok(file.metadata().with_context(|| format!("reading the size of {}", path.display()))?.len())
+    Ok(file
+        .metadata()
+        .with_context(|| format!("reading the size of {}", path.display()))?
+        .len())
 }
 
 fn sync(file: &File, path: &Path) -> Result<()> {
@@ -407,7 +420,9 @@ fn sync_parent_dir(path: &Path) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing directory {}", dir.display()))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing directory {}", dir.display()))
 }
 
 fn describe_parts(layout: &Layout) -> String {
@@ -430,7 +445,9 @@ fn fmt_size(bytes: u64) -> String {
 /// A random (version 4) GUID in on-disk byte order.
 pub fn random_guid() -> Result<[u8; 16]> {
     let mut b = [0u8; 16];
-    File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).context("reading /dev/urandom")?;
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom")?;
     // In on-disk order the version nibble is the high nibble of byte 7 (time_hi is
     // little-endian); the variant lives in byte 8, which is not swapped.
     b[7] = (b[7] & 0x0F) | 0x40;
@@ -475,7 +492,9 @@ pub fn parse_guid(s: &str) -> Option<[u8; 16]> {
 /// Swap the first three fields of a big-endian (text order) GUID into GPT's on-disk order
 /// (the operation is its own inverse).
 const fn to_disk_order(b: [u8; 16]) -> [u8; 16] {
-    [b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]
+    [
+        b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15],
+    ]
 }
 
 /// Compile-time GUID literal, in on-disk byte order. Panics (at compile time) if malformed.
@@ -539,7 +558,10 @@ mod tests {
     /// `sgdisk -v` finds nothing wrong.
     fn assert_sgdisk_clean(img: &Path) {
         let out = sgdisk(&["-v"], img);
-        assert!(out.contains("No problems found") && !out.contains("Problem"), "sgdisk -v:\n{out}");
+        assert!(
+            out.contains("No problems found") && !out.contains("Problem"),
+            "sgdisk -v:\n{out}"
+        );
     }
 
     /// `sgdisk -p` rows: (number, start, end, code).
@@ -549,8 +571,14 @@ mod tests {
         let mut parts: Vec<_> = rows
             .filter_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                (f.len() >= 6)
-                    .then(|| (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap(), f[5].to_string()))
+                (f.len() >= 6).then(|| {
+                    (
+                        f[0].parse().unwrap(),
+                        f[1].parse().unwrap(),
+                        f[2].parse().unwrap(),
+                        f[5].to_string(),
+                    )
+                })
             })
             .collect();
         parts.sort();
@@ -598,7 +626,9 @@ mod tests {
     #[test]
     fn guid_text_and_disk_order() {
         // The ESP type as stored on disk.
-        let esp = [0x28, 0x73, 0x2A, 0xC1, 0x1F, 0xF8, 0xD2, 0x11, 0xBA, 0x4B, 0x00, 0xA0, 0xC9, 0x3E, 0xC9, 0x3B];
+        let esp = [
+            0x28, 0x73, 0x2A, 0xC1, 0x1F, 0xF8, 0xD2, 0x11, 0xBA, 0x4B, 0x00, 0xA0, 0xC9, 0x3E, 0xC9, 0x3B,
+        ];
         assert_eq!(types::ESP, esp);
         assert_eq!(guid_to_string(&esp), "C12A7328-F81F-11D2-BA4B-00A0C93EC93B");
         assert_eq!(parse_guid("c12a7328-f81f-11d2-ba4b-00a0c93ec93b"), Some(esp));
@@ -619,7 +649,10 @@ mod tests {
         assert_eq!(size, 3 * GIB);
         assert_eq!(layout.disk_size, 3 * GIB);
         use std::os::unix::fs::MetadataExt;
-        assert!(std::fs::metadata(&img).unwrap().blocks() * 512 < MIB, "image is not sparse");
+        assert!(
+            std::fs::metadata(&img).unwrap().blocks() * 512 < MIB,
+            "image is not sparse"
+        );
 
         assert_sgdisk_clean(&img);
         let last_usable = 3 * GIB / LBA - 34;
@@ -633,11 +666,23 @@ mod tests {
         );
         // GUIDs: our on-disk byte order agrees with sgdisk's text.
         let p = sgdisk(&["-p"], &img);
-        assert!(p.contains(&format!("Disk identifier (GUID): {}", guid_to_string(&layout.disk_guid))), "{p}");
+        assert!(
+            p.contains(&format!(
+                "Disk identifier (GUID): {}",
+                guid_to_string(&layout.disk_guid)
+            )),
+            "{p}"
+        );
         for part in &layout.partitions {
             let info = sgdisk(&["-i", &part.number.to_string()], &img);
-            assert!(info.contains(&format!("Partition GUID code: {}", guid_to_string(&part.type_guid))), "{info}");
-            assert!(info.contains(&format!("Partition unique GUID: {}", guid_to_string(&part.unique_guid))), "{info}");
+            assert!(
+                info.contains(&format!("Partition GUID code: {}", guid_to_string(&part.type_guid))),
+                "{info}"
+            );
+            assert!(
+                info.contains(&format!("Partition unique GUID: {}", guid_to_string(&part.unique_guid))),
+                "{info}"
+            );
         }
         assert_eq!(pmbr_entry(&img), (1, (3 * GIB / LBA - 1) as u32));
 
@@ -646,15 +691,24 @@ mod tests {
         assert_eq!(root.offset_bytes(), 111 * MIB);
         assert_eq!(root.size_bytes(), (last_usable + 1) * LBA - 111 * MIB);
         let esp = layout.esp().unwrap();
-        assert_eq!((esp.number, esp.offset_bytes(), esp.size_bytes()), (15, 5 * MIB, 106 * MIB));
+        assert_eq!(
+            (esp.number, esp.offset_bytes(), esp.size_bytes()),
+            (15, 5 * MIB, 106 * MIB)
+        );
         let bios = layout.bios_boot().unwrap();
-        assert_eq!((bios.number, bios.offset_bytes(), bios.size_bytes()), (14, MIB, 4 * MIB));
+        assert_eq!(
+            (bios.number, bios.offset_bytes(), bios.size_bytes()),
+            (14, MIB, 4 * MIB)
+        );
 
         // read_layout sees the same table.
         let again = read_layout(&img).unwrap();
         assert_eq!(format!("{again:?}"), format!("{layout:?}"));
         let json = serde_json::to_value(&again).unwrap();
-        assert_eq!(json["partitions"][2]["type_guid"], "C12A7328-F81F-11D2-BA4B-00A0C93EC93B");
+        assert_eq!(
+            json["partitions"][2]["type_guid"],
+            "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+        );
 
         // Re-creating truncates: fresh GUIDs, same geometry.
         let fresh = create_cloud_layout(&img, 3 * GIB).unwrap();
@@ -717,7 +771,20 @@ mod tests {
         let img = dir.path().join("disk.raw");
         sparse_file(&img, 2 * GIB);
         sgdisk(
-            &["-n", "14:2048:+4M", "-t", "14:ef02", "-n", "15::+106M", "-t", "15:ef00", "-n", "1::", "-t", "1:8300"],
+            &[
+                "-n",
+                "14:2048:+4M",
+                "-t",
+                "14:ef02",
+                "-n",
+                "15::+106M",
+                "-t",
+                "15:ef00",
+                "-n",
+                "1::",
+                "-t",
+                "1:8300",
+            ],
             &img,
         );
         let layout = grow(&img, 4 * GIB + 123).unwrap();
@@ -734,14 +801,22 @@ mod tests {
         let img = dir.path().join("disk.raw");
         // A root that does not fill the disk...
         sparse_file(&img, 2 * GIB);
-        sgdisk(&["-n", "15:2048:+106M", "-t", "15:ef00", "-n", "1::+500M", "-t", "1:8300"], &img);
+        sgdisk(
+            &["-n", "15:2048:+106M", "-t", "15:ef00", "-n", "1::+500M", "-t", "1:8300"],
+            &img,
+        );
         grow(&img, 2 * GIB).unwrap();
         assert_sgdisk_clean(&img);
         assert_eq!(sgdisk_parts(&img)[0].2, 2 * GIB / LBA - 34);
 
         // ...and a file extended behind the table's back (like `qemu-img resize`): the
         // backup GPT is not at the end until kiln moves it there.
-        File::options().write(true).open(&img).unwrap().set_len(3 * GIB).unwrap();
+        File::options()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_len(3 * GIB)
+            .unwrap();
         let layout = grow(&img, 3 * GIB).unwrap();
         assert_sgdisk_clean(&img);
         let last = 3 * GIB / LBA - 1;
@@ -775,7 +850,12 @@ mod tests {
         let err = grow(&img, 2 * GIB).unwrap_err();
         assert_eq!(exit_code(&err), 2, "{err:#}");
         let msg = err.to_string();
-        for want in ["disk.raw", "3221225472 bytes", "2147483648 bytes", "raise disk_size in the image definition"] {
+        for want in [
+            "disk.raw",
+            "3221225472 bytes",
+            "2147483648 bytes",
+            "raise disk_size in the image definition",
+        ] {
             assert!(msg.contains(want), "{want:?} missing from: {msg}");
         }
         assert_eq!(std::fs::metadata(&img).unwrap().len(), 3 * GIB, "file changed");
@@ -804,10 +884,17 @@ mod tests {
                 assert_eq!(exit_code(&err), 2, "{err:#}");
                 let msg = err.to_string();
                 assert!(msg.contains(&img.display().to_string()), "{msg}");
-                assert!(msg.contains("has no GPT partition table: kiln expects a GPT disk"), "{msg}");
+                assert!(
+                    msg.contains("has no GPT partition table: kiln expects a GPT disk"),
+                    "{msg}"
+                );
             }
         }
-        assert_eq!(std::fs::metadata(&empty).unwrap().len(), 64 * MIB, "grow touched a disk without GPT");
+        assert_eq!(
+            std::fs::metadata(&empty).unwrap().len(),
+            64 * MIB,
+            "grow touched a disk without GPT"
+        );
 
         let err = read_layout(&dir.path().join("missing.raw")).unwrap_err();
         assert_eq!(exit_code(&err), 1);

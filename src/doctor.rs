@@ -41,7 +41,10 @@ pub fn scan(dirs: &[PathBuf]) -> Result<Vec<Finding>> {
             let s = s.trim_end_matches(" (deleted)");
             let running = b.parent().is_some_and(dirs_running);
             if (s.ends_with(".raw.partial") || s.contains("/.kiln-work-")) && !running {
-                out.push(Finding::Loop { device: dev, backing: b });
+                out.push(Finding::Loop {
+                    device: dev,
+                    backing: b,
+                });
             }
         }
     }
@@ -49,7 +52,9 @@ pub fn scan(dirs: &[PathBuf]) -> Result<Vec<Finding>> {
     for l in mi.lines() {
         if let Some(t) = l.split(' ').nth(4) {
             if t.contains("/.kiln-work-") {
-                out.push(Finding::Mount { target: PathBuf::from(t.replace("\\040", " ")) });
+                out.push(Finding::Mount {
+                    target: PathBuf::from(t.replace("\\040", " ")),
+                });
             }
         }
     }
@@ -89,10 +94,20 @@ fn dirs_running(d: &Path) -> bool {
 
 /// Release findings: mounts deepest first, then loop devices, then directories/files.
 pub fn fix(findings: &[Finding]) -> Result<()> {
-    let mut mounts: Vec<&PathBuf> = findings.iter().filter_map(|f| if let Finding::Mount { target } = f { Some(target) } else { None }).collect();
+    let mut mounts: Vec<&PathBuf> = findings
+        .iter()
+        .filter_map(|f| {
+            if let Finding::Mount { target } = f {
+                Some(target)
+            } else {
+                None
+            }
+        })
+        .collect();
     mounts.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
     for m in &mounts {
-        nix::mount::umount2(m.as_path(), nix::mount::MntFlags::empty()).with_context(|| format!("unmounting {}", m.display()))?;
+        nix::mount::umount2(m.as_path(), nix::mount::MntFlags::empty())
+            .with_context(|| format!("unmounting {}", m.display()))?;
         println!("unmounted {}", m.display());
     }
     for f in findings {
@@ -126,15 +141,24 @@ pub fn fix(findings: &[Finding]) -> Result<()> {
 pub fn cmd_doctor(dirs: &[PathBuf], do_fix: bool, json: bool) -> Result<()> {
     let findings = scan(dirs)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "findings": findings }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "findings": findings }))?
+        );
     } else if findings.is_empty() {
         println!("nothing left behind by kiln");
     } else {
         for f in &findings {
             match f {
-                Finding::Loop { device, backing } => println!("loop device {} attached to {}", device.display(), backing.display()),
+                Finding::Loop { device, backing } => {
+                    println!("loop device {} attached to {}", device.display(), backing.display())
+                }
                 Finding::Mount { target } => println!("mount {}", target.display()),
-                Finding::WorkDir { path, pid } => println!("work directory {} (kiln pid {} is gone)", path.display(), pid.map(|p| p.to_string()).unwrap_or("?".into())),
+                Finding::WorkDir { path, pid } => println!(
+                    "work directory {} (kiln pid {} is gone)",
+                    path.display(),
+                    pid.map(|p| p.to_string()).unwrap_or("?".into())
+                ),
                 Finding::Partial { path } => println!("partial output {}", path.display()),
             }
         }
@@ -146,5 +170,12 @@ pub fn cmd_doctor(dirs: &[PathBuf], do_fix: bool, json: bool) -> Result<()> {
         fix(&findings)?;
         return Ok(());
     }
-    anyhow::bail!("{} leftover(s) found; run `kiln doctor --fix {}` to release them", findings.len(), dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" "))
+    anyhow::bail!(
+        "{} leftover(s) found; run `kiln doctor --fix {}` to release them",
+        findings.len(),
+        dirs.iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
 }

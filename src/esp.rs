@@ -73,12 +73,20 @@ fn format(file: &File, offset: u64, len: u64, label: &str, fat_type: FatType) ->
         .total_sectors(sectors)
         .volume_id(random_volume_id()?)
         .volume_label(label_bytes);
-    fatfs::format_volume(slice(file, offset, len)?, options)
-        .with_context(|| format!("formatting {} MiB at offset {offset} as {fat_type:?} (label {label})", len >> 20))?;
+    fatfs::format_volume(slice(file, offset, len)?, options).with_context(|| {
+        format!(
+            "formatting {} MiB at offset {offset} as {fat_type:?} (label {label})",
+            len >> 20
+        )
+    })?;
     // fatfs takes the FAT type only as a hint and falls back to what the size allows.
     let fs = open_fs_rw(file, offset, len)?;
     if fs.fat_type() != fat_type {
-        let hint = if fat_type == FatType::Fat32 { "; FAT32 with 512-byte clusters needs at least 33 MiB" } else { "" };
+        let hint = if fat_type == FatType::Fat32 {
+            "; FAT32 with 512-byte clusters needs at least 33 MiB"
+        } else {
+            ""
+        };
         bail!(
             "{} MiB at offset {offset} is the wrong size for {fat_type:?} (fatfs made {:?}){hint}",
             len >> 20,
@@ -109,9 +117,13 @@ pub fn write_files(file: &File, offset: u64, len: u64, files: &[(&str, &[u8])]) 
                         .with_context(|| format!("creating directory {name} for {path} on the FAT volume"))?;
                 }
             }
-            let mut f = root.create_file(path).with_context(|| format!("creating {path} on the FAT volume"))?;
-            f.truncate().with_context(|| format!("truncating {path} on the FAT volume"))?;
-            f.write_all(data).with_context(|| format!("writing {path} on the FAT volume"))?;
+            let mut f = root
+                .create_file(path)
+                .with_context(|| format!("creating {path} on the FAT volume"))?;
+            f.truncate()
+                .with_context(|| format!("truncating {path} on the FAT volume"))?;
+            f.write_all(data)
+                .with_context(|| format!("writing {path} on the FAT volume"))?;
             f.flush().with_context(|| format!("writing {path} on the FAT volume"))?;
         }
     }
@@ -136,7 +148,9 @@ pub fn read_file(file: &File, offset: u64, len: u64, path: &str) -> Result<Vec<u
 /// label entry if there is one (what blkid and Linux report), else the boot sector's.
 pub fn label(file: &File, offset: u64, len: u64) -> Result<String> {
     let fs = open_fs(file, offset, len)?;
-    let from_root = fs.read_volume_label_from_root_dir().context("reading the FAT volume label")?;
+    let from_root = fs
+        .read_volume_label_from_root_dir()
+        .context("reading the FAT volume label")?;
     Ok(from_root.unwrap_or_else(|| fs.volume_label()))
 }
 
@@ -158,7 +172,11 @@ fn volume_label(label: &str) -> Result<[u8; 11]> {
     if bytes.is_empty() || bytes.len() > 11 {
         user_bail!("FAT volume label {label:?} must be 1 to 11 characters");
     }
-    if bytes.iter().any(|&b| !(0x20..0x7F).contains(&b) || FORBIDDEN.contains(&b)) || bytes[0] == b' ' {
+    if bytes
+        .iter()
+        .any(|&b| !(0x20..0x7F).contains(&b) || FORBIDDEN.contains(&b))
+        || bytes[0] == b' '
+    {
         return Err(user(format!(
             "FAT volume label {label:?} may only hold ASCII letters, digits, spaces (not first) and !#$%&'()-@^_`{{}}~"
         )));
@@ -170,7 +188,9 @@ fn volume_label(label: &str) -> Result<[u8; 11]> {
 
 fn random_volume_id() -> Result<u32> {
     let mut b = [0u8; 4];
-    File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).context("reading /dev/urandom")?;
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom")?;
     Ok(u32::from_le_bytes(b))
 }
 
@@ -406,7 +426,13 @@ mod tests {
     fn assert_fsck_clean(img: &Path) -> String {
         let (code, out) = run("fsck.vfat", &["-n", "-v", "-l", img.to_str().unwrap()]);
         assert_eq!(code, 0, "fsck.vfat -n found problems:\n{out}");
-        for bad in ["differ", "Dirty bit", "orrupt", "Leaving filesystem unchanged", "Free cluster summary"] {
+        for bad in [
+            "differ",
+            "Dirty bit",
+            "orrupt",
+            "Leaving filesystem unchanged",
+            "Free cluster summary",
+        ] {
             assert!(!out.contains(bad), "fsck.vfat reports {bad:?}:\n{out}");
         }
         out
@@ -459,11 +485,21 @@ mod tests {
             &disk,
             off,
             len,
-            &[("EFI/BOOT/BOOTX64.EFI", &shim), ("EFI/ubuntu/grub.cfg", grub_cfg), ("/EFI/ubuntu/old.cfg", b"x")],
+            &[
+                ("EFI/BOOT/BOOTX64.EFI", &shim),
+                ("EFI/ubuntu/grub.cfg", grub_cfg),
+                ("/EFI/ubuntu/old.cfg", b"x"),
+            ],
         )
         .unwrap();
         // Replacing a file (shorter now) and adding one next to it, paths case-insensitive.
-        write_files(&disk, off, len, &[("efi/boot/bootx64.efi", b"MZ shim"), ("EFI/BOOT/fbx64.efi", b"fb")]).unwrap();
+        write_files(
+            &disk,
+            off,
+            len,
+            &[("efi/boot/bootx64.efi", b"MZ shim"), ("EFI/BOOT/fbx64.efi", b"fb")],
+        )
+        .unwrap();
 
         assert_eq!(read(&disk, off - 4096, 4096), vec![0xB1; 4096], "wrote before the ESP");
         assert_eq!(read(&disk, off + len, 4096), vec![0xE7; 4096], "wrote past the ESP");
@@ -477,7 +513,12 @@ mod tests {
         let part = dir.path().join("esp.img");
         copy_range(&img, off, len, &part);
         let listing = assert_fsck_clean(&part);
-        for path in ["/EFI/BOOT/BOOTX64.EFI", "/EFI/ubuntu/grub.cfg", "/EFI/ubuntu/old.cfg", "/EFI/BOOT/fbx64.efi"] {
+        for path in [
+            "/EFI/BOOT/BOOTX64.EFI",
+            "/EFI/ubuntu/grub.cfg",
+            "/EFI/ubuntu/old.cfg",
+            "/EFI/BOOT/fbx64.efi",
+        ] {
             assert!(listing.contains(path), "{path} not in fsck listing:\n{listing}");
         }
         assert!(listing.contains("32 bit entries"), "not FAT32:\n{listing}");
@@ -488,17 +529,32 @@ mod tests {
         let (code, out) = run("fatlabel", &[part.to_str().unwrap()]);
         assert_eq!((code, out.trim()), (0, "UEFI"));
         // The disk's table is intact.
-        assert_eq!(format!("{:?}", crate::disk::read_layout(&img).unwrap()), format!("{layout:?}"));
+        assert_eq!(
+            format!("{:?}", crate::disk::read_layout(&img).unwrap()),
+            format!("{layout:?}")
+        );
     }
 
     #[test]
     fn fat32_needs_room_and_a_valid_label() {
         let dir = tempfile::tempdir().unwrap();
-        let f = File::options().read(true).write(true).create(true).truncate(true).open(dir.path().join("v")).unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("v"))
+            .unwrap();
         f.set_len(200 * MIB).unwrap();
         let err = format_fat32(&f, 120 * MIB, 8 * MIB, "UEFI").unwrap_err();
-        assert!(format!("{err:#}").contains("wrong size for Fat32"), "8 MiB cannot be FAT32: {err:#}");
-        assert!(format_fat32(&f, 190 * MIB, 20 * MIB, "UEFI").is_err(), "range past the end");
+        assert!(
+            format!("{err:#}").contains("wrong size for Fat32"),
+            "8 MiB cannot be FAT32: {err:#}"
+        );
+        assert!(
+            format_fat32(&f, 190 * MIB, 20 * MIB, "UEFI").is_err(),
+            "range past the end"
+        );
         for bad in ["", "TWELVE_CHARS", "A/B", "é"] {
             let err = format_fat32(&f, 0, 106 * MIB, bad).unwrap_err();
             assert_eq!(exit_code(&err), 2, "{bad:?}: {err:#}");
@@ -522,7 +578,10 @@ mod tests {
         assert_eq!(std::fs::metadata(&seed).unwrap().len(), CIDATA_SIZE);
         let listing = assert_fsck_clean(&seed);
         for (name, _) in files {
-            assert!(listing.contains(&format!("/{name}")), "{name} not in fsck listing:\n{listing}");
+            assert!(
+                listing.contains(&format!("/{name}")),
+                "{name} not in fsck listing:\n{listing}"
+            );
         }
         let probe = blkid(&seed);
         for want in ["TYPE=vfat", "LABEL=cidata"] {
@@ -533,10 +592,19 @@ mod tests {
         assert_eq!(read_file(&f, 0, CIDATA_SIZE, "user-data").unwrap(), user_data);
         // Directories on FAT12 too (two levels, so ".." points to a subdirectory).
         let f = File::options().read(true).write(true).open(&seed).unwrap();
-        write_files(&f, 0, CIDATA_SIZE, &[("scripts/per-boot/hello.sh", b"#!/bin/sh\necho hi\n")]).unwrap();
+        write_files(
+            &f,
+            0,
+            CIDATA_SIZE,
+            &[("scripts/per-boot/hello.sh", b"#!/bin/sh\necho hi\n")],
+        )
+        .unwrap();
         let listing = assert_fsck_clean(&seed);
         assert!(listing.contains("/scripts/per-boot/hello.sh"), "{listing}");
-        assert_eq!(read_file(&f, 0, CIDATA_SIZE, "SCRIPTS/per-boot/hello.sh").unwrap(), b"#!/bin/sh\necho hi\n");
+        assert_eq!(
+            read_file(&f, 0, CIDATA_SIZE, "SCRIPTS/per-boot/hello.sh").unwrap(),
+            b"#!/bin/sh\necho hi\n"
+        );
         // Making it again replaces it.
         make_cidata(&seed, &files[..1]).unwrap();
         assert!(read_file(&File::open(&seed).unwrap(), 0, CIDATA_SIZE, "meta-data").is_err());

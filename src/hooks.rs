@@ -21,7 +21,11 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>> {
 
 pub fn run_all(dir: &Path, session: &Session, rd: &RootDir) -> Result<()> {
     for hook in list(dir)? {
-        let name = format!("{}/{}", dir.file_name().unwrap().to_string_lossy(), hook.file_name().unwrap().to_string_lossy());
+        let name = format!(
+            "{}/{}",
+            dir.file_name().unwrap().to_string_lossy(),
+            hook.file_name().unwrap().to_string_lossy()
+        );
         tracing::info!("hook {name}");
         let res = if hook.extension().unwrap() == "chroot" {
             // Copied into the image's /run (a tmpfs of the session) and run from there.

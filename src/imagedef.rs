@@ -167,7 +167,9 @@ fn read_raw(path: &Path) -> Result<RawDef> {
 
 /// Load and validate a definition (and what it extends).
 pub fn load(path: &Path) -> Result<ImageDef> {
-    let path = path.canonicalize().map_err(|e| user(format!("image definition {}: {e}", path.display())))?;
+    let path = path
+        .canonicalize()
+        .map_err(|e| user(format!("image definition {}: {e}", path.display())))?;
     let project_root = path
         .parent()
         .and_then(|p| p.parent())
@@ -178,7 +180,10 @@ pub fn load(path: &Path) -> Result<ImageDef> {
         let from = &chain.last().unwrap().0;
         let p = from.parent().unwrap().join(&parent);
         if chain.iter().any(|(q, _)| q == &p) || chain.len() > 8 {
-            user_bail!("image definition {}: `extends` forms a cycle at {parent}", from.display());
+            user_bail!(
+                "image definition {}: `extends` forms a cycle at {parent}",
+                from.display()
+            );
         }
         let raw = read_raw(&p).map_err(|e| user(format!("{}: extends = \"{parent}\": {e:#}", from.display())))?;
         chain.push((p, raw));
@@ -214,7 +219,11 @@ pub fn load(path: &Path) -> Result<ImageDef> {
                 stages[pos] = (s.clone(), file.clone());
             } else if let Some(before) = &s.before {
                 let Some(pos) = stages.iter().position(|(x, _)| &x.name == before) else {
-                    user_bail!("image definition {}: stage `{}` has before = \"{before}\" but no stage is named {before}", file.display(), s.name);
+                    user_bail!(
+                        "image definition {}: stage `{}` has before = \"{before}\" but no stage is named {before}",
+                        file.display(),
+                        s.name
+                    );
                 };
                 stages.insert(pos, (s.clone(), file.clone()));
             } else {
@@ -228,12 +237,20 @@ pub fn load(path: &Path) -> Result<ImageDef> {
         user_bail!("image definition {f}: `name` = \"{name}\" must be letters, digits, '-', '_' or '.'");
     }
     let description = description.ok_or_else(|| user(format!("image definition {f}: missing key `description`")))?;
-    let (ds, ds_file) = disk_size.ok_or_else(|| user(format!("image definition {f}: missing key `disk_size` (e.g. \"20G\")")))?;
+    let (ds, ds_file) =
+        disk_size.ok_or_else(|| user(format!("image definition {f}: missing key `disk_size` (e.g. \"20G\")")))?;
     let disk_size = match parse_size(&ds) {
         Some(n) if n >= 1 << 30 && n % (1 << 20) == 0 => n,
-        _ => user_bail!("image definition {}: `disk_size` = \"{ds}\" is not a size of at least 1G in whole MiB (e.g. \"20G\")", ds_file.display()),
+        _ => user_bail!(
+            "image definition {}: `disk_size` = \"{ds}\" is not a size of at least 1G in whole MiB (e.g. \"20G\")",
+            ds_file.display()
+        ),
     };
-    let uri_template = payload.uri.ok_or_else(|| user(format!("image definition {f}: missing key `payload.uri` (a template with {{name}})")))?;
+    let uri_template = payload.uri.ok_or_else(|| {
+        user(format!(
+            "image definition {f}: missing key `payload.uri` (a template with {{name}})"
+        ))
+    })?;
     if !uri_template.contains("{name}") {
         user_bail!("image definition {f}: `payload.uri` = \"{uri_template}\" has no {{name}} placeholder");
     }
@@ -246,11 +263,19 @@ pub fn load(path: &Path) -> Result<ImageDef> {
     };
     for r in &repos {
         if r.id.is_empty() || !r.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            user_bail!("image definition {f}: repository id `{}` must be letters, digits, '-' or '_'", r.id);
+            user_bail!(
+                "image definition {f}: repository id `{}` must be letters, digits, '-' or '_'",
+                r.id
+            );
         }
         let key = project_root.join(&r.key);
         if !key.is_file() {
-            user_bail!("image definition {f}: repository `{}` key `{}` not found at {}", r.id, r.key, key.display());
+            user_bail!(
+                "image definition {f}: repository `{}` key `{}` not found at {}",
+                r.id,
+                r.key,
+                key.display()
+            );
         }
     }
     let mut out_stages = Vec::new();
@@ -258,14 +283,21 @@ pub fn load(path: &Path) -> Result<ImageDef> {
         let fd = file.display();
         for r in &s.repositories {
             if !repos.iter().any(|x| &x.id == r) {
-                user_bail!("image definition {fd}: stage `{}` uses repository `{r}`, which no [[repository]] defines", s.name);
+                user_bail!(
+                    "image definition {fd}: stage `{}` uses repository `{r}`, which no [[repository]] defines",
+                    s.name
+                );
             }
         }
         let mut packages = Vec::new();
         for l in &s.packages {
             let p = project_root.join("package-lists").join(format!("{l}.list"));
             if !p.is_file() {
-                user_bail!("image definition {fd}: stage `{}` package list `{l}` not found at {}", s.name, p.display());
+                user_bail!(
+                    "image definition {fd}: stage `{}` package list `{l}` not found at {}",
+                    s.name,
+                    p.display()
+                );
             }
             packages.extend(parse_package_list(&p)?);
         }
@@ -277,7 +309,11 @@ pub fn load(path: &Path) -> Result<ImageDef> {
                     if p.is_dir() {
                         Ok(p)
                     } else {
-                        Err(user(format!("image definition {fd}: stage `{}` {kind} `{n}` not found at {}", s.name, p.display())))
+                        Err(user(format!(
+                            "image definition {fd}: stage `{}` {kind} `{n}` not found at {}",
+                            s.name,
+                            p.display()
+                        )))
                     }
                 })
                 .collect()
@@ -294,13 +330,24 @@ pub fn load(path: &Path) -> Result<ImageDef> {
             require_modules: s.require_modules,
         });
     }
-    Ok(ImageDef { file: path.clone(), project_root, name, description, disk_size, bootloader: bootloader.unwrap_or(true), payload, repositories: repos, stages: out_stages })
+    Ok(ImageDef {
+        file: path.clone(),
+        project_root,
+        name,
+        description,
+        disk_size,
+        bootloader: bootloader.unwrap_or(true),
+        payload,
+        repositories: repos,
+        stages: out_stages,
+    })
 }
 
 /// Parse `package-lists/X.list`: one package a line, `name=version` pins, `#` comments,
 /// and `name=version pool=PATH sha256=HEX` for a package fetched by its pool path.
 pub fn parse_package_list(path: &Path) -> Result<Vec<PackageSpec>> {
-    let text = std::fs::read_to_string(path).map_err(|e| user(format!("cannot read package list {}: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| user(format!("cannot read package list {}: {e}", path.display())))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap().trim();
@@ -315,7 +362,9 @@ pub fn parse_package_list(path: &Path) -> Result<Vec<PackageSpec>> {
             None => (first.to_string(), None),
         };
         let valid_name = name.len() >= 2
-            && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
         if !valid_name || version.as_deref() == Some("") {
             user_bail!("{origin}: `{first}` is not a package name or name=version");
         }
@@ -341,7 +390,12 @@ pub fn parse_package_list(path: &Path) -> Result<Vec<PackageSpec>> {
             }
             _ => user_bail!("{origin}: a pool pin needs both pool=PATH and sha256=<64 hex digits>"),
         };
-        out.push(PackageSpec { name, version, pool, origin });
+        out.push(PackageSpec {
+            name,
+            version,
+            pool,
+            origin,
+        });
     }
     Ok(out)
 }
@@ -456,7 +510,10 @@ hooks = ["k8s"]
         assert!(e.contains("missing.asc"), "{e}");
         let e = err_of(&BASE.replace("repositories = [\"k8s\"]", "repositories = [\"other\"]"));
         assert!(e.contains("repository `other`"), "{e}");
-        let e = err_of(&BASE.replace("[[stage]]\nname = \"system-update\"", "[[stage]]\nnmae = \"system-update\""));
+        let e = err_of(&BASE.replace(
+            "[[stage]]\nname = \"system-update\"",
+            "[[stage]]\nnmae = \"system-update\"",
+        ));
         assert!(e.contains("nmae"), "{e}");
     }
 
@@ -469,7 +526,10 @@ hooks = ["k8s"]
             ("x=\n", "not a package name"),
             ("abc pool=pool/a.deb\n", "needs both"),
             ("abc pool=pool/a.deb sha256=12\n", "needs both"),
-            (&format!("abc pool=pool/a.deb sha256={}\n", "a".repeat(64)), "exact version"),
+            (
+                &format!("abc pool=pool/a.deb sha256={}\n", "a".repeat(64)),
+                "exact version",
+            ),
             (&format!("abc=1 pool=../a.deb sha256={}\n", "a".repeat(64)), "pool path"),
             ("abc foo=bar\n", "unknown field"),
         ] {

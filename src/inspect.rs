@@ -254,7 +254,13 @@ fn dpkg_arch(status: &[DpkgPackage], arch_file: Option<&str>) -> Option<String> 
             .find(|p| p.name == *want && p.is_installed() && !p.arch.is_empty() && p.arch != "all")
             .map(|p| p.arch.clone())
     });
-    from_status.or_else(|| arch_file?.lines().map(str::trim).find(|l| !l.is_empty()).map(str::to_string))
+    from_status.or_else(|| {
+        arch_file?
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .map(str::to_string)
+    })
 }
 
 /// Installed key packages by name; foreign-architecture ones as `name:arch`.
@@ -264,8 +270,18 @@ fn key_packages(status: &[DpkgPackage], native: Option<&str>) -> BTreeMap<String
         .filter(|p| p.is_installed() && is_key_package(&p.name))
         .map(|p| {
             let foreign = !p.arch.is_empty() && p.arch != "all" && native.is_some_and(|n| n != p.arch);
-            let key = if foreign { format!("{}:{}", p.name, p.arch) } else { p.name.clone() };
-            (key, PackageFacts { version: p.version.clone(), held: p.is_held() })
+            let key = if foreign {
+                format!("{}:{}", p.name, p.arch)
+            } else {
+                p.name.clone()
+            };
+            (
+                key,
+                PackageFacts {
+                    version: p.version.clone(),
+                    held: p.is_held(),
+                },
+            )
         })
         .collect()
 }
@@ -273,8 +289,22 @@ fn key_packages(status: &[DpkgPackage], native: Option<&str>) -> BTreeMap<String
 /// Whether `inspect` reports a package: kernels, NVIDIA driver bits, the container
 /// runtime, Kubernetes and dkms.
 pub fn is_key_package(name: &str) -> bool {
-    const PREFIXES: [&str; 5] = ["linux-image-", "linux-headers-", "linux-modules-", "nvidia-", "libnvidia-"];
-    const NAMES: [&str; 7] = ["containerd", "containerd.io", "runc", "kubelet", "kubeadm", "kubectl", "dkms"];
+    const PREFIXES: [&str; 5] = [
+        "linux-image-",
+        "linux-headers-",
+        "linux-modules-",
+        "nvidia-",
+        "libnvidia-",
+    ];
+    const NAMES: [&str; 7] = [
+        "containerd",
+        "containerd.io",
+        "runc",
+        "kubelet",
+        "kubeadm",
+        "kubectl",
+        "dkms",
+    ];
     PREFIXES.iter().any(|p| name.starts_with(p)) || NAMES.contains(&name)
 }
 
@@ -311,7 +341,9 @@ impl Disk {
             }
             Err(e) => return Err(e).with_context(|| format!("opening {shown}")),
         };
-        let meta = file.metadata().with_context(|| format!("reading metadata of {shown}"))?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("reading metadata of {shown}"))?;
         if meta.is_dir() {
             return Err(user(format!("{shown} is a directory; {EXPECTED_IMAGE}")));
         }
@@ -320,7 +352,13 @@ impl Disk {
         if got >= 4 && &magic[..4] == QCOW2_MAGIC {
             return Disk::open_qcow2(path, &magic[..got]);
         }
-        Ok(Disk { source: path.to_path_buf(), format: ImageFormat::Raw, file, len: meta.len(), _tmp: None })
+        Ok(Disk {
+            source: path.to_path_buf(),
+            format: ImageFormat::Raw,
+            file,
+            len: meta.len(),
+            _tmp: None,
+        })
     }
 
     /// Convert a qcow2 to a sparse raw in a temporary directory and open that.
@@ -348,8 +386,17 @@ impl Disk {
             .run()
             .with_context(|| format!("converting {shown} from qcow2 to raw"))?;
         let file = File::open(&raw).with_context(|| format!("opening {}", raw.display()))?;
-        let len = file.metadata().with_context(|| format!("reading metadata of {}", raw.display()))?.len();
-        Ok(Disk { source: path.to_path_buf(), format: ImageFormat::Qcow2, file, len, _tmp: Some(tmp) })
+        let len = file
+            .metadata()
+            .with_context(|| format!("reading metadata of {}", raw.display()))?
+            .len();
+        Ok(Disk {
+            source: path.to_path_buf(),
+            format: ImageFormat::Qcow2,
+            file,
+            len,
+            _tmp: Some(tmp),
+        })
     }
 
     /// Read the GPT and probe each partition for a filesystem.
@@ -362,9 +409,11 @@ impl Disk {
         let mut partitions = Vec::new();
         let mut filesystems = Vec::new();
         for (number, p) in gpt.iter().filter(|(_, p)| p.is_used()) {
-            let sectors = p
-                .size()
-                .map_err(|e| user(format!("{shown}: GPT partition {number} is invalid ({e}); {EXPECTED_IMAGE}")))?;
+            let sectors = p.size().map_err(|e| {
+                user(format!(
+                    "{shown}: GPT partition {number} is invalid ({e}); {EXPECTED_IMAGE}"
+                ))
+            })?;
             let type_guid = guid_string(&p.partition_type_guid);
             let facts = PartitionFacts {
                 number,
@@ -382,7 +431,12 @@ impl Disk {
             }
             partitions.push(facts);
         }
-        Ok(Layout { sector_size: ss, disk_guid: guid_string(&gpt.header.disk_guid), partitions, filesystems })
+        Ok(Layout {
+            sector_size: ss,
+            disk_guid: guid_string(&gpt.header.disk_guid),
+            partitions,
+            filesystems,
+        })
     }
 
     /// Look for an ext or FAT filesystem at the start of a partition.
@@ -395,13 +449,15 @@ impl Disk {
         self.file
             .read_exact_at(&mut head, part.offset)
             .with_context(|| format!("reading partition {} of {}", part.number, self.source.display()))?;
-        Ok(probe_ext(&head).or_else(|| probe_fat(&head)).map(|(fs_type, version, label, uuid)| FilesystemFacts {
-            partition: part.number,
-            fs_type,
-            version,
-            label,
-            uuid,
-        }))
+        Ok(probe_ext(&head)
+            .or_else(|| probe_fat(&head))
+            .map(|(fs_type, version, label, uuid)| FilesystemFacts {
+                partition: part.number,
+                fs_type,
+                version,
+                label,
+                uuid,
+            }))
     }
 }
 
@@ -440,7 +496,10 @@ fn partition_type_name(guid: &str) -> Option<&'static str> {
         ("e6d6d379-f507-44c2-a23c-238f2a3df928", "Linux LVM"),
         ("ebd0a0a2-b9e5-4433-87c0-68b6b72699c7", "Microsoft basic data"),
     ];
-    TYPES.iter().find(|(g, _)| g.eq_ignore_ascii_case(guid)).map(|(_, n)| *n)
+    TYPES
+        .iter()
+        .find(|(g, _)| g.eq_ignore_ascii_case(guid))
+        .map(|(_, n)| *n)
 }
 
 type Probed = (String, Option<String>, Option<String>, String);
@@ -498,7 +557,11 @@ fn probe_fat(head: &[u8]) -> Option<Probed> {
     let uuid = format!("{:04X}-{:04X}", id >> 16, id & 0xFFFF);
     let label = String::from_utf8_lossy(&bs[ext + 7..ext + 18]).trim_end().to_string();
     let label = (!label.is_empty() && label != "NO NAME").then_some(label);
-    let version = if fat32 { "FAT32".to_string() } else { String::from_utf8_lossy(fs_name).trim_end().to_string() };
+    let version = if fat32 {
+        "FAT32".to_string()
+    } else {
+        String::from_utf8_lossy(fs_name).trim_end().to_string()
+    };
     Some(("vfat".to_string(), Some(version), label, uuid))
 }
 
@@ -592,7 +655,11 @@ impl RootFs {
             .find(|f| f.label.as_deref() == Some(ROOTFS_LABEL))
             .or_else(|| layout.filesystems.iter().filter(ext).find(|f| f.partition == 1))
             .or_else(|| layout.filesystems.iter().find(ext))
-            .ok_or_else(|| user(format!("{shown}: no ext4 root filesystem on any GPT partition; {EXPECTED_IMAGE}")))?;
+            .ok_or_else(|| {
+                user(format!(
+                    "{shown}: no ext4 root filesystem on any GPT partition; {EXPECTED_IMAGE}"
+                ))
+            })?;
         let part = layout
             .partitions
             .iter()
@@ -600,14 +667,22 @@ impl RootFs {
             .expect("every filesystem is on a listed partition");
         let file = disk.file.try_clone().with_context(|| format!("reopening {shown}"))?;
         let len = part.size.min(disk.len.saturating_sub(part.offset));
-        let reader = PartitionReader { file, offset: part.offset, len };
+        let reader = PartitionReader {
+            file,
+            offset: part.offset,
+            len,
+        };
         let fs = Ext4::load(Box::new(reader)).map_err(|e| {
             user(format!(
                 "{shown}: the ext4 filesystem on partition {} cannot be read ({e}); {EXPECTED_IMAGE}",
                 part.number
             ))
         })?;
-        Ok(RootFs { fs, partition: part.number, disk })
+        Ok(RootFs {
+            fs,
+            partition: part.number,
+            disk,
+        })
     }
 
     #[cfg(test)]
@@ -635,7 +710,11 @@ impl RootFs {
     }
 
     fn err(&self, what: &str, path: &str, e: Ext4Error) -> anyhow::Error {
-        anyhow!("{what} {path} in {} (partition {}): {e}", self.disk.source.display(), self.partition)
+        anyhow!(
+            "{what} {path} in {} (partition {}): {e}",
+            self.disk.source.display(),
+            self.partition
+        )
     }
 
     /// Whole contents of a file (following symlinks).
@@ -692,17 +771,26 @@ impl RootFs {
 
     /// Metadata of `path`, following symlinks.
     pub fn metadata(&self, path: &str) -> Result<FileMeta> {
-        self.fs.metadata(path).map(file_meta).map_err(|e| self.err("looking up", path, e))
+        self.fs
+            .metadata(path)
+            .map(file_meta)
+            .map_err(|e| self.err("looking up", path, e))
     }
 
     /// Metadata of `path` itself, not following a final symlink.
     pub fn symlink_metadata(&self, path: &str) -> Result<FileMeta> {
-        self.fs.symlink_metadata(path).map(file_meta).map_err(|e| self.err("looking up", path, e))
+        self.fs
+            .symlink_metadata(path)
+            .map(file_meta)
+            .map_err(|e| self.err("looking up", path, e))
     }
 
     /// Target of the symlink at `path`, as stored.
     pub fn read_link(&self, path: &str) -> Result<String> {
-        let target = self.fs.read_link(path).map_err(|e| self.err("reading the link", path, e))?;
+        let target = self
+            .fs
+            .read_link(path)
+            .map_err(|e| self.err("reading the link", path, e))?;
         Ok(target.display().to_string())
     }
 }
@@ -717,7 +805,13 @@ fn file_meta(m: ext4_view::Metadata) -> FileMeta {
         FileType::Fifo => FileKind::Fifo,
         FileType::Socket => FileKind::Socket,
     };
-    FileMeta { kind, mode: m.mode(), uid: m.uid(), gid: m.gid(), size: m.len() }
+    FileMeta {
+        kind,
+        mode: m.mode(),
+        uid: m.uid(),
+        gid: m.gid(),
+        size: m.len(),
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -734,7 +828,9 @@ pub fn parse_os_release(text: &str) -> BTreeMap<String, String> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let Some((key, raw)) = line.split_once('=') else { continue };
+        let Some((key, raw)) = line.split_once('=') else {
+            continue;
+        };
         let key = key.trim();
         if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             continue;
@@ -839,7 +935,9 @@ pub fn parse_dpkg_status(text: &str) -> Vec<DpkgPackage> {
             version: get("Version"),
             arch: get("Architecture"),
             status: get("Status"),
-            source: f.get("Source").map(|s| s.split_whitespace().next().unwrap_or("").to_string()),
+            source: f
+                .get("Source")
+                .map(|s| s.split_whitespace().next().unwrap_or("").to_string()),
             name: name.clone(),
             fields: {
                 f.insert("Package".into(), name);
@@ -873,7 +971,9 @@ pub fn parse_dpkg_status(text: &str) -> Vec<DpkgPackage> {
 pub fn dpkg_version_cmp(a: &str, b: &str) -> Ordering {
     let (ea, ua, ra) = split_version(a);
     let (eb, ub, rb) = split_version(b);
-    ea.cmp(&eb).then_with(|| verrevcmp(ua, ub)).then_with(|| verrevcmp(ra, rb))
+    ea.cmp(&eb)
+        .then_with(|| verrevcmp(ua, ub))
+        .then_with(|| verrevcmp(ra, rb))
 }
 
 /// (epoch, upstream, revision) of a Debian version.
@@ -968,9 +1068,15 @@ pub fn render_facts(f: &ImageFacts) -> String {
             &["", ""],
             &[
                 vec!["format".into(), f.format.as_str().into()],
-                vec!["size".into(), format!("{} ({} bytes)", human_size(f.virtual_size), f.virtual_size)],
+                vec![
+                    "size".into(),
+                    format!("{} ({} bytes)", human_size(f.virtual_size), f.virtual_size),
+                ],
                 vec!["disk GUID".into(), f.disk_guid.clone()],
-                vec!["architecture".into(), f.arch.clone().unwrap_or_else(|| "(unknown)".into())],
+                vec![
+                    "architecture".into(),
+                    f.arch.clone().unwrap_or_else(|| "(unknown)".into()),
+                ],
             ],
             &[],
             false,
@@ -993,7 +1099,12 @@ pub fn render_facts(f: &ImageFacts) -> String {
         .collect();
     section(
         format!("Partitions (GPT, {}-byte sectors)", f.sector_size),
-        table(&["#", "TYPE", "START", "END", "SIZE", "NAME"], &rows, &[0, 2, 3, 4], true),
+        table(
+            &["#", "TYPE", "START", "END", "SIZE", "NAME"],
+            &rows,
+            &[0, 2, 3, 4],
+            true,
+        ),
     );
 
     let rows: Vec<Vec<String>> = f
@@ -1003,19 +1114,28 @@ pub fn render_facts(f: &ImageFacts) -> String {
             let root = if fs.partition == f.root_partition { "root" } else { "" };
             vec![
                 fs.partition.to_string(),
-                fs.version.clone().map_or_else(|| fs.fs_type.clone(), |v| format!("{} ({v})", fs.fs_type)),
+                fs.version
+                    .clone()
+                    .map_or_else(|| fs.fs_type.clone(), |v| format!("{} ({v})", fs.fs_type)),
                 fs.label.clone().unwrap_or_default(),
                 fs.uuid.clone(),
                 root.into(),
             ]
         })
         .collect();
-    section("Filesystems".into(), table(&["#", "TYPE", "LABEL", "UUID", ""], &rows, &[0], true));
+    section(
+        "Filesystems".into(),
+        table(&["#", "TYPE", "LABEL", "UUID", ""], &rows, &[0], true),
+    );
 
     let rows: Vec<Vec<String>> = f.os_release.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
     section(
         format!("OS release (partition {})", f.root_partition),
-        if rows.is_empty() { "  (no /etc/os-release)\n".into() } else { table(&["", ""], &rows, &[], false) },
+        if rows.is_empty() {
+            "  (no /etc/os-release)\n".into()
+        } else {
+            table(&["", ""], &rows, &[], false)
+        },
     );
 
     let rows: Vec<Vec<String>> = f
@@ -1042,7 +1162,11 @@ pub fn render_facts(f: &ImageFacts) -> String {
         .collect();
     section(
         "Packages".into(),
-        if rows.is_empty() { "  (none)\n".into() } else { table(&["NAME", "VERSION", ""], &rows, &[], true) },
+        if rows.is_empty() {
+            "  (none)\n".into()
+        } else {
+            table(&["NAME", "VERSION", ""], &rows, &[], true)
+        },
     );
     out
 }
@@ -1050,7 +1174,10 @@ pub fn render_facts(f: &ImageFacts) -> String {
 /// Columns padded to their widest cell, indented by two; `right` lists the columns
 /// aligned right. Trailing blanks are trimmed.
 fn table(headers: &[&str], rows: &[Vec<String>], right: &[usize], with_header: bool) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| if with_header { h.chars().count() } else { 0 }).collect();
+    let mut widths: Vec<usize> = headers
+        .iter()
+        .map(|h| if with_header { h.chars().count() } else { 0 })
+        .collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -1090,7 +1217,11 @@ fn human_size(bytes: u64) -> String {
         v /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 // ---------------------------------------------------------------------------------
@@ -1211,7 +1342,11 @@ Version: 5.1-6ubuntu1.1
     /// Build the images on first use.
     pub fn images() -> &'static Images {
         IMAGES.get_or_init(|| {
-            let dir = tempfile::Builder::new().prefix("kiln-inspect-test-").tempdir().unwrap().keep();
+            let dir = tempfile::Builder::new()
+                .prefix("kiln-inspect-test-")
+                .tempdir()
+                .unwrap()
+                .keep();
             // SAFETY: registers a plain function with no preconditions; it only
             // removes the directory made here when the test binary exits.
             unsafe { libc::atexit(remove_images) };
@@ -1269,12 +1404,21 @@ Version: 5.1-6ubuntu1.1
         let not_image = dir.join("notes.txt");
         std::fs::write(&not_image, "this is not a disk image\n".repeat(100)).unwrap();
 
-        Images { dir: dir.to_path_buf(), raw, qcow2, no_ext4, not_image }
+        Images {
+            dir: dir.to_path_buf(),
+            raw,
+            qcow2,
+            no_ext4,
+            not_image,
+        }
     }
 
     /// A sparse file with the cloud image's GPT layout, small.
     fn partition(file: &Path) {
-        std::fs::File::create(file).unwrap().set_len(DISK_SECTORS * SECTOR).unwrap();
+        std::fs::File::create(file)
+            .unwrap()
+            .set_len(DISK_SECTORS * SECTOR)
+            .unwrap();
         Cmd::new(tool("sgdisk", "gdisk"))
             .args(["-n", "14:2048:+4M", "-t", "14:ef02", "-c", "14:bios"])
             .args(["-n", &format!("15:{ESP_START}:+40M"), "-t", "15:ef00", "-c", "15:esp"])
@@ -1286,7 +1430,16 @@ Version: 5.1-6ubuntu1.1
 
     fn mkfs_esp(file: &Path) {
         Cmd::new(tool("mkfs.fat", "dosfstools"))
-            .args(["-F", "32", "-n", "UEFI", "-i", ESP_ID, "--offset", &ESP_START.to_string()])
+            .args([
+                "-F",
+                "32",
+                "-n",
+                "UEFI",
+                "-i",
+                ESP_ID,
+                "--offset",
+                &ESP_START.to_string(),
+            ])
             .arg(file)
             .arg((40 * 1024).to_string())
             .run()
@@ -1341,7 +1494,10 @@ mod tests {
         assert_eq!(cmp("5.15.0-91", "5.15.0-9"), Greater);
         assert_eq!(cmp("5.15.0-100-generic", "5.15.0-91-generic"), Greater);
         assert_eq!(cmp("1:1.0", "2.0"), Greater, "epoch wins");
-        assert_eq!(cmp("1:565.57.01-0ubuntu0.22.04.4", "565.57.01-0ubuntu0.22.04.4"), Greater);
+        assert_eq!(
+            cmp("1:565.57.01-0ubuntu0.22.04.4", "565.57.01-0ubuntu0.22.04.4"),
+            Greater
+        );
         assert_eq!(cmp("0:1.0", "1.0"), Equal, "a missing epoch is 0");
         assert_eq!(cmp("1.0-0", "1.0"), Equal, "a missing revision is 0");
         assert_eq!(cmp("1.01", "1.1"), Equal, "digit runs compare numerically");
@@ -1356,7 +1512,11 @@ mod tests {
         assert_eq!(upstream_version("1:565.57.01-0ubuntu0.22.04.4"), "565.57.01");
         assert_eq!(upstream_version("1.30.0-1.1"), "1.30.0");
         assert_eq!(upstream_version("565.57.01"), "565.57.01");
-        assert_eq!(upstream_version("2:1.2-3-4"), "1.2-3", "the revision is after the last hyphen");
+        assert_eq!(
+            upstream_version("2:1.2-3-4"),
+            "1.2-3",
+            "the revision is after the last hyphen"
+        );
     }
 
     #[test]
@@ -1385,16 +1545,26 @@ mod tests {
             ("base-files", "12ubuntu4.6", "amd64")
         );
         assert!(base.is_installed() && !base.is_held());
-        assert!(base.fields["Description"].ends_with("\nseveral important miscellaneous files."), "{:?}", base.fields);
+        assert!(
+            base.fields["Description"].ends_with("\nseveral important miscellaneous files."),
+            "{:?}",
+            base.fields
+        );
         let kubelet = pkgs.iter().find(|p| p.name == "kubelet").unwrap();
         assert!(kubelet.is_installed() && kubelet.is_held());
-        assert_eq!(kubelet.fields["Depends"], "iptables (>= 1.4.21), kubernetes-cni (>= 1.2.0)");
+        assert_eq!(
+            kubelet.fields["Depends"],
+            "iptables (>= 1.4.21), kubernetes-cni (>= 1.2.0)"
+        );
         let nv = pkgs.iter().find(|p| p.name == "nvidia-driver-565-server").unwrap();
         assert_eq!(nv.source.as_deref(), Some("nvidia-graphics-drivers-565-server"));
         let rc = pkgs.iter().find(|p| p.name == "linux-image-5.15.0-88-generic").unwrap();
         assert!(!rc.is_installed());
         assert_eq!(rc.want(), "deinstall");
-        assert!(parse_dpkg_status("\n\nVersion: 1\n\n").is_empty(), "stanzas need a Package");
+        assert!(
+            parse_dpkg_status("\n\nVersion: 1\n\n").is_empty(),
+            "stanzas need a Package"
+        );
     }
 
     #[test]
@@ -1411,8 +1581,11 @@ mod tests {
         assert_eq!(f.sector_size, 512);
         assert_eq!(f.virtual_size, 72 << 20);
 
-        let parts: Vec<(u32, &str, u64, &str)> =
-            f.partitions.iter().map(|p| (p.number, p.type_name.as_str(), p.start_lba, p.name.as_str())).collect();
+        let parts: Vec<(u32, &str, u64, &str)> = f
+            .partitions
+            .iter()
+            .map(|p| (p.number, p.type_name.as_str(), p.start_lba, p.name.as_str()))
+            .collect();
         assert_eq!(
             parts,
             [
@@ -1431,7 +1604,10 @@ mod tests {
             .collect();
         assert_eq!(
             fs,
-            [(1, "ext4", Some("cloudimg-rootfs"), test_images::ROOT_UUID), (15, "vfat", Some("UEFI"), "ABCD-1234")]
+            [
+                (1, "ext4", Some("cloudimg-rootfs"), test_images::ROOT_UUID),
+                (15, "vfat", Some("UEFI"), "ABCD-1234")
+            ]
         );
         assert_eq!(f.filesystems[1].version.as_deref(), Some("FAT32"));
         assert_eq!(f.root_partition, 1);
@@ -1439,8 +1615,11 @@ mod tests {
         // /etc/os-release is a symlink to ../usr/lib/os-release in the image.
         assert_eq!(f.os_release, parse_os_release(test_images::OS_RELEASE));
 
-        let kernels: Vec<(&str, bool, bool, bool)> =
-            f.kernels.iter().map(|k| (k.version.as_str(), k.vmlinuz, k.initrd, k.modules)).collect();
+        let kernels: Vec<(&str, bool, bool, bool)> = f
+            .kernels
+            .iter()
+            .map(|k| (k.version.as_str(), k.vmlinuz, k.initrd, k.modules))
+            .collect();
         assert_eq!(
             kernels,
             [
@@ -1451,8 +1630,11 @@ mod tests {
         );
 
         assert_eq!(f.arch.as_deref(), Some("amd64"));
-        let pkgs: Vec<(&str, &str, bool)> =
-            f.packages.iter().map(|(n, p)| (n.as_str(), p.version.as_str(), p.held)).collect();
+        let pkgs: Vec<(&str, &str, bool)> = f
+            .packages
+            .iter()
+            .map(|(n, p)| (n.as_str(), p.version.as_str(), p.held))
+            .collect();
         assert_eq!(
             pkgs,
             [
@@ -1474,25 +1656,46 @@ mod tests {
         let q = inspect_image(&images().qcow2).unwrap();
         assert_eq!(q.format, ImageFormat::Qcow2);
         assert_eq!(q.image, images().qcow2.display().to_string());
-        assert_eq!(ImageFacts { image: raw.image.clone(), format: ImageFormat::Raw, ..q }, raw);
+        assert_eq!(
+            ImageFacts {
+                image: raw.image.clone(),
+                format: ImageFormat::Raw,
+                ..q
+            },
+            raw
+        );
     }
 
     #[test]
     fn json_and_human_output() {
         let f = inspect_image(&images().raw).unwrap();
         let json = serde_json::to_value(&f).unwrap();
-        assert_eq!(json["packages"]["kubelet"], serde_json::json!({"version": "1.30.0-1.1", "held": true}));
+        assert_eq!(
+            json["packages"]["kubelet"],
+            serde_json::json!({"version": "1.30.0-1.1", "held": true})
+        );
         assert_eq!(json["format"], "raw");
         let back: ImageFacts = serde_json::from_value(json).unwrap();
         assert_eq!(back, f);
 
         let text = render_facts(&f);
-        for want in ["EFI System", "cloudimg-rootfs", "ABCD-1234", "VERSION_CODENAME", "5.15.0-100-generic", "hold"] {
+        for want in [
+            "EFI System",
+            "cloudimg-rootfs",
+            "ABCD-1234",
+            "VERSION_CODENAME",
+            "5.15.0-100-generic",
+            "hold",
+        ] {
             assert!(text.contains(want), "{want} missing from:\n{text}");
         }
         // Columns line up: in the partition table every SIZE ends in the same column.
-        let table: Vec<&str> =
-            text.lines().skip_while(|l| !l.starts_with("Partitions")).skip(2).take_while(|l| !l.is_empty()).collect();
+        let table: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.starts_with("Partitions"))
+            .skip(2)
+            .take_while(|l| !l.is_empty())
+            .collect();
         assert_eq!(table.len(), 3, "{text}");
         let ends: Vec<usize> = table.iter().map(|l| l.find("MiB").unwrap()).collect();
         assert!(ends.iter().all(|e| *e == ends[0]), "{text}");
@@ -1504,7 +1707,10 @@ mod tests {
         let e = inspect_image(&i.not_image).unwrap_err();
         assert_eq!(exit_code(&e), 2, "{e:#}");
         let msg = format!("{e:#}");
-        assert!(msg.contains("notes.txt") && msg.contains("no GPT") && msg.contains("expected"), "{msg}");
+        assert!(
+            msg.contains("notes.txt") && msg.contains("no GPT") && msg.contains("expected"),
+            "{msg}"
+        );
 
         let e = inspect_image(&i.no_ext4).unwrap_err();
         assert_eq!(exit_code(&e), 2, "{e:#}");
@@ -1535,7 +1741,10 @@ mod tests {
         assert!(r.exists("/lib/modules/5.15.0-91-generic/modules.dep").unwrap());
         assert!(!r.exists("/lib/modules/6.8.0-1-generic").unwrap());
         assert!(!r.exists("/etc/kiln-secret/x").unwrap());
-        assert_eq!(r.read_dir("/lib/modules").unwrap(), ["5.15.0-100-generic", "5.15.0-91-generic"]);
+        assert_eq!(
+            r.read_dir("/lib/modules").unwrap(),
+            ["5.15.0-100-generic", "5.15.0-91-generic"]
+        );
         assert!(r.read_dir("/").unwrap().contains(&"var".to_string()));
 
         let m = r.metadata("/etc/kiln-secret").unwrap();

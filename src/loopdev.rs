@@ -37,7 +37,9 @@ impl Loop {
         // Another process can take the device between GET_FREE and SET_FD: retry.
         let mut last_err = None;
         for _ in 0..10 {
-            let dev = ctl.next_free().context("no free loop device (losetup -a lists the ones in use; `kiln doctor` finds ones kiln left)")?;
+            let dev = ctl.next_free().context(
+                "no free loop device (losetup -a lists the ones in use; `kiln doctor` finds ones kiln left)",
+            )?;
             let path = dev.path().unwrap_or_else(|| PathBuf::from("/dev/loop?"));
             match dev
                 .with()
@@ -54,13 +56,21 @@ impl Loop {
                         backing.display()
                     );
                     crate::state::record_loop(&path, backing);
-                    return Ok(Loop { dev: Some(dev), path, backing: backing.to_owned() });
+                    return Ok(Loop {
+                        dev: Some(dev),
+                        path,
+                        backing: backing.to_owned(),
+                    });
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last_err = Some(e),
                 Err(e) => {
                     return Err(e).with_context(|| {
-                        format!("attaching {} at offset {offset} to {}", backing.display(), path.display())
-                    })
+                        format!(
+                            "attaching {} at offset {offset} to {}",
+                            backing.display(),
+                            path.display()
+                        )
+                    });
                 }
             }
         }
@@ -79,7 +89,11 @@ impl Loop {
     fn detach(&mut self) -> Result<()> {
         if let Some(dev) = self.dev.take() {
             dev.detach().with_context(|| {
-                format!("detaching {} (backed by {})", self.path.display(), self.backing.display())
+                format!(
+                    "detaching {} (backed by {})",
+                    self.path.display(),
+                    self.backing.display()
+                )
             })?;
             crate::state::forget_loop(&self.path);
             tracing::debug!("detached {}", self.path.display());

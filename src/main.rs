@@ -12,14 +12,14 @@ mod bootloader;
 mod boottest;
 mod build;
 mod cancel;
-mod chroot;
 mod checksum;
+mod chroot;
 mod cmd;
 mod disk;
 mod doctor;
 mod error;
-mod hooks;
 mod esp;
+mod hooks;
 mod imagedef;
 mod inspect;
 mod loopdev;
@@ -41,7 +41,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "kiln", version, about = "Build GPU Kubernetes node images offline, without booting a VM")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Build GPU Kubernetes node images offline, without booting a VM"
+)]
 struct Cli {
     /// More log output (-v debug, -vv trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -197,7 +201,10 @@ fn run(cli: Cli) -> Result<()> {
                 qcow2: a.format == OutFormat::Qcow2,
                 force: a.force,
                 cache_dir: a.cache_dir.clone(),
-                provision: provision::ProvisionOpts { cache_dir: a.cache_dir, repo_overrides: a.repo_override },
+                provision: provision::ProvisionOpts {
+                    cache_dir: a.cache_dir,
+                    repo_overrides: a.repo_override,
+                },
             };
             let mut t = timings::Timings::default();
             let res = build::build(&opts, &mut t);
@@ -218,7 +225,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Doctor { dirs, fix, json } => doctor::cmd_doctor(&dirs, fix, json),
         Command::RootWrite { root, path, mode } => {
-            let mode = u32::from_str_radix(&mode, 8).map_err(|_| error::user(format!("--mode {mode} is not an octal mode")))?;
+            let mode = u32::from_str_radix(&mode, 8)
+                .map_err(|_| error::user(format!("--mode {mode} is not an octal mode")))?;
             let mut data = Vec::new();
             std::io::Read::read_to_end(&mut std::io::stdin(), &mut data)?;
             let rd = rootdir::RootDir::open(&root)?;
@@ -230,9 +238,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Checksum { files } => checksum::cmd_checksum(&files),
         Command::Inspect { image, json } => inspect::cmd_inspect(&image, json),
         Command::Verify { image, def, json } => verify::cmd_verify(&image, &def, json),
-        Command::BootTest { image, firmware, timeout_secs, json } => {
-            boottest::cmd_boot_test(&boottest::Opts { image, firmware, timeout_secs, json })
-        }
+        Command::BootTest {
+            image,
+            firmware,
+            timeout_secs,
+            json,
+        } => boottest::cmd_boot_test(&boottest::Opts {
+            image,
+            firmware,
+            timeout_secs,
+            json,
+        }),
     }
 }
 

@@ -10,7 +10,7 @@
 //! work directory.
 
 use anyhow::{Context, Result};
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use std::path::{Path, PathBuf};
 
 /// Unshare the mount namespace and make all mounts private (recursively).
@@ -19,8 +19,14 @@ pub fn enter_private_namespace() -> Result<()> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).context(
         "creating a private mount namespace (unshare CLONE_NEWNS): kiln must run as root (in a container: --privileged)",
     )?;
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .context("making / private in kiln's mount namespace")?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .context("making / private in kiln's mount namespace")?;
     tracing::debug!("entered a private mount namespace");
     Ok(())
 }
@@ -53,11 +59,18 @@ impl MountStack {
     ) -> Result<()> {
         std::fs::create_dir_all(target).with_context(|| format!("creating mount point {}", target.display()))?;
         mount(Some(source), target, fstype, flags, data).with_context(|| {
-            format!("mounting {source} ({}) on {}", fstype.unwrap_or("bind"), target.display())
+            format!(
+                "mounting {source} ({}) on {}",
+                fstype.unwrap_or("bind"),
+                target.display()
+            )
         })?;
         tracing::debug!("mounted {source} on {}", target.display());
         crate::state::record_mount(target);
-        self.mounts.push(Mounted { target: target.to_owned(), what: source.to_owned() });
+        self.mounts.push(Mounted {
+            target: target.to_owned(),
+            what: source.to_owned(),
+        });
         Ok(())
     }
 
@@ -72,8 +85,14 @@ impl MountStack {
         }
         self.mount(&source.to_string_lossy(), target, None, flags, None)?;
         // Keep anything mounted below from propagating back.
-        mount(None::<&str>, target, None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-            .with_context(|| format!("making {} private", target.display()))?;
+        mount(
+            None::<&str>,
+            target,
+            None::<&str>,
+            MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .with_context(|| format!("making {} private", target.display()))?;
         Ok(())
     }
 
@@ -107,7 +126,6 @@ impl MountStack {
     pub fn close(mut self) -> Result<()> {
         self.unwind_to(0)
     }
-
 }
 
 fn unmount(target: &Path) -> Result<()> {

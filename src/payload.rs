@@ -113,19 +113,29 @@ pub fn build_payload(facts: &ImageFacts, input: &PayloadInput) -> Result<serde_j
             .get(key)
             .map(String::as_str)
             .filter(|v| !v.is_empty())
-            .ok_or_else(|| user(format!("{image}: /etc/os-release has no {key}, needed for the payload's spec.os")))
+            .ok_or_else(|| {
+                user(format!(
+                    "{image}: /etc/os-release has no {key}, needed for the payload's spec.os"
+                ))
+            })
     };
     let distro = os_release("ID")?;
     // ID_LIKE may list several families ("rhel fedora"); the first is the closest.
-    let family = match facts.os_release.get("ID_LIKE").and_then(|v| v.split_whitespace().next()) {
+    let family = match facts
+        .os_release
+        .get("ID_LIKE")
+        .and_then(|v| v.split_whitespace().next())
+    {
         Some(f) => f,
         None => distro,
     };
     let codename = os_release("VERSION_CODENAME")?;
     let version = os_release("VERSION_ID")?;
 
-    let kubernetes =
-        format!("v{}", installed_upstream(facts, &input.kubernetes_package, "spec.softwareVersions.kubernetes")?);
+    let kubernetes = format!(
+        "v{}",
+        installed_upstream(facts, &input.kubernetes_package, "spec.softwareVersions.kubernetes")?
+    );
 
     let gpu = match &input.gpu {
         None => None,
@@ -137,12 +147,22 @@ pub fn build_payload(facts: &ImageFacts, input: &PayloadInput) -> Result<serde_j
     };
 
     let payload = Payload {
-        metadata: Metadata { name: &input.name, description: &input.description },
+        metadata: Metadata {
+            name: &input.name,
+            description: &input.description,
+        },
         spec: Spec {
             uri: input.uri_template.replace("{name}", &input.name),
             architecture,
             virtualization: &input.virtualization,
-            os: Os { kernel: "linux", family, distro, variant: &input.variant, codename, version },
+            os: Os {
+                kernel: "linux",
+                family,
+                distro,
+                variant: &input.variant,
+                codename,
+                version,
+            },
             software_versions: SoftwareVersions { kubernetes },
             gpu,
         },
@@ -161,7 +181,10 @@ fn installed_upstream<'f>(facts: &'f ImageFacts, package: &str, field: &str) -> 
         )));
     }
     let p = facts.packages.get(package).ok_or_else(|| {
-        user(format!("{}: package `{package}` is not installed, so the payload's {field} is unknown", facts.image))
+        user(format!(
+            "{}: package `{package}` is not installed, so the payload's {field} is unknown",
+            facts.image
+        ))
     })?;
     Ok(upstream_version(&p.version))
 }
@@ -280,8 +303,14 @@ mod tests {
         key_paths(&p, "", &mut keys);
         let mut want: Vec<String> = SPEC_KEYS.iter().map(|s| s.to_string()).collect();
         want.extend(
-            ["spec.softwareVersions.kubernetes", "spec.gpu", "spec.gpu.vendor", "spec.gpu.driver", "spec.gpu.models"]
-                .map(String::from),
+            [
+                "spec.softwareVersions.kubernetes",
+                "spec.gpu",
+                "spec.gpu.vendor",
+                "spec.gpu.driver",
+                "spec.gpu.models",
+            ]
+            .map(String::from),
         );
         assert_eq!(keys, want);
     }
@@ -296,7 +325,10 @@ mod tests {
         let mut want: Vec<String> = SPEC_KEYS.iter().map(|s| s.to_string()).collect();
         want.push("spec.softwareVersions.kubernetes".into());
         assert_eq!(keys, want);
-        assert_eq!(p["spec"]["uri"], "https://bucket.s3.amazonaws.com/images/ubuntu-2204-gpu-ready-nodriver.raw");
+        assert_eq!(
+            p["spec"]["uri"],
+            "https://bucket.s3.amazonaws.com/images/ubuntu-2204-gpu-ready-nodriver.raw"
+        );
     }
 
     #[test]
@@ -316,7 +348,10 @@ mod tests {
 
         // Without ID_LIKE the family is the distro itself.
         f.os_release.remove("ID_LIKE");
-        assert_eq!(build_payload(&f, &input(false)).unwrap()["spec"]["os"]["family"], "ubuntu");
+        assert_eq!(
+            build_payload(&f, &input(false)).unwrap()["spec"]["os"]["family"],
+            "ubuntu"
+        );
     }
 
     #[test]

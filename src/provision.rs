@@ -12,7 +12,7 @@ use crate::imagedef::{ImageDef, PackageSpec};
 use crate::mounts::MountStack;
 use crate::rootdir::RootDir;
 use crate::timings::Timings;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Default)]
@@ -30,7 +30,11 @@ pub fn check_overrides(def: &ImageDef, overrides: &[RepoOverride]) -> Result<()>
                 "--repo-override {}: the image definition {} has no repository with that id (it has: {})",
                 o.id,
                 def.file.display(),
-                def.repositories.iter().map(|r| r.id.as_str()).collect::<Vec<_>>().join(", ")
+                def.repositories
+                    .iter()
+                    .map(|r| r.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
     }
@@ -52,7 +56,11 @@ pub fn provision(
     let res = (|| -> Result<()> {
         // apt's build-time setup only when a stage uses apt.
         let uses_apt = def.stages.iter().any(stage_uses_apt);
-        let mut apt = if uses_apt { Some(Apt::setup(&session, rd, mounts, &opts.cache_dir, &opts.repo_overrides)?) } else { None };
+        let mut apt = if uses_apt {
+            Some(Apt::setup(&session, rd, mounts, &opts.cache_dir, &opts.repo_overrides)?)
+        } else {
+            None
+        };
         if let Some(a) = apt.as_mut() {
             // A base that is itself a built image already lists the definition's
             // repositories: an overridden one must be redirected before the first
@@ -115,7 +123,12 @@ fn run_stage(
         }
         let headers: Vec<PackageSpec> = kernels
             .iter()
-            .map(|k| PackageSpec { name: format!("linux-headers-{k}"), version: None, pool: None, origin: format!("kernel {k} of the image") })
+            .map(|k| PackageSpec {
+                name: format!("linux-headers-{k}"),
+                version: None,
+                pool: None,
+                origin: format!("kernel {k} of the image"),
+            })
             .collect();
         tracing::info!("kernel headers for {}", kernels.join(", "));
         apt.install(&headers)?;
@@ -165,11 +178,18 @@ fn ensure_modules(session: &Session, rd: &RootDir, modules: &[String]) -> Result
         let mut missing = check_modules(session, rd, &k, modules)?;
         if !missing.is_empty() {
             tracing::warn!("kernel {k} lacks {}: running dkms autoinstall", missing.join(", "));
-            session.cmd("dkms").args(["autoinstall", "-k", &k]).run().with_context(|| format!("dkms autoinstall -k {k}"))?;
+            session
+                .cmd("dkms")
+                .args(["autoinstall", "-k", &k])
+                .run()
+                .with_context(|| format!("dkms autoinstall -k {k}"))?;
             missing = check_modules(session, rd, &k, modules)?;
         }
         if !missing.is_empty() {
-            bail!("kernel {k} of the image has no usable {} module(s) after DKMS; see /var/lib/dkms/*/build/make.log in the image", missing.join(", "));
+            bail!(
+                "kernel {k} of the image has no usable {} module(s) after DKMS; see /var/lib/dkms/*/build/make.log in the image",
+                missing.join(", ")
+            );
         }
         tracing::info!("kernel {k}: {} present with matching vermagic", modules.join(", "));
     }

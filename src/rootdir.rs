@@ -201,10 +201,17 @@ impl RootDir {
     pub fn open(host: impl AsRef<Path>) -> Result<RootDir> {
         let host = host.as_ref();
         let what = || format!("opening image root {}", host.display());
-        let fd = nix::fcntl::open(host, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(io::Error::from)
-            .with_context(what)?;
-        let root = RootDir { fd, host: host.to_path_buf() };
+        let fd = nix::fcntl::open(
+            host,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(io::Error::from)
+        .with_context(what)?;
+        let root = RootDir {
+            fd,
+            host: host.to_path_buf(),
+        };
         root.resolve(&[], dir_path_flags()).with_context(what)?;
         Ok(root)
     }
@@ -231,7 +238,8 @@ impl RootDir {
     /// resolve (inside the root) to directories, are left as they are.
     pub fn create_dir_all(&self, path: impl AsRef<Path>, mode: u32) -> Result<()> {
         let path = path.as_ref();
-        self.create_dir_all_inner(path, mode).with_context(|| self.ctx("creating directory", path))
+        self.create_dir_all_inner(path, mode)
+            .with_context(|| self.ctx("creating directory", path))
     }
 
     fn create_dir_all_inner(&self, path: &Path, mode: u32) -> io::Result<()> {
@@ -276,7 +284,8 @@ impl RootDir {
     /// it is anything else, including a symlink to a directory.
     pub fn create_dir(&self, path: impl AsRef<Path>, mode: u32) -> Result<()> {
         let path = path.as_ref();
-        self.create_dir_inner(path, mode).with_context(|| self.ctx("creating directory", path))
+        self.create_dir_inner(path, mode)
+            .with_context(|| self.ctx("creating directory", path))
     }
 
     fn create_dir_inner(&self, path: &Path, mode: u32) -> io::Result<()> {
@@ -307,7 +316,11 @@ impl RootDir {
             .into_iter()
             .map(|n| {
                 n.into_string().map_err(|n| {
-                    anyhow::anyhow!("{} contains a name that is not UTF-8: {}", self.describe(path), n.to_string_lossy())
+                    anyhow::anyhow!(
+                        "{} contains a name that is not UTF-8: {}",
+                        self.describe(path),
+                        n.to_string_lossy()
+                    )
                 })
             })
             .collect()
@@ -333,14 +346,16 @@ impl RootDir {
     /// directory there is an error. Not fsynced; see [`RootDir::write_file_synced`].
     pub fn write_file(&self, path: impl AsRef<Path>, contents: &[u8], mode: u32) -> Result<()> {
         let path = path.as_ref();
-        self.write_atomic(path, contents, mode, false).with_context(|| self.ctx("writing", path))
+        self.write_atomic(path, contents, mode, false)
+            .with_context(|| self.ctx("writing", path))
     }
 
     #[cfg(test)]
     /// [`RootDir::write_file`], and fsync the file and its directory before returning.
     pub fn write_file_synced(&self, path: impl AsRef<Path>, contents: &[u8], mode: u32) -> Result<()> {
         let path = path.as_ref();
-        self.write_atomic(path, contents, mode, true).with_context(|| self.ctx("writing", path))
+        self.write_atomic(path, contents, mode, true)
+            .with_context(|| self.ctx("writing", path))
     }
 
     fn write_atomic(&self, path: &Path, contents: &[u8], mode: u32, sync: bool) -> io::Result<()> {
@@ -367,7 +382,12 @@ impl RootDir {
             return Err(err);
         }
         if sync {
-            let dir = nix::fcntl::openat(&e.dir, c".", OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())?;
+            let dir = nix::fcntl::openat(
+                &e.dir,
+                c".",
+                OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?;
             File::from(dir).sync_all()?;
         }
         Ok(())
@@ -605,7 +625,13 @@ impl RootDir {
                 return Ok(()); // already that link (unlinking it first would lose the inode)
             }
             clear_slot(&new)?;
-            nix::unistd::linkat(&old.dir, old.name.as_c_str(), &new.dir, new.name.as_c_str(), AtFlags::empty())?;
+            nix::unistd::linkat(
+                &old.dir,
+                old.name.as_c_str(),
+                &new.dir,
+                new.name.as_c_str(),
+                AtFlags::empty(),
+            )?;
             Ok::<_, io::Error>(())
         })()
         .with_context(|| self.ctx(&format!("creating hard link to {}:", show(existing)), new))
@@ -624,7 +650,13 @@ impl RootDir {
                 NodeKind::Block => (SFlag::S_IFBLK, dev),
                 NodeKind::Fifo => (SFlag::S_IFIFO, 0),
             };
-            nix::sys::stat::mknodat(&e.dir, e.name.as_c_str(), sflag, Mode::from_bits_truncate(mode & 0o7777), dev)?;
+            nix::sys::stat::mknodat(
+                &e.dir,
+                e.name.as_c_str(),
+                sflag,
+                Mode::from_bits_truncate(mode & 0o7777),
+                dev,
+            )?;
             chmod_at(&e.dir, &e.name, mode)
         })()
         .with_context(|| self.ctx("creating node", path))
@@ -654,7 +686,8 @@ impl RootDir {
     /// error at a mount point instead of deleting anything on another mount.
     pub fn remove_dir_all(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
-        self.remove_dir_all_inner(path).with_context(|| self.ctx("removing", path))
+        self.remove_dir_all_inner(path)
+            .with_context(|| self.ctx("removing", path))
     }
 
     fn remove_dir_all_inner(&self, path: &Path) -> io::Result<()> {
@@ -693,7 +726,10 @@ impl RootDir {
             let real = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)))?;
             let root = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&self.fd)))?;
             if !real.starts_with(&root) {
-                return Err(io::Error::other(format!("resolves to {} outside the image root", real.display())));
+                return Err(io::Error::other(format!(
+                    "resolves to {} outside the image root",
+                    real.display()
+                )));
             }
             Ok::<_, io::Error>(real)
         })()
@@ -703,7 +739,11 @@ impl RootDir {
     /// `openat2(root, comps, flags)` with `RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS`. The
     /// one place a multi-component path is resolved.
     fn resolve(&self, comps: &[&OsStr], flags: OFlag) -> io::Result<OwnedFd> {
-        let rel = if comps.is_empty() { PathBuf::from(".") } else { join(comps) };
+        let rel = if comps.is_empty() {
+            PathBuf::from(".")
+        } else {
+            join(comps)
+        };
         let how = OpenHow::new()
             .flags(flags | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
@@ -719,27 +759,38 @@ impl RootDir {
                 other => return other.map_err(io::Error::from),
             }
         }
-        Err(io::Error::other("path resolution kept racing with concurrent renames (EAGAIN)"))
+        Err(io::Error::other(
+            "path resolution kept racing with concurrent renames (EAGAIN)",
+        ))
     }
 
     /// Resolve the parent of `path` in the root; keep the final component unresolved.
     fn entry(&self, path: &Path) -> io::Result<Entry> {
         let comps = components(path);
         let Some((last, parent)) = comps.split_last() else {
-            return Ok(Entry { dir: self.fd.try_clone()?, name: c".".into() });
+            return Ok(Entry {
+                dir: self.fd.try_clone()?,
+                name: c".".into(),
+            });
         };
         if *last == ".." {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "the path ends in `..`"));
         }
         let name = c_name(last)?;
-        Ok(Entry { dir: self.resolve(parent, dir_path_flags())?, name })
+        Ok(Entry {
+            dir: self.resolve(parent, dir_path_flags())?,
+            name,
+        })
     }
 
     /// [`RootDir::entry`] for operations that need a name below the root.
     fn named_entry(&self, path: &Path) -> io::Result<Entry> {
         let e = self.entry(path)?;
         if e.is_root() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "this needs a path below the image root"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "this needs a path below the image root",
+            ));
         }
         Ok(e)
     }
@@ -755,12 +806,23 @@ impl AsFd for RootDir {
 
 /// Set extended attribute `name` on an open file (e.g. one from [`RootDir::create_file`]).
 pub fn set_xattr_fd(fd: impl AsFd, name: &str, value: &[u8]) -> io::Result<()> {
-    let name = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "xattr name contains NUL"))?;
+    let name =
+        CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "xattr name contains NUL"))?;
     // SAFETY: valid descriptor, NUL-terminated name, and a pointer/length pair for value.
     let r = unsafe {
-        libc::fsetxattr(fd.as_fd().as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+        libc::fsetxattr(
+            fd.as_fd().as_raw_fd(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
     };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 // ---- helpers -----------------------------------------------------------------------
@@ -791,7 +853,8 @@ fn show(path: &Path) -> String {
 }
 
 fn c_name(name: &OsStr) -> io::Result<CString> {
-    CString::new(name.as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "the path contains a NUL byte"))
+    CString::new(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "the path contains a NUL byte"))
 }
 
 /// A fresh name for a temporary file next to its destination.
@@ -1027,9 +1090,11 @@ fn remove_tree(dir: &OwnedFd, mount: MountKey, at: &Path) -> io::Result<()> {
             }
             remove_tree(&fd, mount, &child)?;
             drop(fd);
-            nix::unistd::unlinkat(dir, cname.as_c_str(), UnlinkatFlags::RemoveDir).map_err(|e| located(&child, e.into()))?;
+            nix::unistd::unlinkat(dir, cname.as_c_str(), UnlinkatFlags::RemoveDir)
+                .map_err(|e| located(&child, e.into()))?;
         } else {
-            nix::unistd::unlinkat(dir, cname.as_c_str(), UnlinkatFlags::NoRemoveDir).map_err(|e| located(&child, e.into()))?;
+            nix::unistd::unlinkat(dir, cname.as_c_str(), UnlinkatFlags::NoRemoveDir)
+                .map_err(|e| located(&child, e.into()))?;
         }
     }
     Ok(())
@@ -1067,7 +1132,16 @@ pub(crate) mod testutil {
             Vec::new()
         };
         let rel = p.strip_prefix(base).unwrap().to_path_buf();
-        out.push((rel, m.mode(), m.uid(), m.gid(), m.mtime(), m.mtime_nsec(), m.nlink(), data));
+        out.push((
+            rel,
+            m.mode(),
+            m.uid(),
+            m.gid(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.nlink(),
+            data,
+        ));
         if m.is_dir() {
             for e in std::fs::read_dir(p).unwrap() {
                 walk(base, &e.unwrap().path(), out);
@@ -1123,7 +1197,14 @@ mod tests {
         assert_eq!(std::fs::read(root_path.join("etc/shadow")).unwrap(), b"SECRET\n");
         assert_eq!(std::fs::read(root_path.join("rel/shadow")).unwrap(), b"SECRET\n");
         let root = RootDir::open(&root_path).unwrap();
-        Fixture { _tmp: tmpdir, tmp, root_path, root, canary, secret }
+        Fixture {
+            _tmp: tmpdir,
+            tmp,
+            root_path,
+            root,
+            canary,
+            secret,
+        }
     }
 
     /// Image paths that would reach the canary if resolved on the host.
@@ -1145,7 +1226,10 @@ mod tests {
     fn operations(uid: u32) -> Vec<(&'static str, Op)> {
         vec![
             ("write_file", Box::new(|r, p| drop(r.write_file(p, b"pwned\n", 0o666)))),
-            ("write_file_synced", Box::new(|r, p| drop(r.write_file_synced(p, b"pwned\n", 0o666)))),
+            (
+                "write_file_synced",
+                Box::new(|r, p| drop(r.write_file_synced(p, b"pwned\n", 0o666))),
+            ),
             (
                 "create_file",
                 Box::new(|r, p| {
@@ -1158,15 +1242,33 @@ mod tests {
             ("set_mode", Box::new(|r, p| drop(r.set_mode(p, 0o777)))),
             ("set_owner", Box::new(move |r, p| drop(r.set_owner(p, uid, uid)))),
             ("set_times", Box::new(|r, p| drop(r.set_times(p, 42)))),
-            ("set_xattr", Box::new(|r, p| drop(r.set_xattr(p, "user.kiln", b"pwned")))),
-            ("create_dir", Box::new(|r, p| drop(r.create_dir(format!("{p}.d"), 0o777)))),
-            ("create_dir_all", Box::new(|r, p| drop(r.create_dir_all(format!("{p}.d/sub"), 0o777)))),
+            (
+                "set_xattr",
+                Box::new(|r, p| drop(r.set_xattr(p, "user.kiln", b"pwned"))),
+            ),
+            (
+                "create_dir",
+                Box::new(|r, p| drop(r.create_dir(format!("{p}.d"), 0o777))),
+            ),
+            (
+                "create_dir_all",
+                Box::new(|r, p| drop(r.create_dir_all(format!("{p}.d/sub"), 0o777))),
+            ),
             ("symlink", Box::new(|r, p| drop(r.symlink("/pwned", format!("{p}.l"))))),
             ("symlink over", Box::new(|r, p| drop(r.symlink("/pwned", p)))),
-            ("hard_link from", Box::new(|r, p| drop(r.hard_link(p, format!("{p}.h"))))),
+            (
+                "hard_link from",
+                Box::new(|r, p| drop(r.hard_link(p, format!("{p}.h")))),
+            ),
             ("hard_link to", Box::new(|r, p| drop(r.hard_link("/victim", p)))),
-            ("mknod", Box::new(|r, p| drop(r.mknod(format!("{p}.fifo"), NodeKind::Fifo, 0o666, 0)))),
-            ("mknod over", Box::new(|r, p| drop(r.mknod(p, NodeKind::Fifo, 0o666, 0)))),
+            (
+                "mknod",
+                Box::new(|r, p| drop(r.mknod(format!("{p}.fifo"), NodeKind::Fifo, 0o666, 0))),
+            ),
+            (
+                "mknod over",
+                Box::new(|r, p| drop(r.mknod(p, NodeKind::Fifo, 0o666, 0))),
+            ),
             ("remove_file", Box::new(|r, p| drop(r.remove_file(p)))),
             ("remove_dir_all", Box::new(|r, p| drop(r.remove_dir_all(p)))),
             (
@@ -1199,9 +1301,16 @@ mod tests {
         let f = fixture();
         std::fs::write(f.root_path.join("victim"), b"in the image\n").unwrap();
         let before = snapshot(&f.canary);
-        let mut tmp_before: Vec<_> = std::fs::read_dir(&f.tmp).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut tmp_before: Vec<_> = std::fs::read_dir(&f.tmp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         tmp_before.sort();
-        let uid = if is_root() { 4242 } else { nix::unistd::geteuid().as_raw() };
+        let uid = if is_root() {
+            4242
+        } else {
+            nix::unistd::geteuid().as_raw()
+        };
         for p in escape_paths(&f) {
             for (name, op) in operations(uid) {
                 reset_links(&f);
@@ -1209,7 +1318,10 @@ mod tests {
                 assert_eq!(snapshot(&f.canary), before, "canary changed by {name} on {p}");
             }
         }
-        let mut tmp_after: Vec<_> = std::fs::read_dir(&f.tmp).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut tmp_after: Vec<_> = std::fs::read_dir(&f.tmp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         tmp_after.sort();
         assert_eq!(tmp_after, tmp_before, "something was created next to the root");
         assert!(!Path::new("/pwned").exists());
@@ -1231,7 +1343,9 @@ mod tests {
         assert_eq!(std::fs::read(inside.join("new")).unwrap(), b"abs\n");
         f.root.write_file("rel/new2", b"rel\n", 0o644).unwrap();
         assert_eq!(std::fs::read(inside.join("new2")).unwrap(), b"rel\n");
-        f.root.write_file(format!("../../../../..{}/new3", f.canary.display()), b"dots\n", 0o644).unwrap();
+        f.root
+            .write_file(format!("../../../../..{}/new3", f.canary.display()), b"dots\n", 0o644)
+            .unwrap();
         assert_eq!(std::fs::read(inside.join("new3")).unwrap(), b"dots\n");
         f.root.create_dir_all("etc/a/b", 0o755).unwrap();
         assert!(inside.join("a/b").is_dir());
@@ -1346,13 +1460,23 @@ mod tests {
                 eprintln!("skipped: unshare(CLONE_NEWNS): {e}");
                 return;
             }
-            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).unwrap();
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .unwrap();
             let f = fixture();
             let mnt = f.root_path.join("d/mnt");
             std::fs::create_dir_all(&mnt).unwrap();
             mount(Some(&f.canary), &mnt, None::<&str>, MsFlags::MS_BIND, None::<&str>).unwrap();
             // Same filesystem, so only the mount id tells them apart.
-            assert_eq!(std::fs::metadata(&mnt).unwrap().dev(), std::fs::metadata(&f.root_path).unwrap().dev());
+            assert_eq!(
+                std::fs::metadata(&mnt).unwrap().dev(),
+                std::fs::metadata(&f.root_path).unwrap().dev()
+            );
             let before = snapshot(&f.canary);
             let err = f.root.remove_dir_all("d").unwrap_err();
             assert!(format!("{err:#}").contains("/d/mnt is a mount point"), "{err:#}");
@@ -1401,7 +1525,10 @@ mod tests {
         root.set_times("usr/lib/x/big", 1_600_000_000).unwrap();
         assert_eq!(root.symlink_metadata("usr/lib/x/big").unwrap().mtime(), 1_600_000_000);
         root.set_mode("/", 0o750).unwrap();
-        assert_eq!(std::fs::metadata(tmp.path()).unwrap().permissions().mode() & 0o7777, 0o750);
+        assert_eq!(
+            std::fs::metadata(tmp.path()).unwrap().permissions().mode() & 0o7777,
+            0o750
+        );
         root.set_mode("/", 0o755).unwrap();
         root.set_times("", 1_500_000_000).unwrap();
         assert_eq!(std::fs::metadata(tmp.path()).unwrap().mtime(), 1_500_000_000);
@@ -1412,10 +1539,16 @@ mod tests {
         assert!(!root.exists("etc/hostname/below").unwrap());
         assert!(root.lstat("nope").unwrap().is_none());
         let err = root.symlink_metadata("nope").unwrap_err();
-        assert!(format!("{err:#}").starts_with("inspecting /nope in image root"), "{err:#}");
+        assert!(
+            format!("{err:#}").starts_with("inspecting /nope in image root"),
+            "{err:#}"
+        );
         root.remove_file("etc/hostname").unwrap();
         let err = root.remove_file("etc/hostname").unwrap_err();
-        assert!(err.chain().any(|e| e.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::NotFound)));
+        assert!(err.chain().any(|e| {
+            e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::NotFound)
+        }));
         root.remove_file("etc").unwrap_err();
         root.read("etc/a\0b").unwrap_err();
     }
@@ -1428,7 +1561,10 @@ mod tests {
         root.write_file("usr/bin/a", b"A", 0o755).unwrap();
         root.hard_link("/usr/bin/a", "usr/bin/b").unwrap();
         root.hard_link("usr/bin/a", "usr/bin/b").unwrap(); // already linked: fine
-        let (a, b) = (root.symlink_metadata("usr/bin/a").unwrap(), root.symlink_metadata("usr/bin/b").unwrap());
+        let (a, b) = (
+            root.symlink_metadata("usr/bin/a").unwrap(),
+            root.symlink_metadata("usr/bin/b").unwrap(),
+        );
         assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
 
         root.symlink("usr/bin", "bin").unwrap();
@@ -1453,9 +1589,13 @@ mod tests {
         root.truncate("fifo").unwrap_err();
 
         if is_root() {
-            root.mknod("null", NodeKind::Char, 0o666, nix::sys::stat::makedev(1, 3)).unwrap();
+            root.mknod("null", NodeKind::Char, 0o666, nix::sys::stat::makedev(1, 3))
+                .unwrap();
             let m = root.symlink_metadata("null").unwrap();
-            assert_eq!((m.file_type(), m.mode() & 0o7777, m.rdev()), (FileType::CharDevice, 0o666, nix::sys::stat::makedev(1, 3)));
+            assert_eq!(
+                (m.file_type(), m.mode() & 0o7777, m.rdev()),
+                (FileType::CharDevice, 0o666, nix::sys::stat::makedev(1, 3))
+            );
             root.set_mode("null", 0o600).unwrap();
             assert!(!root.set_xattr("null", "user.x", b"1").unwrap());
             root.set_owner("usr/bin/a", 123, 456).unwrap();
@@ -1504,15 +1644,23 @@ mod tests {
         chmod_at_fallback(&dir, c"etc", 0o777).unwrap_err();
         std::fs::write(f.root_path.join("file"), b"x").unwrap();
         chmod_at_fallback(&dir, c"file", 0o4711).unwrap();
-        assert_eq!(std::fs::metadata(f.root_path.join("file")).unwrap().mode() & 0o7777, 0o4711);
+        assert_eq!(
+            std::fs::metadata(f.root_path.join("file")).unwrap().mode() & 0o7777,
+            0o4711
+        );
         std::fs::create_dir(f.root_path.join("dir")).unwrap();
         chmod_at_fallback(&dir, c"dir", 0o1755).unwrap();
-        assert_eq!(std::fs::metadata(f.root_path.join("dir")).unwrap().mode() & 0o7777, 0o1755);
+        assert_eq!(
+            std::fs::metadata(f.root_path.join("dir")).unwrap().mode() & 0o7777,
+            0o1755
+        );
         f.root.mknod("fifo", NodeKind::Fifo, 0o600, 0).unwrap();
         chmod_at_fallback(&dir, c"fifo", 0o640).unwrap();
         assert_eq!(f.root.symlink_metadata("fifo").unwrap().mode() & 0o7777, 0o640);
         if is_root() {
-            f.root.mknod("null", NodeKind::Char, 0o600, nix::sys::stat::makedev(1, 3)).unwrap();
+            f.root
+                .mknod("null", NodeKind::Char, 0o600, nix::sys::stat::makedev(1, 3))
+                .unwrap();
             chmod_at_fallback(&dir, c"null", 0o666).unwrap();
             assert_eq!(f.root.symlink_metadata("null").unwrap().mode() & 0o7777, 0o666);
         }
@@ -1522,6 +1670,9 @@ mod tests {
     #[test]
     fn missing_root_is_an_error() {
         let err = RootDir::open("/nonexistent/kiln-root").unwrap_err();
-        assert!(format!("{err:#}").contains("opening image root /nonexistent/kiln-root"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("opening image root /nonexistent/kiln-root"),
+            "{err:#}"
+        );
     }
 }

@@ -10,7 +10,8 @@ use anyhow::{Context, Result};
 pub fn scrub(rd: &RootDir) -> Result<()> {
     // Identity: an empty (present, zero-byte) machine-id makes systemd generate a new
     // one on first boot and run first-boot units; the D-Bus copy must go.
-    rd.write_file("/etc/machine-id", b"", 0o444).context("emptying /etc/machine-id")?;
+    rd.write_file("/etc/machine-id", b"", 0o444)
+        .context("emptying /etc/machine-id")?;
     remove_if_exists(rd, "/var/lib/dbus/machine-id")?;
     remove_if_exists(rd, "/var/lib/systemd/random-seed")?;
     remove_if_exists(rd, "/var/lib/systemd/credential.secret")?;
@@ -26,7 +27,14 @@ pub fn scrub(rd: &RootDir) -> Result<()> {
         }
     }
     for h in homes {
-        for f in [".bash_history", ".python_history", ".lesshst", ".viminfo", ".wget-hsts", ".sudo_as_admin_successful"] {
+        for f in [
+            ".bash_history",
+            ".python_history",
+            ".lesshst",
+            ".viminfo",
+            ".wget-hsts",
+            ".sudo_as_admin_successful",
+        ] {
             remove_if_exists(rd, &format!("{h}/{f}"))?;
         }
     }
@@ -98,7 +106,10 @@ fn is_rotated(name: &str) -> bool {
     name.ends_with(".gz")
         || name.ends_with(".xz")
         || name.ends_with(".old")
-        || name.rsplit('.').next().is_some_and(|ext| !ext.is_empty() && ext.chars().all(|c| c.is_ascii_digit()))
+        || name
+            .rsplit('.')
+            .next()
+            .is_some_and(|ext| !ext.is_empty() && ext.chars().all(|c| c.is_ascii_digit()))
 }
 
 fn truncate_logs(rd: &RootDir, dir: &str) -> Result<()> {
@@ -162,9 +173,14 @@ mod tests {
 
     #[test]
     fn shadow_locking() {
-        let (out, n) = lock_shadow("root:$6$abc$def:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\nubuntu::19000::::::\nsys:!:1::::::\n");
+        let (out, n) = lock_shadow(
+            "root:$6$abc$def:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\nubuntu::19000::::::\nsys:!:1::::::\n",
+        );
         assert_eq!(n, 2);
-        assert_eq!(out, "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\nubuntu:*:19000::::::\nsys:!:1::::::\n");
+        assert_eq!(
+            out,
+            "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\nubuntu:*:19000::::::\nsys:!:1::::::\n"
+        );
     }
 
     #[test]

@@ -41,7 +41,8 @@ pub fn create_sized(path: &Path, size: u64) -> Result<File> {
         .truncate(true)
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    f.set_len(size).with_context(|| format!("setting the size of {} to {size} bytes", path.display()))?;
+    f.set_len(size)
+        .with_context(|| format!("setting the size of {} to {size} bytes", path.display()))?;
     Ok(f)
 }
 

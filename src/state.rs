@@ -23,7 +23,10 @@ static CURRENT: Mutex<Option<(PathBuf, State)>> = Mutex::new(None);
 /// Start recording into `workdir/kiln-state.json`.
 pub fn start(workdir: &Path) -> Result<()> {
     let path = workdir.join(STATE_FILE);
-    let st = State { pid: std::process::id(), ..Default::default() };
+    let st = State {
+        pid: std::process::id(),
+        ..Default::default()
+    };
     write(&path, &st)?;
     *CURRENT.lock().unwrap() = Some((path, st));
     Ok(())
@@ -39,7 +42,9 @@ pub fn finish() {
 pub fn read(workdir: &Path) -> Result<Option<State>> {
     let path = workdir.join(STATE_FILE);
     match std::fs::read(&path) {
-        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("parsing {}", path.display()))?)),
+        Ok(b) => Ok(Some(
+            serde_json::from_slice(&b).with_context(|| format!("parsing {}", path.display()))?,
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
@@ -95,7 +100,10 @@ pub fn stale_resources(workdir: &Path) -> Result<Vec<Resource>> {
     }
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     for m in st.mounts {
-        if mountinfo.lines().any(|l| l.split(' ').nth(4) == Some(&*m.to_string_lossy())) {
+        if mountinfo
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(&*m.to_string_lossy()))
+        {
             out.push(Resource::Mount(m));
         }
     }

@@ -35,7 +35,9 @@ fn cpu_seconds() -> f64 {
 
 /// Bytes written to storage by kiln so far (children's counts arrive when they exit).
 fn written_bytes() -> u64 {
-    let Ok(io) = std::fs::read_to_string("/proc/self/io") else { return 0 };
+    let Ok(io) = std::fs::read_to_string("/proc/self/io") else {
+        return 0;
+    };
     io.lines()
         .find_map(|l| l.strip_prefix("write_bytes:"))
         .and_then(|v| v.trim().parse().ok())
@@ -77,7 +79,10 @@ impl Timings {
     }
 
     pub fn table(&self) -> String {
-        let mut s = format!("{:<22} {:>9} {:>9} {:>12} {:>12}\n", "stage", "wall", "cpu", "downloaded", "written");
+        let mut s = format!(
+            "{:<22} {:>9} {:>9} {:>12} {:>12}\n",
+            "stage", "wall", "cpu", "downloaded", "written"
+        );
         let (mut w, mut c, mut d, mut b) = (0.0, 0.0, 0, 0);
         for t in &self.stages {
             s += &format!(
@@ -93,7 +98,14 @@ impl Timings {
             d += t.downloaded_bytes;
             b += t.written_bytes;
         }
-        s += &format!("{:<22} {:>8.1}s {:>8.1}s {:>12} {:>12}\n", "total", w, c, human(d), human(b));
+        s += &format!(
+            "{:<22} {:>8.1}s {:>8.1}s {:>12} {:>12}\n",
+            "total",
+            w,
+            c,
+            human(d),
+            human(b)
+        );
         s
     }
 }

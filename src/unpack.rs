@@ -54,11 +54,19 @@ pub struct UnpackStats {
 /// truncated or corrupt archive are user errors.
 pub fn unpack_tarball(tarball: &Path, root: &RootDir, progress: Option<&ProgressBar>) -> Result<UnpackStats> {
     let file = File::open(tarball).with_context(|| format!("opening {}", tarball.display()))?;
-    let input = BufReader::with_capacity(BUF_SIZE, Counted { inner: file, progress: progress.cloned() });
+    let input = BufReader::with_capacity(
+        BUF_SIZE,
+        Counted {
+            inner: file,
+            progress: progress.cloned(),
+        },
+    );
     let mut archive = tar::Archive::new(open_stream(tarball, input)?);
     let mut unpacker = Unpacker::new(tarball, root);
 
-    let entries = archive.entries().map_err(|e| corrupt(tarball, "reading its first entry", e))?;
+    let entries = archive
+        .entries()
+        .map_err(|e| corrupt(tarball, "reading its first entry", e))?;
     let mut last: Option<String> = None;
     for entry in entries {
         let mut entry = entry.map_err(|e| {
@@ -76,7 +84,12 @@ pub fn unpack_tarball(tarball: &Path, root: &RootDir, progress: Option<&Progress
     io::copy(&mut archive.into_inner(), &mut io::sink())
         .map_err(|e| corrupt(tarball, "reading past the last entry", e))?;
     let stats = unpacker.finish()?;
-    tracing::debug!("unpacked {} entries, {} bytes from {}", stats.entries, stats.bytes, tarball.display());
+    tracing::debug!(
+        "unpacked {} entries, {} bytes from {}",
+        stats.entries,
+        stats.bytes,
+        tarball.display()
+    );
     Ok(stats)
 }
 
@@ -88,7 +101,13 @@ pub fn decompress_to(tarball: &Path, dest: &Path) -> Result<u64> {
     let file = File::open(tarball).with_context(|| format!("opening {}", tarball.display()))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let pb = crate::progress::bytes(len, "decompressing");
-    let input = BufReader::with_capacity(BUF_SIZE, Counted { inner: file, progress: Some(pb.clone()) });
+    let input = BufReader::with_capacity(
+        BUF_SIZE,
+        Counted {
+            inner: file,
+            progress: Some(pb.clone()),
+        },
+    );
     let mut stream = open_stream(tarball, input)?;
     let partial = dest.with_extension("tar.partial");
     let res = (|| -> Result<u64> {
@@ -103,12 +122,18 @@ pub fn decompress_to(tarball: &Path, dest: &Path) -> Result<u64> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(corrupt(tarball, "decompressing it", e)),
             };
-            w.write_all(&buf[..k]).with_context(|| format!("writing {}", partial.display()))?;
+            w.write_all(&buf[..k])
+                .with_context(|| format!("writing {}", partial.display()))?;
             n += k as u64;
         }
-        let out = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", partial.display()))?;
-        out.sync_all().with_context(|| format!("syncing {}", partial.display()))?;
-        std::fs::rename(&partial, dest).with_context(|| format!("renaming {} to {}", partial.display(), dest.display()))?;
+        let out = w
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("writing {}", partial.display()))?;
+        out.sync_all()
+            .with_context(|| format!("syncing {}", partial.display()))?;
+        std::fs::rename(&partial, dest)
+            .with_context(|| format!("renaming {} to {}", partial.display(), dest.display()))?;
         Ok(n)
     })();
     pb.finish_and_clear();
@@ -116,7 +141,12 @@ pub fn decompress_to(tarball: &Path, dest: &Path) -> Result<u64> {
         let _ = std::fs::remove_file(&partial);
     }
     let n = res?;
-    tracing::info!("decompressed {} ({}) into the cache: {}", tarball.display(), crate::timings::human(n), dest.display());
+    tracing::info!(
+        "decompressed {} ({}) into the cache: {}",
+        tarball.display(),
+        crate::timings::human(n),
+        dest.display()
+    );
     Ok(n)
 }
 
@@ -146,9 +176,15 @@ fn open_stream(tarball: &Path, mut input: impl BufRead + 'static) -> Result<Box<
         .with_context(|| format!("reading {}", tarball.display()))?;
     let input = Cursor::new(magic.clone()).chain(input);
     let (mut stream, compression): (Box<dyn Read>, &str) = if magic.starts_with(XZ_MAGIC) {
-        (Box::new(xz2::bufread::XzDecoder::new_multi_decoder(input)), " (it is xz-compressed, but not a tar inside)")
+        (
+            Box::new(xz2::bufread::XzDecoder::new_multi_decoder(input)),
+            " (it is xz-compressed, but not a tar inside)",
+        )
     } else if magic.starts_with(GZIP_MAGIC) {
-        (Box::new(flate2::bufread::MultiGzDecoder::new(input)), " (it is gzip-compressed, but not a tar inside)")
+        (
+            Box::new(flate2::bufread::MultiGzDecoder::new(input)),
+            " (it is gzip-compressed, but not a tar inside)",
+        )
     } else if magic.starts_with(ZSTD_MAGIC) {
         return Err(user(format!(
             "{} is zstd-compressed, which kiln does not read; decompress it (zstd -d) or use a .tar, .tar.xz or .tar.gz",
@@ -244,14 +280,15 @@ impl<'a> Unpacker<'a> {
         }
         let done = match kind {
             EntryType::Directory => self.directory(&path, &meta),
-            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                self.file(&path, &meta, entry)
-            }
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => self.file(&path, &meta, entry),
             EntryType::Symlink => self.symlink(&path, &meta, entry),
             EntryType::Link => self.hard_link(&path, entry, name),
             EntryType::Char | EntryType::Block | EntryType::Fifo => self.node(&path, &meta, entry, kind),
             other => {
-                tracing::warn!("{}: skipping {name}: unsupported entry type {other:?}", self.tarball.display());
+                tracing::warn!(
+                    "{}: skipping {name}: unsupported entry type {other:?}",
+                    self.tarball.display()
+                );
                 return Ok(());
             }
         };
@@ -289,7 +326,13 @@ impl<'a> Unpacker<'a> {
         let bad = |e: io::Error| corrupt(self.tarball, &format!("reading the header of {name}"), e);
         let header = entry.header();
         let id = |v: u64, what: &str| {
-            u32::try_from(v).map_err(|_| corrupt(self.tarball, &format!("reading the header of {name}"), format!("{what} {v} out of range")))
+            u32::try_from(v).map_err(|_| {
+                corrupt(
+                    self.tarball,
+                    &format!("reading the header of {name}"),
+                    format!("{what} {v} out of range"),
+                )
+            })
         };
         let mode = header.mode().map_err(bad)? & 0o7777;
         let uid = id(header.uid().map_err(bad)?, "uid")?;
@@ -318,7 +361,10 @@ impl<'a> Unpacker<'a> {
         }
         if acl && !self.warned_acl {
             self.warned_acl = true;
-            tracing::warn!("{} has POSIX ACLs (first on {name}); kiln does not restore them", self.tarball.display());
+            tracing::warn!(
+                "{} has POSIX ACLs (first on {name}); kiln does not restore them",
+                self.tarball.display()
+            );
         }
         if libarchive && xattrs.is_empty() && !self.warned_libarchive {
             self.warned_libarchive = true;
@@ -327,7 +373,13 @@ impl<'a> Unpacker<'a> {
                 self.tarball.display()
             );
         }
-        Ok(Meta { mode, uid, gid, mtime, xattrs })
+        Ok(Meta {
+            mode,
+            uid,
+            gid,
+            mtime,
+            xattrs,
+        })
     }
 
     /// Run `op`; if it failed because a parent directory is missing, create the parents
@@ -382,11 +434,14 @@ impl<'a> Unpacker<'a> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(corrupt_data(e)),
             };
-            file.write_all(&self.buf[..n]).with_context(|| format!("writing {}", root.describe(path)))?;
+            file.write_all(&self.buf[..n])
+                .with_context(|| format!("writing {}", root.describe(path)))?;
             written += n as u64;
         }
         if written != size {
-            return Err(corrupt_data(format!("it ends after {written} of the entry's {size} bytes")));
+            return Err(corrupt_data(format!(
+                "it ends after {written} of the entry's {size} bytes"
+            )));
         }
         self.stats.bytes += written;
         // On the open descriptor: no path is resolved again. Owner before mode (chown
@@ -478,8 +533,10 @@ impl<'a> Unpacker<'a> {
 
 /// Whether `err` is, at bottom, "no such file or directory".
 fn is_not_found(err: &anyhow::Error) -> bool {
-    err.chain()
-        .any(|c| c.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::NotFound))
+    err.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::NotFound)
+    })
 }
 
 #[cfg(test)]
@@ -580,7 +637,8 @@ mod tests {
         add_file(&mut b, "./usr/bin/sudo", 0o4755, b"#!sudo\n");
         add_file(&mut b, "./usr/bin/wall", 0o2755, b"#!wall\n");
         if with_xattrs {
-            b.append_pax_extensions([("SCHILY.xattr.user.kiln", &b"hello\0bin"[..])]).unwrap();
+            b.append_pax_extensions([("SCHILY.xattr.user.kiln", &b"hello\0bin"[..])])
+                .unwrap();
         }
         add_file(&mut b, "./usr/bin/ping", 0o755, b"#!ping\n");
         add_link(&mut b, EntryType::Link, "./usr/bin/ping4", "./usr/bin/ping");
@@ -612,8 +670,15 @@ mod tests {
         assert_eq!(meta("usr/bin/ping").nlink(), 2);
         assert_eq!(meta("tmp").mode() & 0o7777, 0o1777);
         assert_eq!(meta("ro").mode() & 0o7777, 0o555);
-        assert_eq!(meta("ro").mtime(), T0 as i64, "directory mtime applied after its contents");
-        assert_eq!(std::fs::read(root_path.join("ro/inside")).unwrap(), b"in a read-only dir\n");
+        assert_eq!(
+            meta("ro").mtime(),
+            T0 as i64,
+            "directory mtime applied after its contents"
+        );
+        assert_eq!(
+            std::fs::read(root_path.join("ro/inside")).unwrap(),
+            b"in a read-only dir\n"
+        );
         assert_eq!(meta("usr/big.bin").len(), 3_000_000);
         let long = format!("usr/{}/file", "d".repeat(150));
         assert_eq!(std::fs::read(root_path.join(&long)).unwrap(), b"long name\n");
@@ -622,8 +687,14 @@ mod tests {
         assert!(meta("run-fifo").file_type().is_fifo());
         assert_eq!(meta("run-fifo").mode() & 0o7777, 0o620);
         if with_xattrs {
-            assert_eq!(get_xattr(&root_path.join("usr/bin/ping"), "user.kiln").unwrap(), b"hello\0bin");
-            assert_eq!(get_xattr(&root_path.join("usr/bin/ping4"), "user.kiln").unwrap(), b"hello\0bin");
+            assert_eq!(
+                get_xattr(&root_path.join("usr/bin/ping"), "user.kiln").unwrap(),
+                b"hello\0bin"
+            );
+            assert_eq!(
+                get_xattr(&root_path.join("usr/bin/ping4"), "user.kiln").unwrap(),
+                b"hello\0bin"
+            );
             assert_eq!(get_xattr(&root_path.join("usr/bin/sudo"), "user.kiln"), None);
         }
     }
@@ -636,7 +707,11 @@ mod tests {
             eprintln!("user xattrs unsupported here: not checking them");
         }
         let tar = sample(with_xattrs);
-        for (name, bytes) in [("root.tar", tar.clone()), ("root.tar.xz", xz(&tar)), ("root.tgz", gzip(&tar))] {
+        for (name, bytes) in [
+            ("root.tar", tar.clone()),
+            ("root.tar.xz", xz(&tar)),
+            ("root.tgz", gzip(&tar)),
+        ] {
             let (tmp, root_path, root) = new_root();
             let stats = unpack_bytes(tmp.path(), name, &bytes, &root).unwrap_or_else(|e| panic!("{name}: {e:#}"));
             check_sample(&root_path, stats, with_xattrs);
@@ -694,7 +769,12 @@ mod tests {
         let mut b = Builder::new(Vec::new());
         add_dir(&mut b, &format!("{}/", &canary_str[1..]), 0o755);
         add_link(&mut b, EntryType::Symlink, "etc", canary_str);
-        add_link(&mut b, EntryType::Symlink, "up", &format!("{}{canary_str}", "../".repeat(10)));
+        add_link(
+            &mut b,
+            EntryType::Symlink,
+            "up",
+            &format!("{}{canary_str}", "../".repeat(10)),
+        );
         add_file(&mut b, "etc/shadow", 0o600, b"owned\n");
         add_file(&mut b, "up/new", 0o600, b"new\n");
         add_link(&mut b, EntryType::Link, "etc/hard", "up/new");
@@ -702,7 +782,10 @@ mod tests {
         let bytes = b.into_inner().unwrap();
         unpack_bytes(tmp.path(), "a.tar", &bytes, &root).unwrap();
         let inside = root_path.join(canary.strip_prefix("/").unwrap());
-        assert_eq!(std::fs::read_link(inside.join("shadow")).unwrap(), Path::new("/replaced"));
+        assert_eq!(
+            std::fs::read_link(inside.join("shadow")).unwrap(),
+            Path::new("/replaced")
+        );
         assert_eq!(std::fs::read(inside.join("new")).unwrap(), b"new\n");
         assert_eq!(std::fs::read(inside.join("hard")).unwrap(), b"new\n");
         assert_eq!(snapshot(&canary), before);
@@ -732,14 +815,28 @@ mod tests {
             std::fs::write(tmp.path().join("escape"), b"host file\n").unwrap();
             let mut b = Builder::new(Vec::new());
             add_dir(&mut b, "a/", 0o755);
-            add_raw(&mut b, kind, name, link, if kind == EntryType::Regular { b"pwned\n" } else { b"" });
+            add_raw(
+                &mut b,
+                kind,
+                name,
+                link,
+                if kind == EntryType::Regular { b"pwned\n" } else { b"" },
+            );
             let bytes = b.into_inner().unwrap();
             let err = unpack_bytes(tmp.path(), "x.tar", &bytes, &root).unwrap_err();
             let msg = format!("{err:#}");
             assert_eq!(crate::error::exit_code(&err), 2, "{what}: {msg}");
             assert!(msg.contains("refusing") && msg.contains("escape"), "{what}: {msg}");
-            assert_eq!(std::fs::read(tmp.path().join("escape")).unwrap(), b"host file\n", "{what}");
-            assert_eq!(std::fs::read_dir(&root_path).unwrap().count(), 1, "{what}: only a/ was unpacked");
+            assert_eq!(
+                std::fs::read(tmp.path().join("escape")).unwrap(),
+                b"host file\n",
+                "{what}"
+            );
+            assert_eq!(
+                std::fs::read_dir(&root_path).unwrap().count(),
+                1,
+                "{what}: only a/ was unpacked"
+            );
         }
     }
 
@@ -747,7 +844,9 @@ mod tests {
     fn truncated_archives_are_clear_errors() {
         let mut b = Builder::new(Vec::new());
         add_dir(&mut b, "./", 0o755);
-        let noise: Vec<u8> = (0..2_000_000u64).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let noise: Vec<u8> = (0..2_000_000u64)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         add_file(&mut b, "./big.bin", 0o644, &noise);
         let tar = b.into_inner().unwrap();
 
@@ -755,20 +854,30 @@ mod tests {
         let (tmp, _root_path, root) = new_root();
         let err = unpack_bytes(tmp.path(), "cut.tar.xz", &compressed[..compressed.len() / 2], &root).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.starts_with("unpacking big.bin from ") && msg.contains("cut.tar.xz: the archive is truncated or corrupt"), "{msg}");
+        assert!(
+            msg.starts_with("unpacking big.bin from ")
+                && msg.contains("cut.tar.xz: the archive is truncated or corrupt"),
+            "{msg}"
+        );
         assert_eq!(crate::error::exit_code(&err), 2);
 
         let (tmp, _root_path, root) = new_root();
         let err = unpack_bytes(tmp.path(), "cut.tar", &tar[..tar.len() / 2], &root).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("cut.tar: the archive is truncated or corrupt: it ends after"), "{msg}");
+        assert!(
+            msg.contains("cut.tar: the archive is truncated or corrupt: it ends after"),
+            "{msg}"
+        );
         assert_eq!(crate::error::exit_code(&err), 2);
 
         // Cut inside the second header.
         let (tmp, _root_path, root) = new_root();
         let err = unpack_bytes(tmp.path(), "cut2.tar", &tar[..512 + 100], &root).unwrap_err();
         let msg = format!("{err:#}");
-        assert!(msg.contains("cut2.tar is truncated or corrupt (reading the entry after ./)"), "{msg}");
+        assert!(
+            msg.contains("cut2.tar is truncated or corrupt (reading the entry after ./)"),
+            "{msg}"
+        );
 
         // Corrupt in the middle of the xz stream.
         let mut bad = compressed.clone();
@@ -776,7 +885,10 @@ mod tests {
         bad[mid] ^= 0xff;
         let (tmp, _root_path, root) = new_root();
         let err = unpack_bytes(tmp.path(), "bad.tar.xz", &bad, &root).unwrap_err();
-        assert!(format!("{err:#}").contains("bad.tar.xz: the archive is truncated or corrupt"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("bad.tar.xz: the archive is truncated or corrupt"),
+            "{err:#}"
+        );
     }
 
     #[test]
@@ -790,7 +902,10 @@ mod tests {
         ] {
             let err = unpack_bytes(tmp.path(), name, &bytes, &root).unwrap_err();
             let msg = format!("{err:#}");
-            assert!(msg.contains(&format!("{name} is not a tar archive (.tar, .tar.xz, .tar.gz)")), "{msg}");
+            assert!(
+                msg.contains(&format!("{name} is not a tar archive (.tar, .tar.xz, .tar.gz)")),
+                "{msg}"
+            );
             assert_eq!(crate::error::exit_code(&err), 2);
         }
         let err = unpack_bytes(tmp.path(), "x.tar.zst", &[0x28, 0xb5, 0x2f, 0xfd, 0, 0], &root).unwrap_err();
@@ -844,7 +959,8 @@ mod tests {
         h.set_gid(4343);
         h.set_username("nosuchuser").unwrap();
         b.append_data(&mut h, "./home/suid", &b"suid\n"[..]).unwrap();
-        b.append_pax_extensions([("SCHILY.xattr.security.capability", &cap[..])]).unwrap();
+        b.append_pax_extensions([("SCHILY.xattr.security.capability", &cap[..])])
+            .unwrap();
         add_file(&mut b, "./ping", 0o755, b"ping\n");
         let mut h = header(EntryType::Char, 0o666, 0);
         h.set_device_major(1).unwrap();
@@ -870,10 +986,16 @@ mod tests {
         assert_eq!(get_xattr(&root_path.join("ping"), "security.capability").unwrap(), cap);
         let null = meta("dev/null");
         assert!(null.file_type().is_char_device());
-        assert_eq!((null.rdev(), null.mode() & 0o7777), (nix::sys::stat::makedev(1, 3), 0o666));
+        assert_eq!(
+            (null.rdev(), null.mode() & 0o7777),
+            (nix::sys::stat::makedev(1, 3), 0o666)
+        );
         let loop0 = meta("dev/loop0");
         assert!(loop0.file_type().is_block_device());
-        assert_eq!((loop0.rdev(), loop0.gid(), loop0.mode() & 0o7777), (nix::sys::stat::makedev(7, 0), 6, 0o660));
+        assert_eq!(
+            (loop0.rdev(), loop0.gid(), loop0.mode() & 0o7777),
+            (nix::sys::stat::makedev(7, 0), 6, 0o660)
+        );
         assert_eq!(meta("home/link").uid(), 4242);
     }
 }

@@ -25,7 +25,9 @@
 //! fails when one did.
 
 use crate::imagedef::ImageDef;
-use crate::inspect::{DpkgPackage, FileKind, RootFs, dpkg_version_cmp, parse_dpkg_status, parse_os_release, upstream_version};
+use crate::inspect::{
+    DpkgPackage, FileKind, RootFs, dpkg_version_cmp, parse_dpkg_status, parse_os_release, upstream_version,
+};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::cmp::Ordering;
@@ -52,25 +54,51 @@ const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 const NVIDIA_RUNTIME_BINARY: &str = "/usr/bin/nvidia-container-runtime";
 /// Where the spec puts the NVIDIA module options, and which.
 const NVIDIA_CONF: &str = "/etc/modprobe.d/nvidia.conf";
-const NVIDIA_OPTIONS: [(&str, &str); 2] = [("NVreg_EnableGpuFirmware", "1"), ("NVreg_PreserveVideoMemoryAllocations", "1")];
+const NVIDIA_OPTIONS: [(&str, &str); 2] = [
+    ("NVreg_EnableGpuFirmware", "1"),
+    ("NVreg_PreserveVideoMemoryAllocations", "1"),
+];
 /// Kernel modules and sysctls Kubernetes networking needs.
 const K8S_MODULES: [&str; 2] = ["overlay", "br_netfilter"];
-const K8S_SYSCTLS: [&str; 3] = ["net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-ip6tables", "net.ipv4.ip_forward"];
+const K8S_SYSCTLS: [&str; 3] = [
+    "net.bridge.bridge-nf-call-iptables",
+    "net.bridge.bridge-nf-call-ip6tables",
+    "net.ipv4.ip_forward",
+];
 /// Where the GPU RuntimeClass manifest is shipped.
 const MANIFEST_DIR: &str = "/usr/local/share/kubernetes";
 /// Ubuntu's resolv.conf: a symlink to systemd-resolved's stub file.
 const RESOLV_TARGET: &str = "../run/systemd/resolve/stub-resolv.conf";
 /// Build-time files kiln writes into the image and must remove (`apt`, `chroot`).
-const BUILD_LEFTOVERS: [&str; 2] = ["/etc/apt/apt.conf.d/99kiln-build", "/etc/dpkg/dpkg.cfg.d/kiln-unsafe-io"];
+const BUILD_LEFTOVERS: [&str; 2] = [
+    "/etc/apt/apt.conf.d/99kiln-build",
+    "/etc/dpkg/dpkg.cfg.d/kiln-unsafe-io",
+];
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 const INITRAMFS_CONF: &str = "/etc/initramfs-tools/update-initramfs.conf";
 
 /// Configuration directories in precedence order: for a file name found in several,
 /// the first directory wins (modprobe.d(5), sysctl.d(5), modules-load.d(5)).
-const MODPROBE_DIRS: [&str; 4] = ["/etc/modprobe.d", "/run/modprobe.d", "/usr/local/lib/modprobe.d", "/lib/modprobe.d"];
-const SYSCTL_DIRS: [&str; 5] = ["/etc/sysctl.d", "/run/sysctl.d", "/usr/local/lib/sysctl.d", "/usr/lib/sysctl.d", "/lib/sysctl.d"];
-const MODULES_LOAD_DIRS: [&str; 5] =
-    ["/etc/modules-load.d", "/run/modules-load.d", "/usr/local/lib/modules-load.d", "/usr/lib/modules-load.d", "/lib/modules-load.d"];
+const MODPROBE_DIRS: [&str; 4] = [
+    "/etc/modprobe.d",
+    "/run/modprobe.d",
+    "/usr/local/lib/modprobe.d",
+    "/lib/modprobe.d",
+];
+const SYSCTL_DIRS: [&str; 5] = [
+    "/etc/sysctl.d",
+    "/run/sysctl.d",
+    "/usr/local/lib/sysctl.d",
+    "/usr/lib/sysctl.d",
+    "/lib/sysctl.d",
+];
+const MODULES_LOAD_DIRS: [&str; 5] = [
+    "/etc/modules-load.d",
+    "/run/modules-load.d",
+    "/usr/local/lib/modules-load.d",
+    "/usr/lib/modules-load.d",
+    "/lib/modules-load.d",
+];
 
 /// File name endings of kernel modules, plain and compressed.
 const MODULE_SUFFIXES: [&str; 4] = [".ko", ".ko.xz", ".ko.gz", ".ko.zst"];
@@ -107,12 +135,21 @@ pub fn cmd_verify(image: &Path, def_path: &Path, json: bool) -> Result<()> {
     let checks = verify_image(image, &def)?;
     let failed = checks.iter().filter(|c| !c.ok).count();
     let text = if json {
-        let report = Report { image: image.display().to_string(), checks: &checks, passed: failed == 0 };
+        let report = Report {
+            image: image.display().to_string(),
+            checks: &checks,
+            passed: failed == 0,
+        };
         let mut s = serde_json::to_string_pretty(&report).context("serialising the checks")?;
         s.push('\n');
         s
     } else {
-        let mut s = format!("Image: {}\nDefinition: {} ({})\n\n", image.display(), def.file.display(), def.name);
+        let mut s = format!(
+            "Image: {}\nDefinition: {} ({})\n\n",
+            image.display(),
+            def.file.display(),
+            def.name
+        );
         s.push_str(&render_table(&checks));
         if failed == 0 {
             s.push_str(&format!("\nall {} checks passed\n", checks.len()));
@@ -141,7 +178,13 @@ pub fn verify_image(image: &Path, def: &ImageDef) -> Result<Vec<Check>> {
         None => Vec::new(),
     };
     let kernels = image_kernels(&root)?;
-    let mut v = Verifier { root, def, status, kernels, checks: Vec::new() };
+    let mut v = Verifier {
+        root,
+        def,
+        status,
+        kernels,
+        checks: Vec::new(),
+    };
     v.system(size)?;
     v.packages();
     v.kernels();
@@ -160,7 +203,13 @@ pub fn verify_image(image: &Path, def: &ImageDef) -> Result<Vec<Check>> {
 pub fn render_table(checks: &[Check]) -> String {
     let one_line = |s: &str| s.replace(['\n', '\r'], " ");
     let width = |f: fn(&Check) -> usize, header: &str, cap: usize| {
-        checks.iter().map(f).chain([header.chars().count()]).max().unwrap_or(0).min(cap)
+        checks
+            .iter()
+            .map(f)
+            .chain([header.chars().count()])
+            .max()
+            .unwrap_or(0)
+            .min(cap)
     };
     let w_name = width(|c| c.name.chars().count(), "CHECK", usize::MAX);
     let w_found = width(|c| c.found.chars().count(), "FOUND", 60);
@@ -170,7 +219,12 @@ pub fn render_table(checks: &[Check]) -> String {
     };
     let mut out = row("CHECK", "RESULT", "FOUND", "EXPECTED");
     for c in checks {
-        out.push_str(&row(&c.name, if c.ok { "pass" } else { "FAIL" }, &one_line(&c.found), &one_line(&c.expected)));
+        out.push_str(&row(
+            &c.name,
+            if c.ok { "pass" } else { "FAIL" },
+            &one_line(&c.found),
+            &one_line(&c.expected),
+        ));
     }
     out
 }
@@ -197,19 +251,30 @@ struct WantedPackage {
 
 impl Verifier<'_> {
     fn push(&mut self, name: impl Into<String>, ok: bool, found: impl Into<String>, expected: impl Into<String>) {
-        self.checks.push(Check { name: name.into(), ok, found: found.into(), expected: expected.into() });
+        self.checks.push(Check {
+            name: name.into(),
+            ok,
+            found: found.into(),
+            expected: expected.into(),
+        });
     }
 
     // --- facts of the definition -----------------------------------------------------
 
     /// Whether a stage installs `name`.
     fn lists(&self, name: &str) -> bool {
-        self.def.stages.iter().any(|s| s.packages.iter().any(|p| p.name == name))
+        self.def
+            .stages
+            .iter()
+            .any(|s| s.packages.iter().any(|p| p.name == name))
     }
 
     /// A Kubernetes node: the definition installs kubelet/kubeadm/kubectl or containerd.
     fn is_k8s_node(&self) -> bool {
-        KUBERNETES_PACKAGES.iter().chain(&["containerd", "containerd.io"]).any(|p| self.lists(p))
+        KUBERNETES_PACKAGES
+            .iter()
+            .chain(&["containerd", "containerd.io"])
+            .any(|p| self.lists(p))
     }
 
     fn is_gpu(&self) -> bool {
@@ -219,7 +284,12 @@ impl Verifier<'_> {
     /// Prepared for an NVIDIA driver (the spec's GPU prerequisites): a GPU payload,
     /// required kernel modules, or kernel headers installed for DKMS.
     fn is_gpu_ready(&self) -> bool {
-        self.is_gpu() || self.def.stages.iter().any(|s| s.kernel_headers || !s.require_modules.is_empty())
+        self.is_gpu()
+            || self
+                .def
+                .stages
+                .iter()
+                .any(|s| s.kernel_headers || !s.require_modules.is_empty())
     }
 
     /// Packages the definition installs or holds, in stage order; a pin makes a hold
@@ -230,7 +300,11 @@ impl Verifier<'_> {
             match out.iter().position(|w| w.name == name) {
                 Some(i) => &mut out[i],
                 None => {
-                    out.push(WantedPackage { name: name.to_string(), version: None, hold: false });
+                    out.push(WantedPackage {
+                        name: name.to_string(),
+                        version: None,
+                        hold: false,
+                    });
                     out.last_mut().unwrap()
                 }
             }
@@ -264,7 +338,11 @@ impl Verifier<'_> {
 
     /// The kind of `path` itself (not following a final symlink), none if absent.
     fn kind(&self, path: &str) -> Result<Option<FileKind>> {
-        Ok(if self.lexists(path)? { Some(self.root.symlink_metadata(path)?.kind) } else { None })
+        Ok(if self.lexists(path)? {
+            Some(self.root.symlink_metadata(path)?.kind)
+        } else {
+            None
+        })
     }
 
     /// Contents of `path` if it is (or links to) a regular file; none otherwise — so a
@@ -277,12 +355,18 @@ impl Verifier<'_> {
     }
 
     fn read_text(&self, path: &str) -> Result<Option<String>> {
-        Ok(self.read_regular(path)?.map(|b| String::from_utf8_lossy(&b).into_owned()))
+        Ok(self
+            .read_regular(path)?
+            .map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 
     /// Names in `dir`, none if it is not a directory.
     fn list(&self, dir: &str) -> Result<Vec<String>> {
-        if self.root.is_dir(dir)? { self.root.read_dir(dir) } else { Ok(Vec::new()) }
+        if self.root.is_dir(dir)? {
+            self.root.read_dir(dir)
+        } else {
+            Ok(Vec::new())
+        }
     }
 
     /// The `*.conf` files of configuration directories as the tools read them: sorted
@@ -318,14 +402,19 @@ impl Verifier<'_> {
             Some(m) => {
                 let get = |k: &str| m.get(k).map_or("?", String::as_str).to_string();
                 let ok = get("ID") == SPEC_OS.0 && get("VERSION_ID") == SPEC_OS.1;
-                (format!("{} {} ({})", get("ID"), get("VERSION_ID"), get("VERSION_CODENAME")), ok)
+                (
+                    format!("{} {} ({})", get("ID"), get("VERSION_ID"), get("VERSION_CODENAME")),
+                    ok,
+                )
             }
         };
         self.push("os release", ok, found, format!("{} {} (jammy)", SPEC_OS.0, SPEC_OS.1));
 
-        let arch = ["base-files", "dpkg"]
-            .iter()
-            .find_map(|n| self.installed(n).filter(|p| !p.arch.is_empty() && p.arch != "all").map(|p| p.arch.clone()));
+        let arch = ["base-files", "dpkg"].iter().find_map(|n| {
+            self.installed(n)
+                .filter(|p| !p.arch.is_empty() && p.arch != "all")
+                .map(|p| p.arch.clone())
+        });
         let arch = match arch {
             Some(a) => Some(a),
             None => self
@@ -371,8 +460,17 @@ impl Verifier<'_> {
     // --- 2. kernels and headers -------------------------------------------------------
 
     fn kernels(&mut self) {
-        let found = if self.kernels.is_empty() { "none".to_string() } else { self.kernels.join(", ") };
-        self.push("kernels", !self.kernels.is_empty(), found, "a /boot/vmlinuz-K with /lib/modules/K");
+        let found = if self.kernels.is_empty() {
+            "none".to_string()
+        } else {
+            self.kernels.join(", ")
+        };
+        self.push(
+            "kernels",
+            !self.kernels.is_empty(),
+            found,
+            "a /boot/vmlinuz-K with /lib/modules/K",
+        );
         if !self.def.stages.iter().any(|s| s.kernel_headers) {
             return;
         }
@@ -423,7 +521,12 @@ impl Verifier<'_> {
             if let Some((package, installed)) = &driver {
                 let name = format!("nvidia.ko version ({k})");
                 let Some(installed) = installed else {
-                    self.push(name, false, "not checked", format!("the version of {package}, which is not installed"));
+                    self.push(
+                        name,
+                        false,
+                        "not checked",
+                        format!("the version of {package}, which is not installed"),
+                    );
                     continue;
                 };
                 let want = upstream_version(installed).to_string();
@@ -453,9 +556,17 @@ impl Verifier<'_> {
         let mut index: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut dirs = vec![String::new()];
         while let Some(rel) = dirs.pop() {
-            let dir = if rel.is_empty() { base.clone() } else { format!("{base}/{rel}") };
+            let dir = if rel.is_empty() {
+                base.clone()
+            } else {
+                format!("{base}/{rel}")
+            };
             for name in self.root.read_dir(&dir)? {
-                let rel_path = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+                let rel_path = if rel.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{rel}/{name}")
+                };
                 if let Some(stem) = module_stem(&name) {
                     index.entry(normalize_module(stem)).or_default().push(rel_path);
                 } else if self.root.symlink_metadata(&format!("{base}/{rel_path}"))?.kind == FileKind::Directory {
@@ -475,7 +586,9 @@ impl Verifier<'_> {
         module: &str,
         cache: &mut HashMap<String, ModInfo>,
     ) -> Result<Option<(String, ModInfo)>> {
-        let Some(paths) = index.get(&normalize_module(module)) else { return Ok(None) };
+        let Some(paths) = index.get(&normalize_module(module)) else {
+            return Ok(None);
+        };
         let rank = |p: &String| {
             if p.starts_with("updates/") {
                 0
@@ -485,7 +598,11 @@ impl Verifier<'_> {
                 2
             }
         };
-        let rel = paths.iter().min_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.cmp(b))).unwrap().clone();
+        let rel = paths
+            .iter()
+            .min_by(|a, b| rank(a).cmp(&rank(b)).then_with(|| a.cmp(b)))
+            .unwrap()
+            .clone();
         if !cache.contains_key(&rel) {
             let path = format!("/lib/modules/{kernel}/{rel}");
             let info = match decompress_module(&rel, self.root.read(&path)?) {
@@ -509,7 +626,11 @@ impl Verifier<'_> {
             walk_overlay(dir, dir, &mut files).with_context(|| format!("reading overlay {}", dir.display()))?;
         }
         for (dest, src) in files {
-            let shown = src.strip_prefix(&self.def.project_root).unwrap_or(&src).display().to_string();
+            let shown = src
+                .strip_prefix(&self.def.project_root)
+                .unwrap_or(&src)
+                .display()
+                .to_string();
             let md = std::fs::symlink_metadata(&src).with_context(|| format!("reading {}", src.display()))?;
             let name = format!("overlay {dest}");
             if md.file_type().is_symlink() {
@@ -533,10 +654,17 @@ impl Verifier<'_> {
                     let have = self.root.read(&dest)?;
                     let have_mode = self.root.symlink_metadata(&dest)?.mode as u32;
                     let same = have == want;
-                    let what = if same { "same content".to_string() } else { format!("different content ({} bytes)", have.len()) };
+                    let what = if same {
+                        "same content".to_string()
+                    } else {
+                        format!("different content ({} bytes)", have.len())
+                    };
                     (same && have_mode == mode, format!("{what}, mode {have_mode:04o}"))
                 }
-                Some(k) => (false, format!("a {} instead of a file", format!("{k:?}").to_lowercase())),
+                Some(k) => (
+                    false,
+                    format!("a {} instead of a file", format!("{k:?}").to_lowercase()),
+                ),
             };
             self.push(name, ok, found, expected);
         }
@@ -546,19 +674,35 @@ impl Verifier<'_> {
     // --- 5. the spec's configuration -----------------------------------------------
 
     fn spec_config(&mut self) -> Result<()> {
-        let modprobe = if self.is_gpu_ready() { self.conf_files(&MODPROBE_DIRS)? } else { Vec::new() };
+        let modprobe = if self.is_gpu_ready() {
+            self.conf_files(&MODPROBE_DIRS)?
+        } else {
+            Vec::new()
+        };
         if self.is_gpu_ready() {
-            let hit = modprobe.iter().find(|(_, t)| config_lines(t).any(|l| words(l) == ["blacklist", "nouveau"]));
+            let hit = modprobe
+                .iter()
+                .find(|(_, t)| config_lines(t).any(|l| words(l) == ["blacklist", "nouveau"]));
             let (ok, found) = match hit {
                 Some((p, _)) => (true, format!("blacklist nouveau in {p}")),
                 None => (false, "no `blacklist nouveau` in any modprobe.d/*.conf".to_string()),
             };
-            self.push("nouveau blacklisted", ok, found, "a /etc/modprobe.d/*.conf with `blacklist nouveau`");
+            self.push(
+                "nouveau blacklisted",
+                ok,
+                found,
+                "a /etc/modprobe.d/*.conf with `blacklist nouveau`",
+            );
         }
         if self.is_gpu() {
             for (param, want) in NVIDIA_OPTIONS {
                 let (ok, found) = nvidia_option(&modprobe, param, want);
-                self.push(format!("modprobe nvidia {param}"), ok, found, format!("options nvidia {param}={want} in {NVIDIA_CONF}"));
+                self.push(
+                    format!("modprobe nvidia {param}"),
+                    ok,
+                    found,
+                    format!("options nvidia {param}={want} in {NVIDIA_CONF}"),
+                );
             }
         }
         if !self.is_k8s_node() {
@@ -567,14 +711,19 @@ impl Verifier<'_> {
 
         let loads = self.conf_files(&MODULES_LOAD_DIRS)?;
         for m in K8S_MODULES {
-            let hit = loads.iter().find(|(_, t)| {
-                config_lines(t).any(|l| normalize_module(l) == normalize_module(m))
-            });
+            let hit = loads
+                .iter()
+                .find(|(_, t)| config_lines(t).any(|l| normalize_module(l) == normalize_module(m)));
             let (ok, found) = match hit {
                 Some((p, _)) => (true, format!("listed in {p}")),
                 None => (false, "not in any modules-load.d/*.conf".to_string()),
             };
-            self.push(format!("modules-load {m}"), ok, found, "listed in /etc/modules-load.d/*.conf");
+            self.push(
+                format!("modules-load {m}"),
+                ok,
+                found,
+                "listed in /etc/modules-load.d/*.conf",
+            );
         }
 
         let values = sysctl_values(&self.conf_files(&SYSCTL_DIRS)?);
@@ -591,14 +740,23 @@ impl Verifier<'_> {
             self.runtime_class()?;
         }
 
-        self.min_version("containerd version", &["containerd", "containerd.io"], SPEC_CONTAINERD_MIN);
+        self.min_version(
+            "containerd version",
+            &["containerd", "containerd.io"],
+            SPEC_CONTAINERD_MIN,
+        );
         self.min_version("runc version", &["runc"], SPEC_RUNC_MIN);
         for p in KUBERNETES_PACKAGES {
             let (ok, found) = match self.installed(p) {
                 Some(i) => (upstream_version(&i.version) == SPEC_KUBERNETES, i.version.clone()),
                 None => (false, "not installed".to_string()),
             };
-            self.push(format!("{p} version"), ok, found, format!("{SPEC_KUBERNETES} (upstream)"));
+            self.push(
+                format!("{p} version"),
+                ok,
+                found,
+                format!("{SPEC_KUBERNETES} (upstream)"),
+            );
         }
         Ok(())
     }
@@ -618,7 +776,11 @@ impl Verifier<'_> {
     /// containerd's config: runc with the systemd cgroup driver, the spec's socket and,
     /// on GPU images, the nvidia runtime next to runc.
     fn containerd_config(&mut self) -> Result<()> {
-        let names = ["containerd SystemdCgroup", "containerd socket", "containerd nvidia runtime"];
+        let names = [
+            "containerd SystemdCgroup",
+            "containerd socket",
+            "containerd nvidia runtime",
+        ];
         let count = if self.is_gpu() { 3 } else { 2 };
         let expected = [
             format!("SystemdCgroup = true for the runc runtime in {CONTAINERD_CONFIG}"),
@@ -628,7 +790,10 @@ impl Verifier<'_> {
         let config = match self.read_text(CONTAINERD_CONFIG)? {
             None => Err(format!("no {CONTAINERD_CONFIG}")),
             Some(t) => t.parse::<toml::Table>().map_err(|e| {
-                format!("{CONTAINERD_CONFIG} is not TOML: {}", e.to_string().lines().next().unwrap_or(""))
+                format!(
+                    "{CONTAINERD_CONFIG} is not TOML: {}",
+                    e.to_string().lines().next().unwrap_or("")
+                )
             }),
         };
         let config = match config {
@@ -641,11 +806,24 @@ impl Verifier<'_> {
             }
         };
         let runtimes = find_table(&config, "runtimes");
-        let runtime = |name: &str| runtimes.as_ref().and_then(|(t, _)| t.get(name)).and_then(toml::Value::as_table);
-        let option = |rt: &str, key: &str| runtime(rt).and_then(|t| t.get("options")).and_then(|o| o.get(key)).cloned();
+        let runtime = |name: &str| {
+            runtimes
+                .as_ref()
+                .and_then(|(t, _)| t.get(name))
+                .and_then(toml::Value::as_table)
+        };
+        let option = |rt: &str, key: &str| {
+            runtime(rt)
+                .and_then(|t| t.get("options"))
+                .and_then(|o| o.get(key))
+                .cloned()
+        };
 
         let (ok, found) = match option("runc", "SystemdCgroup") {
-            Some(v) => (v.as_bool() == Some(true), format!("SystemdCgroup = {v} (runtimes.runc.options)")),
+            Some(v) => (
+                v.as_bool() == Some(true),
+                format!("SystemdCgroup = {v} (runtimes.runc.options)"),
+            ),
             None if runtime("runc").is_none() => (false, "no runc runtime".to_string()),
             None => (false, "SystemdCgroup not set for runc".to_string()),
         };
@@ -654,17 +832,32 @@ impl Verifier<'_> {
         let (ok, found) = match config.get("grpc").and_then(|g| g.get("address")) {
             Some(toml::Value::String(a)) => (a == CONTAINERD_SOCKET, format!("address = \"{a}\"")),
             Some(v) => (false, format!("address = {v}")),
-            None => (true, format!("grpc.address not set (containerd's default {CONTAINERD_SOCKET})")),
+            None => (
+                true,
+                format!("grpc.address not set (containerd's default {CONTAINERD_SOCKET})"),
+            ),
         };
         self.push(names[1], ok, found, expected[1].clone());
 
         if self.is_gpu() {
             let binary = option("nvidia", "BinaryName");
-            let ok = binary.as_ref().and_then(toml::Value::as_str) == Some(NVIDIA_RUNTIME_BINARY) && runtime("runc").is_some();
+            let ok = binary.as_ref().and_then(toml::Value::as_str) == Some(NVIDIA_RUNTIME_BINARY)
+                && runtime("runc").is_some();
             let found = format!(
                 "nvidia BinaryName = {}, runc {}",
-                binary.map_or_else(|| if runtime("nvidia").is_some() { "unset".into() } else { "(no nvidia runtime)".into() }, |b| b.to_string()),
-                if runtime("runc").is_some() { "present" } else { "missing" }
+                binary.map_or_else(
+                    || if runtime("nvidia").is_some() {
+                        "unset".into()
+                    } else {
+                        "(no nvidia runtime)".into()
+                    },
+                    |b| b.to_string()
+                ),
+                if runtime("runc").is_some() {
+                    "present"
+                } else {
+                    "missing"
+                }
             );
             self.push(names[2], ok, found, expected[2].clone());
         }
@@ -698,7 +891,12 @@ impl Verifier<'_> {
                 }
             }
         }
-        self.push("RuntimeClass nvidia", ok, found, format!("a RuntimeClass named nvidia, handler nvidia, under {MANIFEST_DIR}"));
+        self.push(
+            "RuntimeClass nvidia",
+            ok,
+            found,
+            format!("a RuntimeClass named nvidia, handler nvidia, under {MANIFEST_DIR}"),
+        );
         Ok(())
     }
 
@@ -714,7 +912,14 @@ impl Verifier<'_> {
                 let swaps: Vec<&str> = config_lines(&t).filter(|l| words(l).get(2) == Some(&"swap")).collect();
                 match swaps.first() {
                     None => (true, "no swap entries".to_string()),
-                    Some(l) => (false, format!("{} swap entr{}: {l}", swaps.len(), if swaps.len() == 1 { "y" } else { "ies" })),
+                    Some(l) => (
+                        false,
+                        format!(
+                            "{} swap entr{}: {l}",
+                            swaps.len(),
+                            if swaps.len() == 1 { "y" } else { "ies" }
+                        ),
+                    ),
                 }
             }
         };
@@ -753,10 +958,24 @@ impl Verifier<'_> {
 
         let p = "/var/lib/dbus/machine-id";
         let present = self.lexists(p)?;
-        self.push("dbus machine-id absent", !present, if present { "present" } else { "absent" }, format!("no {p}"));
+        self.push(
+            "dbus machine-id absent",
+            !present,
+            if present { "present" } else { "absent" },
+            format!("no {p}"),
+        );
 
-        let keys: Vec<String> = self.list("/etc/ssh")?.into_iter().filter(|n| n.starts_with("ssh_host_")).collect();
-        self.push("ssh host keys", keys.is_empty(), listing(&keys, "none"), "no /etc/ssh/ssh_host_*");
+        let keys: Vec<String> = self
+            .list("/etc/ssh")?
+            .into_iter()
+            .filter(|n| n.starts_with("ssh_host_"))
+            .collect();
+        self.push(
+            "ssh host keys",
+            keys.is_empty(),
+            listing(&keys, "none"),
+            "no /etc/ssh/ssh_host_*",
+        );
 
         let mut homes = vec!["/root".to_string()];
         homes.extend(self.list("/home")?.into_iter().map(|n| format!("/home/{n}")));
@@ -767,10 +986,20 @@ impl Verifier<'_> {
                 histories.push(p);
             }
         }
-        self.push("shell history", histories.is_empty(), listing(&histories, "none"), "no .bash_history in /root or /home/*");
+        self.push(
+            "shell history",
+            histories.is_empty(),
+            listing(&histories, "none"),
+            "no .bash_history in /root or /home/*",
+        );
 
         let cloud = self.list("/var/lib/cloud")?;
-        self.push("cloud-init state", cloud.is_empty(), listing(&cloud, "empty or absent"), "/var/lib/cloud empty or absent");
+        self.push(
+            "cloud-init state",
+            cloud.is_empty(),
+            listing(&cloud, "empty or absent"),
+            "/var/lib/cloud empty or absent",
+        );
 
         let (ok, found) = match self.read_text("/etc/shadow")? {
             None => (false, "no /etc/shadow".to_string()),
@@ -783,19 +1012,48 @@ impl Verifier<'_> {
                         (!pw.starts_with('!') && !pw.starts_with('*')).then(|| user.to_string())
                     })
                     .collect();
-                (usable.is_empty(), if usable.is_empty() { "every account locked".into() } else { format!("usable password: {}", usable.join(", ")) })
+                (
+                    usable.is_empty(),
+                    if usable.is_empty() {
+                        "every account locked".into()
+                    } else {
+                        format!("usable password: {}", usable.join(", "))
+                    },
+                )
             }
         };
-        self.push("shadow passwords", ok, found, "no usable password (every field starts with ! or *)");
+        self.push(
+            "shadow passwords",
+            ok,
+            found,
+            "no usable password (every field starts with ! or *)",
+        );
 
         let present = self.lexists(POLICY_RC_D)?;
-        self.push("policy-rc.d absent", !present, if present { "present" } else { "absent" }, format!("no {POLICY_RC_D}"));
+        self.push(
+            "policy-rc.d absent",
+            !present,
+            if present { "present" } else { "absent" },
+            format!("no {POLICY_RC_D}"),
+        );
 
-        let (ok, found) = self.symlink_check("/etc/resolv.conf", &[RESOLV_TARGET, RESOLV_TARGET.trim_start_matches("..")])?;
+        let (ok, found) = self.symlink_check(
+            "/etc/resolv.conf",
+            &[RESOLV_TARGET, RESOLV_TARGET.trim_start_matches("..")],
+        )?;
         self.push("resolv.conf symlink", ok, found, format!("symlink to {RESOLV_TARGET}"));
 
-        let lists: Vec<String> = self.list("/var/lib/apt/lists")?.into_iter().filter(|n| n.contains("_Packages")).collect();
-        self.push("apt lists", lists.is_empty(), listing(&lists, "no package indexes"), "no /var/lib/apt/lists/*_Packages");
+        let lists: Vec<String> = self
+            .list("/var/lib/apt/lists")?
+            .into_iter()
+            .filter(|n| n.contains("_Packages"))
+            .collect();
+        self.push(
+            "apt lists",
+            lists.is_empty(),
+            listing(&lists, "no package indexes"),
+            "no /var/lib/apt/lists/*_Packages",
+        );
 
         let tmp = self.list("/tmp")?;
         self.push("tmp empty", tmp.is_empty(), listing(&tmp, "empty"), "/tmp empty");
@@ -806,24 +1064,41 @@ impl Verifier<'_> {
                 left.push(p.to_string());
             }
         }
-        self.push("build leftovers", left.is_empty(), listing(&left, "none"), format!("no {}", BUILD_LEFTOVERS.join(", ")));
+        self.push(
+            "build leftovers",
+            left.is_empty(),
+            listing(&left, "none"),
+            format!("no {}", BUILD_LEFTOVERS.join(", ")),
+        );
 
         let (ok, found) = match self.read_text(INITRAMFS_CONF)? {
             None => (false, format!("no {INITRAMFS_CONF}")),
             Some(t) => {
-                let value = config_lines(&t).filter_map(|l| l.strip_prefix("update_initramfs=")).last();
+                let value = config_lines(&t)
+                    .filter_map(|l| l.strip_prefix("update_initramfs="))
+                    .last();
                 match value {
                     Some(v) => (v.trim() == "yes", format!("update_initramfs={}", v.trim())),
                     None => (false, "update_initramfs not set".to_string()),
                 }
             }
         };
-        self.push("initramfs updates", ok, found, format!("update_initramfs=yes in {INITRAMFS_CONF}"));
+        self.push(
+            "initramfs updates",
+            ok,
+            found,
+            format!("update_initramfs=yes in {INITRAMFS_CONF}"),
+        );
 
         for k in self.kernels.clone() {
             let p = format!("/boot/initrd.img-{k}");
             let present = self.root.exists(&p)?;
-            self.push(format!("initrd {k}"), present, if present { "present" } else { "missing" }, p);
+            self.push(
+                format!("initrd {k}"),
+                present,
+                if present { "present" } else { "missing" },
+                p,
+            );
         }
         Ok(())
     }
@@ -834,7 +1109,10 @@ impl Verifier<'_> {
         for r in self.def.repositories.clone() {
             let path = format!("/etc/apt/sources.list.d/{}.list", r.id);
             let comps = r.components.iter().map(|c| format!(" {c}")).collect::<String>();
-            let expected = format!("deb [signed-by=KEYFILE] {} {}{comps}, KEYFILE holding {}", r.uri, r.suite, r.key);
+            let expected = format!(
+                "deb [signed-by=KEYFILE] {} {}{comps}, KEYFILE holding {}",
+                r.uri, r.suite, r.key
+            );
             let Some(text) = self.read_text(&path)? else {
                 self.push(format!("repository {}", r.id), false, format!("no {path}"), expected);
                 continue;
@@ -882,7 +1160,10 @@ impl Verifier<'_> {
 /// What a module file's `.modinfo` says, or why it could not be read.
 #[derive(Debug, Clone)]
 enum ModInfo {
-    Read { vermagic: Option<String>, version: Option<String> },
+    Read {
+        vermagic: Option<String>,
+        version: Option<String>,
+    },
     Unreadable(String),
 }
 
@@ -942,7 +1223,9 @@ fn listing(names: &[String], empty: &str) -> String {
 
 /// Lines of a config file without blank lines and `#`/`;` comments, trimmed.
 fn config_lines(text: &str) -> impl Iterator<Item = &str> {
-    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
 }
 
 fn words(line: &str) -> Vec<&str> {
@@ -956,7 +1239,10 @@ fn normalize_module(name: &str) -> String {
 
 /// `nvidia-uvm` of `nvidia-uvm.ko`, `nvidia-uvm.ko.zst`, ...; none for other names.
 fn module_stem(file: &str) -> Option<&str> {
-    MODULE_SUFFIXES.iter().find_map(|s| file.strip_suffix(s)).filter(|s| !s.is_empty())
+    MODULE_SUFFIXES
+        .iter()
+        .find_map(|s| file.strip_suffix(s))
+        .filter(|s| !s.is_empty())
 }
 
 /// The bytes of a module file, decompressed (xz and gzip; zstd is reported, kiln has
@@ -964,10 +1250,14 @@ fn module_stem(file: &str) -> Option<&str> {
 fn decompress_module(name: &str, raw: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
     let mut out = Vec::new();
     if name.ends_with(".ko.xz") {
-        xz2::read::XzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| format!("xz-compressed, does not decompress ({e})"))?;
+        xz2::read::XzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| format!("xz-compressed, does not decompress ({e})"))?;
         Ok(out)
     } else if name.ends_with(".ko.gz") {
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(|e| format!("gzip-compressed, does not decompress ({e})"))?;
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(|e| format!("gzip-compressed, does not decompress ({e})"))?;
         Ok(out)
     } else if name.ends_with(".ko.zst") {
         Err("compressed (zstd), not checked".to_string())
@@ -986,7 +1276,12 @@ fn elf_section<'d>(data: &'d [u8], want: &str) -> Option<&'d [u8]> {
         let v = b.iter().rev().fold(0u64, |acc, &x| (acc << 8) | u64::from(x));
         usize::try_from(v).ok()
     }
-    let (shoff, shentsize, shnum, shstrndx) = (int(data, 0x28, 8)?, int(data, 0x3a, 2)?, int(data, 0x3c, 2)?, int(data, 0x3e, 2)?);
+    let (shoff, shentsize, shnum, shstrndx) = (
+        int(data, 0x28, 8)?,
+        int(data, 0x3a, 2)?,
+        int(data, 0x3c, 2)?,
+        int(data, 0x3e, 2)?,
+    );
     if shentsize < 0x40 {
         return None;
     }
@@ -1065,7 +1360,10 @@ fn nvidia_option(files: &[(String, String)], param: &str, want: &str) -> (bool, 
         }
     }
     match effective {
-        None => (false, format!("{param} not set (no `options nvidia {param}=...` in modprobe.d)")),
+        None => (
+            false,
+            format!("{param} not set (no `options nvidia {param}=...` in modprobe.d)"),
+        ),
         Some((v, path)) => {
             let ok = v == want && in_nvidia_conf.as_deref() == Some(want);
             let note = match &in_nvidia_conf {
@@ -1165,7 +1463,12 @@ fn parse_deb_line(line: &str) -> Option<DebLine> {
         .map(|v| v.split(',').next().unwrap_or(v).to_string());
     let mut w = rest.split_whitespace();
     let (uri, suite) = (w.next()?.to_string(), w.next()?.to_string());
-    Some(DebLine { signed_by, uri, suite, components: w.map(str::to_string).collect() })
+    Some(DebLine {
+        signed_by,
+        uri,
+        suite,
+        components: w.map(str::to_string).collect(),
+    })
 }
 
 // ---------------------------------------------------------------------------------
@@ -1230,7 +1533,10 @@ overlays = ["kubernetes"]
             "nvidia-driver-565-server=565.57.01-0ubuntu0.22.04.4\nnvidia-dkms-565-server=565.57.01-0ubuntu0.22.04.4\nnvidia-container-toolkit=1.17.3-1\n",
         ),
         ("container-runtime", "containerd\nrunc\n"),
-        ("kubernetes", "kubelet=1.30.0-1.1\nkubeadm=1.30.0-1.1\nkubectl=1.30.0-1.1\n"),
+        (
+            "kubernetes",
+            "kubelet=1.30.0-1.1\nkubeadm=1.30.0-1.1\nkubectl=1.30.0-1.1\n",
+        ),
     ];
 
     fn copy_tree(from: &Path, to: &Path) {
@@ -1256,7 +1562,10 @@ overlays = ["kubernetes"]
             write(&dir.join(format!("package-lists/{name}.list")), body);
         }
         write(&dir.join("keys/kubernetes.asc"), KEY);
-        copy_tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join("overlays"), &dir.join("overlays"));
+        copy_tree(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("overlays"),
+            &dir.join("overlays"),
+        );
         let def = dir.join("images/x.toml");
         write(&def, X_TOML);
         def
@@ -1314,8 +1623,10 @@ version = 2
 
     /// A fake module: `.modinfo`-like strings, not an ELF file.
     fn fake_module(vermagic: &str, version: &str) -> Vec<u8> {
-        format!("\x7fELF-ish junk\0license=NVIDIA\0version={version}\0srcversion=0A1B2C\0depends=\0vermagic={vermagic}\0")
-            .into_bytes()
+        format!(
+            "\x7fELF-ish junk\0license=NVIDIA\0version={version}\0srcversion=0A1B2C\0depends=\0vermagic={vermagic}\0"
+        )
+        .into_bytes()
     }
 
     /// A jammy-like root for `def`, as a correct build leaves it: two kernels with
@@ -1338,18 +1649,33 @@ version = 2
 
         let gpu = def.payload.gpu.as_ref();
         let pinned = |name: &str| {
-            def.stages.iter().flat_map(|s| &s.packages).filter(|p| p.name == name).find_map(|p| p.version.clone())
+            def.stages
+                .iter()
+                .flat_map(|s| &s.packages)
+                .filter(|p| p.name == name)
+                .find_map(|p| p.version.clone())
         };
-        let driver_version = gpu.and_then(|g| pinned(&g.driver_package)).unwrap_or_else(|| "565.57.01-0ubuntu1".into());
+        let driver_version = gpu
+            .and_then(|g| pinned(&g.driver_package))
+            .unwrap_or_else(|| "565.57.01-0ubuntu1".into());
         let required: Vec<&String> = def.stages.iter().flat_map(|s| &s.require_modules).collect();
         for k in [K_OLD, K_NEW] {
             w(&format!("boot/vmlinuz-{k}"), "kernel");
             w(&format!("boot/initrd.img-{k}"), "initrd");
             w(&format!("usr/lib/modules/{k}/modules.dep"), "");
-            w(&format!("usr/lib/modules/{k}/kernel/fs/overlayfs/overlay.ko"), &format!("vermagic={k} SMP mod_unload \0"));
-            ln(&format!("/usr/src/linux-headers-{k}"), &format!("usr/lib/modules/{k}/build"));
+            w(
+                &format!("usr/lib/modules/{k}/kernel/fs/overlayfs/overlay.ko"),
+                &format!("vermagic={k} SMP mod_unload \0"),
+            );
+            ln(
+                &format!("/usr/src/linux-headers-{k}"),
+                &format!("usr/lib/modules/{k}/build"),
+            );
             for m in &required {
-                let body = fake_module(&format!("{k} SMP mod_unload modversions "), upstream_version(&driver_version));
+                let body = fake_module(
+                    &format!("{k} SMP mod_unload modversions "),
+                    upstream_version(&driver_version),
+                );
                 let dir = root.join(format!("usr/lib/modules/{k}/updates/dkms"));
                 std::fs::create_dir_all(&dir).unwrap();
                 if m.ends_with("drm") {
@@ -1364,14 +1690,21 @@ version = 2
         ln(&format!("vmlinuz-{K_NEW}"), "boot/vmlinuz");
 
         // dpkg: base-files, the wanted packages, the headers of each kernel.
-        let mut status = String::from("Package: base-files\nStatus: install ok installed\nArchitecture: amd64\nVersion: 12ubuntu4.6\n\n");
+        let mut status = String::from(
+            "Package: base-files\nStatus: install ok installed\nArchitecture: amd64\nVersion: 12ubuntu4.6\n\n",
+        );
         let mut seen: Vec<String> = Vec::new();
         let headers = def.stages.iter().any(|s| s.kernel_headers);
         let names = def
             .stages
             .iter()
             .flat_map(|s| s.packages.iter().map(|p| p.name.clone()).chain(s.hold.iter().cloned()))
-            .chain([K_OLD, K_NEW].iter().filter(|_| headers).map(|k| format!("linux-headers-{k}")));
+            .chain(
+                [K_OLD, K_NEW]
+                    .iter()
+                    .filter(|_| headers)
+                    .map(|k| format!("linux-headers-{k}")),
+            );
         for name in names {
             if seen.contains(&name) {
                 continue;
@@ -1393,15 +1726,25 @@ version = 2
         }
 
         // What the hooks leave.
-        let k8s = def.stages.iter().flat_map(|s| &s.packages).any(|p| p.name == "kubelet" || p.name == "containerd");
+        let k8s = def
+            .stages
+            .iter()
+            .flat_map(|s| &s.packages)
+            .any(|p| p.name == "kubelet" || p.name == "containerd");
         if k8s {
             w("etc/containerd/config.toml", &containerd_config(gpu.is_some()));
             ln("/dev/null", "etc/systemd/system/swap.target");
         }
-        w("etc/fstab", "LABEL=cloudimg-rootfs\t/\t ext4\tdiscard,errors=remount-ro\t0 1\nLABEL=UEFI\t/boot/efi\tvfat\tumask=0077\t0 1\n");
+        w(
+            "etc/fstab",
+            "LABEL=cloudimg-rootfs\t/\t ext4\tdiscard,errors=remount-ro\t0 1\nLABEL=UEFI\t/boot/efi\tvfat\tumask=0077\t0 1\n",
+        );
         w("etc/sysctl.conf", "# kernel parameters\n#net.ipv4.ip_forward=1\n");
         ln("../sysctl.conf", "etc/sysctl.d/99-sysctl.conf");
-        w("usr/lib/sysctl.d/50-default.conf", "net.ipv4.conf.default.rp_filter = 2\n");
+        w(
+            "usr/lib/sysctl.d/50-default.conf",
+            "net.ipv4.conf.default.rp_filter = 2\n",
+        );
         w("etc/modules", "# /etc/modules\n");
         ln("../modules", "etc/modules-load.d/modules.conf");
 
@@ -1411,13 +1754,19 @@ version = 2
         w("etc/ssh/ssh_config", "# ssh\n");
         w("root/.profile", "# profile\n");
         w("home/ubuntu/.bashrc", "# bashrc\n");
-        w("etc/shadow", "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\nubuntu:!:19000:0:99999:7:::\n");
+        w(
+            "etc/shadow",
+            "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\nubuntu:!:19000:0:99999:7:::\n",
+        );
         ln("../run/systemd/resolve/stub-resolv.conf", "etc/resolv.conf");
         std::fs::create_dir_all(root.join("var/lib/apt/lists/partial")).unwrap();
         w("var/lib/apt/lists/lock", "");
         std::fs::create_dir_all(root.join("tmp")).unwrap();
         std::fs::create_dir_all(root.join("var/lib/cloud")).unwrap();
-        w("etc/initramfs-tools/update-initramfs.conf", "# update-initramfs\nupdate_initramfs=yes\nbackup_initramfs=no\n");
+        w(
+            "etc/initramfs-tools/update-initramfs.conf",
+            "# update-initramfs\nupdate_initramfs=yes\nbackup_initramfs=no\n",
+        );
         w("etc/apt/apt.conf.d/20auto-upgrades", "");
 
         for r in &def.repositories {
@@ -1426,7 +1775,10 @@ version = 2
             let comps = r.components.iter().map(|c| format!(" {c}")).collect::<String>();
             w(
                 &format!("etc/apt/sources.list.d/{}.list", r.id),
-                &format!("deb [signed-by=/etc/apt/keyrings/{}.asc] {} {}{comps}", r.id, r.uri, r.suite),
+                &format!(
+                    "deb [signed-by=/etc/apt/keyrings/{}.asc] {} {}{comps}",
+                    r.id, r.uri, r.suite
+                ),
             );
         }
     }
@@ -1435,7 +1787,11 @@ version = 2
     /// holding an ext4 `cloudimg-rootfs` made from `root` by mkfs.ext4 -d. No root needed.
     fn make_image(root: &Path, out: &Path, size: u64) {
         std::fs::File::create(out).unwrap().set_len(size).unwrap();
-        Cmd::new(tool("sgdisk", "gdisk")).args(["-n", "1:2048:0", "-t", "1:8300", "-c", "1:rootfs"]).arg(out).run().unwrap();
+        Cmd::new(tool("sgdisk", "gdisk"))
+            .args(["-n", "1:2048:0", "-t", "1:8300", "-c", "1:rootfs"])
+            .arg(out)
+            .run()
+            .unwrap();
         let last = size / 512 - 34; // the backup GPT takes the last 33 sectors
         let blocks_4k = (last + 1 - 2048) * 512 / 4096;
         Cmd::new(tool("mkfs.ext4", "e2fsprogs"))
@@ -1551,14 +1907,24 @@ version = 2
             }
         }
         for w in &want {
-            assert!(names.contains(&w.as_str()), "no check `{w}` in:\n{}", render_table(&checks));
+            assert!(
+                names.contains(&w.as_str()),
+                "no check `{w}` in:\n{}",
+                render_table(&checks)
+            );
         }
         // Packages: each once, in the order of the definition.
         assert_eq!(names.iter().filter(|n| n.starts_with("package ")).count(), 12);
         assert_eq!(names.iter().filter(|n| n.starts_with("overlay ")).count(), 5);
         let find = |n: &str| checks.iter().find(|c| c.name == n).unwrap();
-        assert_eq!(find(&format!("module nvidia-drm ({K_NEW})")).found, format!("updates/dkms/nvidia-drm.ko.xz: vermagic={K_NEW} SMP mod_unload modversions"));
-        assert_eq!(find(&format!("nvidia.ko version ({K_OLD})")).found, "updates/dkms/nvidia.ko: version=565.57.01");
+        assert_eq!(
+            find(&format!("module nvidia-drm ({K_NEW})")).found,
+            format!("updates/dkms/nvidia-drm.ko.xz: vermagic={K_NEW} SMP mod_unload modversions")
+        );
+        assert_eq!(
+            find(&format!("nvidia.ko version ({K_OLD})")).found,
+            "updates/dkms/nvidia.ko: version=565.57.01"
+        );
         assert_eq!(find("kernels").found, format!("{K_NEW}, {K_OLD}"));
         assert_eq!(find("package kubelet").found, "1.30.0-1.1 (hold ok installed)");
         assert_eq!(find("disk size").found, "1 GiB (1073741824 bytes)");
@@ -1569,31 +1935,49 @@ version = 2
         let f = Fixture::new();
         let raw = f.image();
         let qcow2 = f.dir.path().join("disk.qcow2");
-        Cmd::new(tool("qemu-img", "qemu-utils")).args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2).run().unwrap();
+        Cmd::new(tool("qemu-img", "qemu-utils"))
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&qcow2)
+            .run()
+            .unwrap();
         let checks = verify_image(&qcow2, &f.def).unwrap();
         assert_eq!(failed(&checks), Vec::<&str>::new(), "\n{}", render_table(&checks));
     }
 
     #[test]
     fn machine_id_not_empty() {
-        assert_only_fails(|f| write(&f.root().join("etc/machine-id"), "0123456789abcdef0123456789abcdef\n"), &["machine-id empty"]);
+        assert_only_fails(
+            |f| write(&f.root().join("etc/machine-id"), "0123456789abcdef0123456789abcdef\n"),
+            &["machine-id empty"],
+        );
     }
 
     #[test]
     fn ssh_host_key_present() {
-        assert_only_fails(|f| write(&f.root().join("etc/ssh/ssh_host_ed25519_key"), "secret"), &["ssh host keys"]);
+        assert_only_fails(
+            |f| write(&f.root().join("etc/ssh/ssh_host_ed25519_key"), "secret"),
+            &["ssh host keys"],
+        );
     }
 
     #[test]
     fn wrong_vermagic() {
         let f = Fixture::new();
         let ko = f.root().join(format!("usr/lib/modules/{K_NEW}/updates/dkms/nvidia.ko"));
-        std::fs::write(&ko, fake_module("5.15.0-1-generic SMP mod_unload modversions ", "565.57.01")).unwrap();
+        std::fs::write(
+            &ko,
+            fake_module("5.15.0-1-generic SMP mod_unload modversions ", "565.57.01"),
+        )
+        .unwrap();
         let checks = f.verify();
         let name = format!("module nvidia ({K_NEW})");
         assert_eq!(failed(&checks), [name.as_str()], "\n{}", render_table(&checks));
         let c = checks.iter().find(|c| c.name == name).unwrap();
-        assert_eq!(c.found, "updates/dkms/nvidia.ko: vermagic=5.15.0-1-generic SMP mod_unload modversions");
+        assert_eq!(
+            c.found,
+            "updates/dkms/nvidia.ko: vermagic=5.15.0-1-generic SMP mod_unload modversions"
+        );
         assert_eq!(c.expected, format!("nvidia.ko with vermagic={K_NEW} ..."));
     }
 
@@ -1604,7 +1988,10 @@ version = 2
         assert_only_fails(
             |f| {
                 let text = "options nvidia NVreg_PreserveVideoMemoryAllocations=1\n";
-                write(&f.def.project_root.join("overlays/nvidia/etc/modprobe.d/nvidia.conf"), text);
+                write(
+                    &f.def.project_root.join("overlays/nvidia/etc/modprobe.d/nvidia.conf"),
+                    text,
+                );
                 write(&f.root().join("etc/modprobe.d/nvidia.conf"), text);
             },
             &["modprobe nvidia NVreg_EnableGpuFirmware"],
@@ -1628,12 +2015,18 @@ version = 2
         let f = Fixture::new();
         let p = f.root().join("var/lib/dpkg/status");
         let text = std::fs::read_to_string(&p).unwrap();
-        let text = text.replace("Package: kubelet\nStatus: hold ok installed", "Package: kubelet\nStatus: install ok installed");
+        let text = text.replace(
+            "Package: kubelet\nStatus: hold ok installed",
+            "Package: kubelet\nStatus: install ok installed",
+        );
         std::fs::write(&p, text).unwrap();
         let checks = f.verify();
         assert_eq!(failed(&checks), ["package kubelet"], "\n{}", render_table(&checks));
         let c = checks.iter().find(|c| c.name == "package kubelet").unwrap();
-        assert_eq!((c.found.as_str(), c.expected.as_str()), ("1.30.0-1.1 (install ok installed)", "1.30.0-1.1 (hold ok installed)"));
+        assert_eq!(
+            (c.found.as_str(), c.expected.as_str()),
+            ("1.30.0-1.1 (install ok installed)", "1.30.0-1.1 (hold ok installed)")
+        );
     }
 
     #[test]
@@ -1642,19 +2035,32 @@ version = 2
         let f = Fixture::new();
         let root = f.root();
         write(&root.join("root/.bash_history"), "curl secret\n");
-        write(&root.join("etc/shadow"), "root:$6$salt$hash:19000:0:99999:7:::\nubuntu:!:19000::::::\n");
+        write(
+            &root.join("etc/shadow"),
+            "root:$6$salt$hash:19000:0:99999:7:::\nubuntu:!:19000::::::\n",
+        );
         write(&root.join("usr/sbin/policy-rc.d"), "exit 101\n");
-        write(&root.join("var/lib/apt/lists/archive.ubuntu.com_ubuntu_dists_jammy_main_binary-amd64_Packages"), "");
+        write(
+            &root.join("var/lib/apt/lists/archive.ubuntu.com_ubuntu_dists_jammy_main_binary-amd64_Packages"),
+            "",
+        );
         write(&root.join("etc/dpkg/dpkg.cfg.d/kiln-unsafe-io"), "force-unsafe-io\n");
         std::fs::remove_file(root.join(format!("boot/initrd.img-{K_OLD}"))).unwrap();
         write(&root.join("etc/sysctl.d/99-zz-late.conf"), "net.ipv4.ip_forward = 0\n");
-        write(&root.join("etc/modprobe.d/zz-nvidia.conf"), "options nvidia NVreg_PreserveVideoMemoryAllocations=0\n");
+        write(
+            &root.join("etc/modprobe.d/zz-nvidia.conf"),
+            "options nvidia NVreg_PreserveVideoMemoryAllocations=0\n",
+        );
         write(
             &root.join("etc/apt/sources.list.d/kubernetes.list"),
             "deb [signed-by=/etc/apt/keyrings/kubernetes.asc] file:///run/kiln/repos/kubernetes /\n",
         );
         std::fs::remove_file(root.join(format!("usr/lib/modules/{K_OLD}/updates/dkms/nvidia-uvm.ko"))).unwrap();
-        std::fs::set_permissions(root.join("etc/sysctl.d/99-kubernetes-cri.conf"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(
+            root.join("etc/sysctl.d/99-kubernetes-cri.conf"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         let checks = f.verify();
         let uvm = format!("module nvidia-uvm ({K_OLD})");
         let initrd = format!("initrd {K_OLD}");
@@ -1679,8 +2085,15 @@ version = 2
         let find = |n: &str| checks.iter().find(|c| c.name == n).unwrap().found.clone();
         assert_eq!(find("shadow passwords"), "usable password: root");
         assert_eq!(find("sysctl net.ipv4.ip_forward"), "0 (/etc/sysctl.d/99-zz-late.conf)");
-        assert!(find("repository kubernetes").contains("not the definition's URI"), "{}", find("repository kubernetes"));
-        assert_eq!(find("overlay /etc/sysctl.d/99-kubernetes-cri.conf"), "same content, mode 0600");
+        assert!(
+            find("repository kubernetes").contains("not the definition's URI"),
+            "{}",
+            find("repository kubernetes")
+        );
+        assert_eq!(
+            find("overlay /etc/sysctl.d/99-kubernetes-cri.conf"),
+            "same content, mode 0600"
+        );
     }
 
     #[test]
@@ -1694,7 +2107,11 @@ version = 2
         assert_eq!(e.to_string(), format!("1 of {total} checks failed"));
 
         let checks = verify_image(&image, &f.def).unwrap();
-        let report = Report { image: image.display().to_string(), checks: &checks, passed: false };
+        let report = Report {
+            image: image.display().to_string(),
+            checks: &checks,
+            passed: false,
+        };
         let json = serde_json::to_value(&report).unwrap();
         let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
         assert_eq!(keys, ["image", "checks", "passed"]);
@@ -1705,9 +2122,21 @@ version = 2
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), checks.len() + 1);
         let col = lines[0].find("RESULT").unwrap();
-        assert!(lines.iter().skip(1).all(|l| l[col..].starts_with("pass") || l[col..].starts_with("FAIL")), "{table}");
-        let ssh = lines.iter().find(|l| l.trim_start().starts_with("ssh host keys")).unwrap();
-        assert!(ssh[col..].starts_with("FAIL") && ssh.contains("ssh_host_rsa_key"), "{table}");
+        assert!(
+            lines
+                .iter()
+                .skip(1)
+                .all(|l| l[col..].starts_with("pass") || l[col..].starts_with("FAIL")),
+            "{table}"
+        );
+        let ssh = lines
+            .iter()
+            .find(|l| l.trim_start().starts_with("ssh host keys"))
+            .unwrap();
+        assert!(
+            ssh[col..].starts_with("FAIL") && ssh.contains("ssh_host_rsa_key"),
+            "{table}"
+        );
 
         let missing = cmd_verify(&f.dir.path().join("nope.raw"), &f.def.file, false).unwrap_err();
         assert_eq!(crate::error::exit_code(&missing), 2);
@@ -1718,7 +2147,10 @@ version = 2
     #[test]
     fn project_definitions_verify() {
         let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("images");
-        for (file, gpu) in [("ubuntu-2204-gpu-ready-nodriver.toml", false), ("ubuntu-2204-nvidia-565-firmware1.toml", true)] {
+        for (file, gpu) in [
+            ("ubuntu-2204-gpu-ready-nodriver.toml", false),
+            ("ubuntu-2204-nvidia-565-firmware1.toml", true),
+        ] {
             let def = crate::imagedef::load(&images.join(file)).unwrap();
             let dir = tempfile::tempdir().unwrap();
             lay_out(&def, &dir.path().join("root"));
@@ -1763,14 +2195,28 @@ version = 2
 
     #[test]
     fn modinfo_fields() {
-        let elf = elf_with_modinfo(b"license=NVIDIA\0srcversion=ABC\0version=565.57.01\0vermagic=6.8.0-49-generic SMP preempt mod_unload \0");
+        let elf = elf_with_modinfo(
+            b"license=NVIDIA\0srcversion=ABC\0version=565.57.01\0vermagic=6.8.0-49-generic SMP preempt mod_unload \0",
+        );
         assert_eq!(modinfo_field(&elf, "version").as_deref(), Some("565.57.01"));
-        assert_eq!(modinfo_field(&elf, "vermagic").as_deref(), Some("6.8.0-49-generic SMP preempt mod_unload "));
+        assert_eq!(
+            modinfo_field(&elf, "vermagic").as_deref(),
+            Some("6.8.0-49-generic SMP preempt mod_unload ")
+        );
         assert_eq!(modinfo_field(&elf, "depends"), None);
         // Without a .modinfo section the whole file is searched; srcversion is not version.
-        assert_eq!(modinfo_field(b"xx srcversion=1\0vermagic=5.15.0-1-generic SMP\0", "version"), None);
-        assert_eq!(modinfo_field(b"xx vermagic=5.15.0-1-generic SMP\0", "vermagic").as_deref(), Some("5.15.0-1-generic SMP"));
-        assert_eq!(decompress_module("a.ko.zst", vec![1]).unwrap_err(), "compressed (zstd), not checked");
+        assert_eq!(
+            modinfo_field(b"xx srcversion=1\0vermagic=5.15.0-1-generic SMP\0", "version"),
+            None
+        );
+        assert_eq!(
+            modinfo_field(b"xx vermagic=5.15.0-1-generic SMP\0", "vermagic").as_deref(),
+            Some("5.15.0-1-generic SMP")
+        );
+        assert_eq!(
+            decompress_module("a.ko.zst", vec![1]).unwrap_err(),
+            "compressed (zstd), not checked"
+        );
         assert_eq!(module_stem("nvidia-uvm.ko.zst"), Some("nvidia-uvm"));
         assert_eq!(module_stem("modules.dep"), None);
         assert_eq!(normalize_module("nvidia-uvm"), normalize_module("nvidia_uvm"));
@@ -1779,28 +2225,53 @@ version = 2
     #[test]
     fn config_parsing() {
         let files = vec![
-            ("/etc/modprobe.d/nvidia.conf".to_string(), "# c\noptions nvidia NVreg_EnableGpuFirmware=1 NVreg_X=2\n".to_string()),
-            ("/lib/modprobe.d/zz.conf".to_string(), "options nvidia NVreg_EnableGpuFirmware=0\n".to_string()),
+            (
+                "/etc/modprobe.d/nvidia.conf".to_string(),
+                "# c\noptions nvidia NVreg_EnableGpuFirmware=1 NVreg_X=2\n".to_string(),
+            ),
+            (
+                "/lib/modprobe.d/zz.conf".to_string(),
+                "options nvidia NVreg_EnableGpuFirmware=0\n".to_string(),
+            ),
         ];
         let (ok, found) = nvidia_option(&files, "NVreg_EnableGpuFirmware", "1");
         assert!(!ok);
-        assert_eq!(found, "NVreg_EnableGpuFirmware=0 (/lib/modprobe.d/zz.conf; /etc/modprobe.d/nvidia.conf sets 1)");
+        assert_eq!(
+            found,
+            "NVreg_EnableGpuFirmware=0 (/lib/modprobe.d/zz.conf; /etc/modprobe.d/nvidia.conf sets 1)"
+        );
         assert!(nvidia_option(&files[..1], "NVreg_EnableGpuFirmware", "1").0);
         assert!(!nvidia_option(&files[1..], "NVreg_X", "2").0);
 
-        let s = sysctl_values(&[("a".into(), "net/ipv4/ip_forward=0\n-net.ipv4.ip_forward = 1\n; c\n".into())]);
+        let s = sysctl_values(&[(
+            "a".into(),
+            "net/ipv4/ip_forward=0\n-net.ipv4.ip_forward = 1\n; c\n".into(),
+        )]);
         assert_eq!(s["net.ipv4.ip_forward"], ("1".to_string(), "a".to_string()));
 
         let yaml = "kind: Pod\nmetadata:\n  name: nvidia\n---\napiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata:\n  name: \"nvidia\"\nhandler: nvidia\n";
         assert_eq!(runtime_class_handler(yaml, "nvidia").as_deref(), Some("nvidia"));
-        assert_eq!(runtime_class_handler("kind: RuntimeClass\nmetadata:\n  name: other\nhandler: x\n", "nvidia"), None);
+        assert_eq!(
+            runtime_class_handler("kind: RuntimeClass\nmetadata:\n  name: other\nhandler: x\n", "nvidia"),
+            None
+        );
         let json = r#"{"kind":"RuntimeClass","metadata":{"name":"nvidia"},"handler":"nv"}"#;
         assert_eq!(runtime_class_handler(json, "nvidia").as_deref(), Some("nv"));
 
         let d = parse_deb_line("deb [arch=amd64 signed-by=/etc/apt/keyrings/k.gpg] https://x/deb/ / main").unwrap();
         assert_eq!(
-            (d.signed_by.as_deref(), d.uri.as_str(), d.suite.as_str(), d.components.as_slice()),
-            (Some("/etc/apt/keyrings/k.gpg"), "https://x/deb/", "/", ["main".to_string()].as_slice())
+            (
+                d.signed_by.as_deref(),
+                d.uri.as_str(),
+                d.suite.as_str(),
+                d.components.as_slice()
+            ),
+            (
+                Some("/etc/apt/keyrings/k.gpg"),
+                "https://x/deb/",
+                "/",
+                ["main".to_string()].as_slice()
+            )
         );
 
         let t: toml::Table = containerd_config(true).parse().unwrap();

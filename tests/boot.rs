@@ -40,9 +40,19 @@ fn boot_test_passes(image: &Path, extra: &[&str]) -> Value {
     for b in boots {
         let fw = b["firmware"].as_str().unwrap();
         assert!(b["error"].is_null(), "{fw}: {}\n{:#}", b["error"], b["serial_tail"]);
-        let failed: Vec<&Value> = b["checks"].as_array().unwrap().iter().filter(|c| c["ok"] != true).collect();
+        let failed: Vec<&Value> = b["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["ok"] != true)
+            .collect();
         assert!(failed.is_empty(), "{fw}: failed checks {failed:#?}");
-        let names: Vec<&str> = b["checks"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> = b["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
         for want in [
             "kernel",
             "nouveau",
@@ -74,11 +84,20 @@ fn boot_test_passes(image: &Path, extra: &[&str]) -> Value {
             b["phases"][2]["duration_s"].as_f64().unwrap()
         );
     }
-    let cross: Vec<&Value> = v["checks"].as_array().unwrap().iter().filter(|c| c["ok"] != true).collect();
+    let cross: Vec<&Value> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] != true)
+        .collect();
     assert!(cross.is_empty(), "identity not regenerated per copy: {cross:#?}");
     assert_eq!(v["passed"], true);
     assert!(o.status.success(), "boot-test exited {:?}", o.status.code());
-    eprintln!("boot-test of {} took {:.1}s in all", image.display(), t0.elapsed().as_secs_f64());
+    eprintln!(
+        "boot-test of {} took {:.1}s in all",
+        image.display(),
+        t0.elapsed().as_secs_f64()
+    );
     v
 }
 
@@ -104,12 +123,28 @@ fn nvidia_from_grown_cloud_disk_boots_through_uefi_and_bios() {
     require_root!();
     let img = nvidia();
     assert_eq!(std::fs::metadata(img).unwrap().len(), 25 << 30);
-    assert_eq!(read_range(img, 0, 440), read_range(gpu_ready(), 0, 440), "grow changed the MBR boot code");
+    assert_eq!(
+        read_range(img, 0, 440),
+        read_range(gpu_ready(), 0, 440),
+        "grow changed the MBR boot code"
+    );
     let (p14, _) = partition(img, 14);
-    assert_eq!(read_range(img, p14, 64 << 10), read_range(gpu_ready(), p14, 64 << 10), "grow changed the BIOS boot partition");
-    let v = boot_test_passes(img, &["nvidia modinfo version", "nvidia vermagic", "nvidia NVreg options"]);
+    assert_eq!(
+        read_range(img, p14, 64 << 10),
+        read_range(gpu_ready(), p14, 64 << 10),
+        "grow changed the BIOS boot partition"
+    );
+    let v = boot_test_passes(
+        img,
+        &["nvidia modinfo version", "nvidia vermagic", "nvidia NVreg options"],
+    );
     for b in v["boots"].as_array().unwrap() {
-        let version = b["checks"].as_array().unwrap().iter().find(|c| c["name"] == "nvidia modinfo version").unwrap();
+        let version = b["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "nvidia modinfo version")
+            .unwrap();
         assert_eq!(version["found"], "565.57.01");
     }
 }
@@ -137,12 +172,26 @@ fn missing_root_filesystem_fails_clearly() {
     let local = dir.path().join("grub.cfg");
     std::fs::write(&local, &bad).unwrap();
     let cmds = dir.path().join("debugfs.cmds");
-    std::fs::write(&cmds, format!("rm /boot/grub/grub.cfg\nwrite {} /boot/grub/grub.cfg\n", local.display())).unwrap();
+    std::fs::write(
+        &cmds,
+        format!(
+            "rm /boot/grub/grub.cfg\nwrite {} /boot/grub/grub.cfg\n",
+            local.display()
+        ),
+    )
+    .unwrap();
     sh("debugfs", &["-w", "-f", cmds.to_str().unwrap(), &fs]);
     assert_eq!(sh("debugfs", &["-R", "cat /boot/grub/grub.cfg", &fs]), bad);
 
     let t0 = Instant::now();
-    let o = run_kiln(&["boot-test", broken.to_str().unwrap(), "--firmware", "bios", "--timeout-secs", "600"]);
+    let o = run_kiln(&[
+        "boot-test",
+        broken.to_str().unwrap(),
+        "--firmware",
+        "bios",
+        "--timeout-secs",
+        "600",
+    ]);
     let took = t0.elapsed().as_secs_f64();
     eprintln!("broken image: boot-test failed after {took:.1}s");
     assert_eq!(o.status.code(), Some(1));
@@ -166,7 +215,14 @@ fn hung_firmware_times_out_and_kills_qemu() {
     let tmp = scratch("boot-hung");
     let t0 = Instant::now();
     let o = std::process::Command::new(kiln())
-        .args(["boot-test", img.to_str().unwrap(), "--firmware", "bios", "--timeout-secs", "60"])
+        .args([
+            "boot-test",
+            img.to_str().unwrap(),
+            "--firmware",
+            "bios",
+            "--timeout-secs",
+            "60",
+        ])
         .env("TMPDIR", tmp.path())
         .env("RUST_BACKTRACE", "0")
         .output()
@@ -175,13 +231,20 @@ fn hung_firmware_times_out_and_kills_qemu() {
     let (out, err) = (String::from_utf8_lossy(&o.stdout), stderr(&o));
     eprintln!("--- stdout\n{out}--- stderr\n{err}");
     assert_eq!(o.status.code(), Some(1));
-    assert!(err.contains("timed out after 12 s in phase 'firmware -> kernel start'"), "{err}");
+    assert!(
+        err.contains("timed out after 12 s in phase 'firmware -> kernel start'"),
+        "{err}"
+    );
     assert!(out.contains("last serial lines"), "{out}");
     assert!(took < 60.0, "took {took:.0}s");
     let ps = sh("ps", &["-eo", "args"]);
     let d = tmp.path().to_string_lossy().to_string();
     assert!(!ps.lines().any(|l| l.contains(&d)), "QEMU left running:\n{ps}");
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "temporary files left");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "temporary files left"
+    );
 }
 
 fn read_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {

@@ -17,7 +17,10 @@ struct Built {
 }
 
 fn built(raw: PathBuf) -> Built {
-    Built { out: raw.parent().unwrap().to_path_buf(), raw }
+    Built {
+        out: raw.parent().unwrap().to_path_buf(),
+        raw,
+    }
 }
 
 /// GPU-ready image from the root tarball (the seed shared with tests/boot.rs).
@@ -35,9 +38,20 @@ fn nvidia() -> &'static Built {
 
 fn verify(b: &Built, def: &str) -> serde_json::Value {
     let d = project().join("images").join(format!("{def}.toml"));
-    let o = run_kiln(&["verify", b.raw.to_str().unwrap(), "--def", d.to_str().unwrap(), "--json"]);
+    let o = run_kiln(&[
+        "verify",
+        b.raw.to_str().unwrap(),
+        "--def",
+        d.to_str().unwrap(),
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("verify --json output");
-    let failed: Vec<_> = v["checks"].as_array().unwrap().iter().filter(|c| c["ok"] != true).collect();
+    let failed: Vec<_> = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ok"] != true)
+        .collect();
     assert!(failed.is_empty(), "failed checks: {failed:#?}");
     assert!(o.status.success());
     assert!(v["checks"].as_array().unwrap().len() >= 20, "too few checks: {v}");
@@ -55,7 +69,12 @@ fn payload(b: &Built, name: &str) -> serde_json::Value {
 }
 
 fn version_at_least(v: &str, min: &[u64]) -> bool {
-    let nums: Vec<u64> = v.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).take(min.len()).map(|s| s.parse().unwrap()).collect();
+    let nums: Vec<u64> = v
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .take(min.len())
+        .map(|s| s.parse().unwrap())
+        .collect();
     nums.as_slice() >= min
 }
 
@@ -66,15 +85,31 @@ fn check_common(b: &Built, name: &str) -> serde_json::Value {
     for k in ["kubelet", "kubeadm", "kubectl"] {
         assert_eq!(pk[k]["held"], true, "{k} not held");
     }
-    assert!(version_at_least(pk["containerd"]["version"].as_str().unwrap(), &[1, 7]), "{}", pk["containerd"]);
-    assert!(version_at_least(pk["runc"]["version"].as_str().unwrap(), &[1, 1]), "{}", pk["runc"]);
+    assert!(
+        version_at_least(pk["containerd"]["version"].as_str().unwrap(), &[1, 7]),
+        "{}",
+        pk["containerd"]
+    );
+    assert!(
+        version_at_least(pk["runc"]["version"].as_str().unwrap(), &[1, 1]),
+        "{}",
+        pk["runc"]
+    );
     // Headers for every kernel the image can boot, read from the image.
     for k in facts["kernels"].as_array().unwrap() {
         let v = k["version"].as_str().unwrap();
-        assert!(pk[format!("linux-headers-{v}")].is_object(), "no headers for kernel {v}");
+        assert!(
+            pk[format!("linux-headers-{v}")].is_object(),
+            "no headers for kernel {v}"
+        );
         assert_eq!(k["initrd"], true, "no initramfs for {v}");
     }
-    let sums = std::process::Command::new("sha256sum").arg("-c").arg("SHA256SUMS").current_dir(&b.out).status().unwrap();
+    let sums = std::process::Command::new("sha256sum")
+        .arg("-c")
+        .arg("SHA256SUMS")
+        .current_dir(&b.out)
+        .status()
+        .unwrap();
     assert!(sums.success());
     let p = payload(b, name);
     assert_eq!(p["metadata"]["name"], name);
@@ -90,7 +125,14 @@ fn gpu_ready_image_matches_the_spec() {
     let name = "ubuntu-2204-gpu-ready-nodriver";
     assert_eq!(std::fs::metadata(&b.raw).unwrap().len(), 20 << 30);
     let facts = check_common(b, name);
-    assert!(!facts["packages"].as_object().unwrap().keys().any(|k| k.starts_with("nvidia-")), "GPU-ready image has NVIDIA packages");
+    assert!(
+        !facts["packages"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|k| k.starts_with("nvidia-")),
+        "GPU-ready image has NVIDIA packages"
+    );
     let p = payload(b, name);
     assert!(p["spec"].get("gpu").is_none(), "no gpu section for the GPU-ready image");
     verify(b, name);
@@ -106,7 +148,11 @@ fn nvidia_image_matches_the_spec() {
     let pk = facts["packages"].as_object().unwrap();
     assert_eq!(pk["nvidia-driver-565-server"]["version"], "565.57.01-0ubuntu0.22.04.4");
     assert_eq!(pk["nvidia-dkms-565-server"]["held"], true);
-    assert!(!pk.keys().any(|k| k.contains("580")), "580 branch installed: {:?}", pk.keys().collect::<Vec<_>>());
+    assert!(
+        !pk.keys().any(|k| k.contains("580")),
+        "580 branch installed: {:?}",
+        pk.keys().collect::<Vec<_>>()
+    );
     let p = payload(b, name);
     assert_eq!(p["spec"]["gpu"]["driver"], "565.57.01");
     assert_eq!(p["spec"]["gpu"]["vendor"], "NVIDIA");
@@ -124,14 +170,28 @@ fn unsatisfiable_pins_fail_clearly() {
         std::fs::create_dir_all(d.path().join(sub)).unwrap();
     }
     let pool = "pool/restricted/n/nvidia-graphics-drivers-565-server/nvidia-kernel-common-565-server_565.57.01-0ubuntu0.22.04.4_amd64.deb";
-    std::fs::write(d.path().join("package-lists/index-pin.list"), "nvidia-dkms-565-server=565.57.01-0ubuntu0.22.04.4\n").unwrap();
+    std::fs::write(
+        d.path().join("package-lists/index-pin.list"),
+        "nvidia-dkms-565-server=565.57.01-0ubuntu0.22.04.4\n",
+    )
+    .unwrap();
     std::fs::write(
         d.path().join("package-lists/pool-pin.list"),
-        format!("nvidia-kernel-common-565-server=565.57.01-0ubuntu0.22.04.4 pool={pool} sha256={}\n", "0".repeat(64)),
+        format!(
+            "nvidia-kernel-common-565-server=565.57.01-0ubuntu0.22.04.4 pool={pool} sha256={}\n",
+            "0".repeat(64)
+        ),
     )
     .unwrap();
     for (list, words) in [
-        ("index-pin", &["index-pin.list:1", "565.57.01-0ubuntu0.22.04.4", "not in the image's repositories"][..]),
+        (
+            "index-pin",
+            &[
+                "index-pin.list:1",
+                "565.57.01-0ubuntu0.22.04.4",
+                "not in the image's repositories",
+            ][..],
+        ),
         ("pool-pin", &["pool-pin.list:1", "can't be satisfied", pool][..]),
     ] {
         let def = d.path().join(format!("images/{list}.toml"));
@@ -142,7 +202,14 @@ fn unsatisfiable_pins_fail_clearly() {
         .unwrap();
         let out = d.path().join("out");
         let base = base_tarball();
-        let o = run_kiln(&["build", def.to_str().unwrap(), "--base", base.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let o = run_kiln(&[
+            "build",
+            def.to_str().unwrap(),
+            "--base",
+            base.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(2), "{err}");
         for w in words {
@@ -176,23 +243,43 @@ fn apt_failures_are_clear() {
     let base = base_tarball();
     let out = d.path().join("out");
     let missing = def("missing", "missing");
-    let o = run_kiln(&["build", missing.to_str().unwrap(), "--base", base.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = run_kiln(&[
+        "build",
+        missing.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("missing.list:2") && err.contains("kubelett") && err.contains("not in the image's repositories"), "{err}");
+    assert!(
+        err.contains("missing.list:2") && err.contains("kubelett") && err.contains("not in the image's repositories"),
+        "{err}"
+    );
     // No network: a private network namespace with only loopback.
     let offline = def("offline", "tools");
     let o = std::process::Command::new("unshare")
         .arg("-n")
         .arg(kiln())
-        .args(["build", offline.to_str().unwrap(), "--base", base.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args([
+            "build",
+            offline.to_str().unwrap(),
+            "--base",
+            base.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
         .env("KILN_CACHE_DIR", cache().join("kiln-cache"))
         .env("RUST_BACKTRACE", "0")
         .output()
         .unwrap();
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains("apt-get update in the image failed") && err.contains("network"), "{err}");
+    assert!(
+        err.contains("apt-get update in the image failed") && err.contains("network"),
+        "{err}"
+    );
     assert!(std::fs::read_dir(&out).map(|r| r.count()).unwrap_or(0) == 0);
     assert_no_leaks(d.path());
 }

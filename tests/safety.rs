@@ -8,7 +8,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const STAGES: [&str; 8] = ["acquire", "disk", "unpack", "custom", "initramfs", "scrub", "trim", "finalize"];
+const STAGES: [&str; 8] = [
+    "acquire",
+    "disk",
+    "unpack",
+    "custom",
+    "initramfs",
+    "scrub",
+    "trim",
+    "finalize",
+];
 
 /// A project with one provisioning stage that has an overlay and a host hook (no apt,
 /// so it runs on the small tarball).
@@ -16,7 +25,11 @@ fn project_with_stage(dir: &Path, hook: &str) -> PathBuf {
     for sub in ["images", "overlays/ovl/etc/modprobe.d", "hooks/hk"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
     }
-    std::fs::write(dir.join("overlays/ovl/etc/modprobe.d/blacklist-nouveau.conf"), "blacklist nouveau\n").unwrap();
+    std::fs::write(
+        dir.join("overlays/ovl/etc/modprobe.d/blacklist-nouveau.conf"),
+        "blacklist nouveau\n",
+    )
+    .unwrap();
     let h = dir.join("hooks/hk/10-hook.host");
     std::fs::write(&h, format!("#!/bin/sh\nset -e\n{hook}\n")).unwrap();
     Command::new("chmod").arg("755").arg(&h).status().unwrap();
@@ -61,9 +74,16 @@ fn finished_outputs(out: &Path) -> Vec<String> {
 
 fn build_cmd(def: &Path, base: &Path, out: &Path) -> Command {
     let mut c = Command::new(kiln());
-    c.args(["build", def.to_str().unwrap(), "--base", base.to_str().unwrap(), "--out", out.to_str().unwrap()])
-        .env("KILN_CACHE_DIR", cache().join("kiln-cache"))
-        .env("RUST_BACKTRACE", "0");
+    c.args([
+        "build",
+        def.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .env("KILN_CACHE_DIR", cache().join("kiln-cache"))
+    .env("RUST_BACKTRACE", "0");
     c
 }
 
@@ -79,7 +99,10 @@ fn faults_at_every_stage_boundary_leak_nothing() {
     for stage in STAGES {
         for fault in ["error", "sigterm", "sigkill"] {
             let out = d.path().join(format!("out-{stage}-{fault}"));
-            let o = build_cmd(&def, &base, &out).env("KILN_FAULT", format!("{stage}:{fault}")).output().unwrap();
+            let o = build_cmd(&def, &base, &out)
+                .env("KILN_FAULT", format!("{stage}:{fault}"))
+                .output()
+                .unwrap();
             let err = String::from_utf8_lossy(&o.stderr);
             match fault {
                 "sigkill" => {
@@ -97,25 +120,44 @@ fn faults_at_every_stage_boundary_leak_nothing() {
             }
             assert!(!err.contains("panicked"), "{err}");
             no_leaks_eventually(d.path());
-            assert!(finished_outputs(&out).is_empty(), "{stage}:{fault} left {:?}", finished_outputs(&out));
+            assert!(
+                finished_outputs(&out).is_empty(),
+                "{stage}:{fault} left {:?}",
+                finished_outputs(&out)
+            );
             if fault != "sigkill" {
-                let left: Vec<_> = std::fs::read_dir(&out).map(|r| r.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+                let left: Vec<_> = std::fs::read_dir(&out)
+                    .map(|r| r.flatten().map(|e| e.file_name()).collect())
+                    .unwrap_or_default();
                 assert!(left.is_empty(), "{stage}:{fault} left {left:?}");
             } else if out.exists() {
                 // SIGKILL can't clean up files: doctor finds and removes what remains.
-                let o = Command::new(kiln()).args(["doctor", out.to_str().unwrap(), "--fix"]).output().unwrap();
+                let o = Command::new(kiln())
+                    .args(["doctor", out.to_str().unwrap(), "--fix"])
+                    .output()
+                    .unwrap();
                 assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-                let o = Command::new(kiln()).args(["doctor", out.to_str().unwrap()]).output().unwrap();
+                let o = Command::new(kiln())
+                    .args(["doctor", out.to_str().unwrap()])
+                    .output()
+                    .unwrap();
                 assert!(String::from_utf8_lossy(&o.stdout).contains("nothing left behind"));
             }
             let o = build_cmd(&def, &base, &out).output().unwrap();
-            assert!(o.status.success(), "rerun after {stage}:{fault} failed: {}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success(),
+                "rerun after {stage}:{fault} failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
             assert_eq!(finished_outputs(&out).len(), 3);
             no_leaks_eventually(d.path());
             tried += 1;
         }
     }
-    eprintln!("fault injection: {} stage boundaries x 3 faults = {tried} runs, 0 leaks", STAGES.len());
+    eprintln!(
+        "fault injection: {} stage boundaries x 3 faults = {tried} runs, 0 leaks",
+        STAGES.len()
+    );
 }
 
 /// SIGTERM and SIGKILL sent from outside while a hook is running.
@@ -127,7 +169,10 @@ fn external_signals_mid_build_leak_nothing() {
     let def = project_with_stage(d.path(), "sleep 60");
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGKILL] {
         let out = d.path().join(format!("out-{sig}"));
-        let mut child = build_cmd(&def, &base, &out).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let mut child = build_cmd(&def, &base, &out)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
         // Wait until the hook is running.
         let deadline = Instant::now() + Duration::from_secs(60);
         while !sh("ps", &["-eo", "args"]).contains("10-hook.host") {
@@ -137,12 +182,19 @@ fn external_signals_mid_build_leak_nothing() {
         let t0 = Instant::now();
         unsafe { libc::kill(child.id() as i32, sig) };
         let st = child.wait().unwrap();
-        assert!(t0.elapsed() < Duration::from_secs(10), "kiln took {:?} to stop", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "kiln took {:?} to stop",
+            t0.elapsed()
+        );
         assert!(!st.success());
         no_leaks_eventually(d.path());
         assert!(finished_outputs(&out).is_empty());
         std::thread::sleep(Duration::from_millis(300));
-        assert!(!sh("ps", &["-eo", "args"]).contains("sleep 60"), "the hook outlived kiln");
+        assert!(
+            !sh("ps", &["-eo", "args"]).contains("sleep 60"),
+            "the hook outlived kiln"
+        );
     }
 }
 
@@ -163,48 +215,181 @@ fn bad_inputs_get_clear_errors() {
     let head = "name = \"x\"\ndescription = \"d\"\ndisk_size = \"1G\"\nbootloader = false\n[payload]\nuri = \"https://x/{name}.raw\"\n";
     let unknown = write_def("unknown", &format!("{head}colour = \"blue\"\n"));
     let badsize = write_def("badsize", &head.replace("\"1G\"", "\"lots\""));
-    let nolist = write_def("nolist", &format!("{head}[[stage]]\nname = \"s\"\npackages = [\"missing-list\"]\n"));
-    let noovl = write_def("noovl", &format!("{head}[[stage]]\nname = \"s\"\noverlays = [\"missing-overlay\"]\n"));
-    let nohook = write_def("nohook", &format!("{head}[[stage]]\nname = \"s\"\nhooks = [\"missing-hook\"]\n"));
+    let nolist = write_def(
+        "nolist",
+        &format!("{head}[[stage]]\nname = \"s\"\npackages = [\"missing-list\"]\n"),
+    );
+    let noovl = write_def(
+        "noovl",
+        &format!("{head}[[stage]]\nname = \"s\"\noverlays = [\"missing-overlay\"]\n"),
+    );
+    let nohook = write_def(
+        "nohook",
+        &format!("{head}[[stage]]\nname = \"s\"\nhooks = [\"missing-hook\"]\n"),
+    );
     std::fs::create_dir_all(d.path().join("hooks/failing")).unwrap();
     let fh = d.path().join("hooks/failing/10-fails.host");
-    std::fs::write(&fh, "#!/bin/sh\necho preparing >&2\necho 'could not frobnicate the widget' >&2\nexit 7\n").unwrap();
+    std::fs::write(
+        &fh,
+        "#!/bin/sh\necho preparing >&2\necho 'could not frobnicate the widget' >&2\nexit 7\n",
+    )
+    .unwrap();
     Command::new("chmod").arg("755").arg(&fh).status().unwrap();
-    let failing = write_def("failing", &format!("{head}[[stage]]\nname = \"s\"\nhooks = [\"failing\"]\n"));
+    let failing = write_def(
+        "failing",
+        &format!("{head}[[stage]]\nname = \"s\"\nhooks = [\"failing\"]\n"),
+    );
     std::fs::create_dir_all(d.path().join("hooks/fill")).unwrap();
     let fill = d.path().join("hooks/fill/10-fill.host");
-    std::fs::write(&fill, "#!/bin/sh\nset -e\ndd if=/dev/zero of=\"$KILN_ROOT/fill\" bs=1M count=2048 2>&1\n").unwrap();
+    std::fs::write(
+        &fill,
+        "#!/bin/sh\nset -e\ndd if=/dev/zero of=\"$KILN_ROOT/fill\" bs=1M count=2048 2>&1\n",
+    )
+    .unwrap();
     Command::new("chmod").arg("755").arg(&fill).status().unwrap();
     let full = write_def("full", &format!("{head}[[stage]]\nname = \"s\"\nhooks = [\"fill\"]\n"));
 
     let s = |p: &Path| p.to_str().unwrap().to_string();
     let (g, b, od) = (s(&good), s(&base), s(&out));
     let cases: Vec<(&str, Vec<String>, i32, Vec<&str>)> = vec![
-        ("missing base", vec![g.clone(), "--base".into(), "/nonexistent.tar".into(), "--out".into(), od.clone()], 2, vec!["cannot open base", "/nonexistent.tar"]),
-        ("missing definition", vec!["/nonexistent.toml".into(), "--base".into(), b.clone(), "--out".into(), od.clone()], 2, vec!["image definition", "/nonexistent.toml"]),
-        ("unknown key", vec![s(&unknown), "--base".into(), b.clone(), "--out".into(), od.clone()], 2, vec!["unknown.toml", "colour"]),
-        ("bad size", vec![s(&badsize), "--base".into(), b.clone(), "--out".into(), od.clone()], 2, vec!["disk_size", "lots"]),
-        ("missing package list", vec![s(&nolist), "--base".into(), b.clone(), "--out".into(), od.clone()], 2, vec!["missing-list", "not found"]),
-        ("missing overlay", vec![s(&noovl), "--base".into(), b.clone(), "--out".into(), od.clone()], 2, vec!["missing-overlay", "not found"]),
-        ("missing hook", vec![s(&nohook), "--base".into(), b.clone(), "--out".into(), od.clone()], 2, vec!["missing-hook", "not found"]),
-        ("bad sha256 flag", vec![g.clone(), "--base".into(), b.clone(), "--out".into(), od.clone(), "--base-sha256".into(), "xyz".into()], 2, vec!["not a SHA-256"]),
-        ("unknown flag", vec![g.clone(), "--frobnicate".into()], 2, vec!["--frobnicate"]),
-        ("bad repo override", vec![g.clone(), "--base".into(), b.clone(), "--out".into(), od.clone(), "--repo-override".into(), "nouri".into()], 2, vec!["ID=URI"]),
-        ("override of unknown repo", vec![g.clone(), "--base".into(), b.clone(), "--out".into(), od.clone(), "--repo-override".into(), "nosuch=file:///tmp".into()], 2, vec!["nosuch", "no repository"]),
-        ("failing hook", vec![s(&failing), "--base".into(), b.clone(), "--out".into(), od.clone()], 1, vec!["failing/10-fails.host", "could not frobnicate the widget", "exit code 7"]),
-        ("disk full", vec![s(&full), "--base".into(), b.clone(), "--out".into(), od.clone()], 1, vec!["No space left on device", "raise disk_size"]),
+        (
+            "missing base",
+            vec![
+                g.clone(),
+                "--base".into(),
+                "/nonexistent.tar".into(),
+                "--out".into(),
+                od.clone(),
+            ],
+            2,
+            vec!["cannot open base", "/nonexistent.tar"],
+        ),
+        (
+            "missing definition",
+            vec![
+                "/nonexistent.toml".into(),
+                "--base".into(),
+                b.clone(),
+                "--out".into(),
+                od.clone(),
+            ],
+            2,
+            vec!["image definition", "/nonexistent.toml"],
+        ),
+        (
+            "unknown key",
+            vec![s(&unknown), "--base".into(), b.clone(), "--out".into(), od.clone()],
+            2,
+            vec!["unknown.toml", "colour"],
+        ),
+        (
+            "bad size",
+            vec![s(&badsize), "--base".into(), b.clone(), "--out".into(), od.clone()],
+            2,
+            vec!["disk_size", "lots"],
+        ),
+        (
+            "missing package list",
+            vec![s(&nolist), "--base".into(), b.clone(), "--out".into(), od.clone()],
+            2,
+            vec!["missing-list", "not found"],
+        ),
+        (
+            "missing overlay",
+            vec![s(&noovl), "--base".into(), b.clone(), "--out".into(), od.clone()],
+            2,
+            vec!["missing-overlay", "not found"],
+        ),
+        (
+            "missing hook",
+            vec![s(&nohook), "--base".into(), b.clone(), "--out".into(), od.clone()],
+            2,
+            vec!["missing-hook", "not found"],
+        ),
+        (
+            "bad sha256 flag",
+            vec![
+                g.clone(),
+                "--base".into(),
+                b.clone(),
+                "--out".into(),
+                od.clone(),
+                "--base-sha256".into(),
+                "xyz".into(),
+            ],
+            2,
+            vec!["not a SHA-256"],
+        ),
+        (
+            "unknown flag",
+            vec![g.clone(), "--frobnicate".into()],
+            2,
+            vec!["--frobnicate"],
+        ),
+        (
+            "bad repo override",
+            vec![
+                g.clone(),
+                "--base".into(),
+                b.clone(),
+                "--out".into(),
+                od.clone(),
+                "--repo-override".into(),
+                "nouri".into(),
+            ],
+            2,
+            vec!["ID=URI"],
+        ),
+        (
+            "override of unknown repo",
+            vec![
+                g.clone(),
+                "--base".into(),
+                b.clone(),
+                "--out".into(),
+                od.clone(),
+                "--repo-override".into(),
+                "nosuch=file:///tmp".into(),
+            ],
+            2,
+            vec!["nosuch", "no repository"],
+        ),
+        (
+            "failing hook",
+            vec![s(&failing), "--base".into(), b.clone(), "--out".into(), od.clone()],
+            1,
+            vec![
+                "failing/10-fails.host",
+                "could not frobnicate the widget",
+                "exit code 7",
+            ],
+        ),
+        (
+            "disk full",
+            vec![s(&full), "--base".into(), b.clone(), "--out".into(), od.clone()],
+            1,
+            vec!["No space left on device", "raise disk_size"],
+        ),
     ];
     let mut tried = 0;
     for (what, args, code, words) in &cases {
         let mut full_args = vec!["build".to_string()];
         full_args.extend(args.iter().cloned());
-        let o = Command::new(kiln()).args(&full_args).env("KILN_CACHE_DIR", cache().join("kiln-cache")).env("RUST_BACKTRACE", "0").output().unwrap();
+        let o = Command::new(kiln())
+            .args(&full_args)
+            .env("KILN_CACHE_DIR", cache().join("kiln-cache"))
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(*code), "{what}: {err}");
         for w in words {
             assert!(err.contains(w), "{what}: expected `{w}` in: {err}");
         }
-        assert!(!err.contains("panicked") && !err.contains("stack backtrace"), "{what}: {err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("stack backtrace"),
+            "{what}: {err}"
+        );
         assert!(finished_outputs(&out).is_empty(), "{what}");
         no_leaks_eventually(d.path());
         tried += 1;
@@ -224,7 +409,10 @@ fn bad_inputs_get_clear_errors() {
     // No loop device available: /dev/loop-control hidden in a private namespace.
     let o = Command::new("unshare")
         .args(["-m", "sh", "-c"])
-        .arg(format!("mount --bind /dev/null /dev/loop-control && RUST_BACKTRACE=0 {} build {g} --base {b} --out {od}", kiln().display()))
+        .arg(format!(
+            "mount --bind /dev/null /dev/loop-control && RUST_BACKTRACE=0 {} build {g} --base {b} --out {od}",
+            kiln().display()
+        ))
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -296,15 +484,29 @@ fn symlinks_in_the_image_never_reach_the_host() {
     // The overlay writes etc/modprobe.d/blacklist-nouveau.conf; the host hook writes
     // through `kiln root-write` into etc/hookdir/; scrub truncates var/log/syslog and
     // removes root/.bash_history.
-    let def = project_with_stage(d.path(), "echo written-by-hook | \"$KILN\" root-write /etc/hookdir/from-hook.conf\necho via-abs | \"$KILN\" root-write \"/etc/modprobe.d/abs.conf\"");
+    let def = project_with_stage(
+        d.path(),
+        "echo written-by-hook | \"$KILN\" root-write /etc/hookdir/from-hook.conf\necho via-abs | \"$KILN\" root-write \"/etc/modprobe.d/abs.conf\"",
+    );
     // The overlay also carries its own symlink to the host.
     std::os::unix::fs::symlink(&c, d.path().join("overlays/ovl/etc/evil-link")).unwrap();
     let out = d.path().join("out");
-    let o = run_kiln(&["build", def.to_str().unwrap(), "--base", base.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = run_kiln(&[
+        "build",
+        def.to_str().unwrap(),
+        "--base",
+        base.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success());
     let attempts = 6;
     assert_eq!(std::fs::read_to_string(&canary).unwrap(), "host data, do not touch\n");
-    let names: Vec<_> = std::fs::read_dir(&canary_dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    let names: Vec<_> = std::fs::read_dir(&canary_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     assert_eq!(names.len(), 1, "files appeared in the host canary dir: {names:?}");
     // The writes landed inside the image instead (read back with debugfs).
     let raw = out.join("safe.raw");

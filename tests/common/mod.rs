@@ -42,7 +42,10 @@ pub fn cache() -> PathBuf {
 pub fn scratch(tag: &str) -> tempfile::TempDir {
     let d = cache().join("scratch");
     std::fs::create_dir_all(&d).unwrap();
-    tempfile::Builder::new().prefix(&format!("{tag}-")).tempdir_in(d).unwrap()
+    tempfile::Builder::new()
+        .prefix(&format!("{tag}-"))
+        .tempdir_in(d)
+        .unwrap()
 }
 
 struct Lock(File);
@@ -75,7 +78,10 @@ fn run_ok(cmd: &mut Command) {
 /// The cached Ubuntu 22.04 root tarball (tests/fixtures/make-base.sh), keyed by the
 /// script's content.
 pub fn base_tarball() -> PathBuf {
-    let p = cache().join(format!("base-jammy-{}.tar", short_hash(&["tests/fixtures/make-base.sh"])));
+    let p = cache().join(format!(
+        "base-jammy-{}.tar",
+        short_hash(&["tests/fixtures/make-base.sh"])
+    ));
     let _l = lock("base");
     if !p.exists() {
         run_ok(Command::new(project().join("tests/fixtures/make-base.sh")).arg(&p));
@@ -92,7 +98,11 @@ pub fn cloud_qcow2() -> PathBuf {
     ));
     let _l = lock("cloud");
     if !p.exists() {
-        run_ok(Command::new(project().join("tests/fixtures/make-cloud-image.sh")).arg(&base).arg(&p));
+        run_ok(
+            Command::new(project().join("tests/fixtures/make-cloud-image.sh"))
+                .arg(&base)
+                .arg(&p),
+        );
     }
     p
 }
@@ -100,7 +110,10 @@ pub fn cloud_qcow2() -> PathBuf {
 /// The signed stand-in repositories for the two upstream repositories this machine
 /// can't reach (tests/fixtures/make-standin-repo.sh).
 pub fn standin_repos() -> PathBuf {
-    let p = cache().join(format!("standin-{}", short_hash(&["tests/fixtures/make-standin-repo.sh"])));
+    let p = cache().join(format!(
+        "standin-{}",
+        short_hash(&["tests/fixtures/make-standin-repo.sh"])
+    ));
     let _l = lock("standin");
     if !p.join("kubernetes/InRelease").exists() {
         run_ok(Command::new(project().join("tests/fixtures/make-standin-repo.sh")).arg(&p));
@@ -115,14 +128,23 @@ pub fn standin_overrides(ids: &[&str]) -> Vec<String> {
         .flat_map(|id| {
             [
                 "--repo-override".to_string(),
-                format!("{id}=file://{},key={}", r.join(id).display(), r.join(id).join("standin.asc").display()),
+                format!(
+                    "{id}=file://{},key={}",
+                    r.join(id).display(),
+                    r.join(id).join("standin.asc").display()
+                ),
             ]
         })
         .collect()
 }
 
 pub fn run_kiln(args: &[&str]) -> Output {
-    let out = Command::new(kiln()).args(args).env("KILN_CACHE_DIR", cache().join("kiln-cache")).env("RUST_BACKTRACE", "0").output().unwrap();
+    let out = Command::new(kiln())
+        .args(args)
+        .env("KILN_CACHE_DIR", cache().join("kiln-cache"))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
     eprintln!(
         "$ kiln {}\n--- stdout\n{}--- stderr\n{}",
         args.join(" "),
@@ -160,7 +182,23 @@ pub fn small_tarball(dir: &Path, xz: bool) -> PathBuf {
         b.append_data(&mut h, path, data).unwrap();
     };
     use tar::EntryType as E;
-    for d in ["./", "./etc/", "./usr/", "./usr/lib/", "./usr/lib/modules/", "./usr/lib/modules/5.15.0-204-generic/", "./usr/bin/", "./boot/", "./var/", "./var/lib/", "./var/lib/dpkg/", "./dev/", "./root/", "./var/log/", "./etc/ssh/"] {
+    for d in [
+        "./",
+        "./etc/",
+        "./usr/",
+        "./usr/lib/",
+        "./usr/lib/modules/",
+        "./usr/lib/modules/5.15.0-204-generic/",
+        "./usr/bin/",
+        "./boot/",
+        "./var/",
+        "./var/lib/",
+        "./var/lib/dpkg/",
+        "./dev/",
+        "./root/",
+        "./var/log/",
+        "./etc/ssh/",
+    ] {
         add(d, b"", 0o755, E::Directory, None);
     }
     add("./lib", b"", 0o777, E::Symlink, Some("usr/lib"));
@@ -171,12 +209,30 @@ pub fn small_tarball(dir: &Path, xz: bool) -> PathBuf {
         E::Regular,
         None,
     );
-    add("./etc/machine-id", b"0123456789abcdef0123456789abcdef\n", 0o444, E::Regular, None);
+    add(
+        "./etc/machine-id",
+        b"0123456789abcdef0123456789abcdef\n",
+        0o444,
+        E::Regular,
+        None,
+    );
     add("./etc/ssh/ssh_host_ed25519_key", b"secret", 0o600, E::Regular, None);
     add("./root/.bash_history", b"history", 0o600, E::Regular, None);
     add("./var/log/syslog", b"old log lines\n", 0o640, E::Regular, None);
-    add("./etc/fstab", b"LABEL=cloudimg-rootfs / ext4 defaults 0 1\n/swap.img none swap sw 0 0\n", 0o644, E::Regular, None);
-    add("./boot/vmlinuz-5.15.0-204-generic", b"not really a kernel", 0o600, E::Regular, None);
+    add(
+        "./etc/fstab",
+        b"LABEL=cloudimg-rootfs / ext4 defaults 0 1\n/swap.img none swap sw 0 0\n",
+        0o644,
+        E::Regular,
+        None,
+    );
+    add(
+        "./boot/vmlinuz-5.15.0-204-generic",
+        b"not really a kernel",
+        0o600,
+        E::Regular,
+        None,
+    );
     add("./usr/bin/su", b"#!/bin/sh\n", 0o4755, E::Regular, None);
     add("./usr/bin/su-hardlink", b"", 0o4755, E::Link, Some("./usr/bin/su"));
     add("./dev/null", b"", 0o666, E::Char, None);
@@ -220,8 +276,16 @@ pub fn disk_only_def(dir: &Path, name: &str, size: &str) -> PathBuf {
 
 /// Run a program and return stdout, asserting success.
 pub fn sh(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog).args(args).output().unwrap_or_else(|e| panic!("{prog}: {e}"));
-    assert!(out.status.success(), "{prog} {args:?} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -229,7 +293,14 @@ pub fn sh(prog: &str, args: &[&str]) -> String {
 pub fn partition(image: &Path, n: u32) -> (u64, u64) {
     let info = sh("sgdisk", &["-i", &n.to_string(), image.to_str().unwrap()]);
     let num = |key: &str| -> u64 {
-        info.lines().find(|l| l.starts_with(key)).unwrap().split_whitespace().nth(2).unwrap().parse().unwrap()
+        info.lines()
+            .find(|l| l.starts_with(key))
+            .unwrap()
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     let (first, last) = (num("First sector:"), num("Last sector:"));
     (first * 512, (last - first + 1) * 512)
@@ -241,7 +312,16 @@ impl TestLoop {
     pub fn new(image: &Path, offset: u64, size: u64) -> TestLoop {
         let dev = sh(
             "losetup",
-            &["--find", "--show", "--read-only", "--offset", &offset.to_string(), "--sizelimit", &size.to_string(), image.to_str().unwrap()],
+            &[
+                "--find",
+                "--show",
+                "--read-only",
+                "--offset",
+                &offset.to_string(),
+                "--sizelimit",
+                &size.to_string(),
+                image.to_str().unwrap(),
+            ],
         );
         TestLoop(dev.trim().to_string())
     }
@@ -297,8 +377,18 @@ pub fn seed_image(def: &str, base: &Path, repos: &[&str]) -> PathBuf {
             }
         }
         let d = project().join("images").join(format!("{def}.toml"));
-        let mut args: Vec<String> = vec!["build".into(), d.to_string_lossy().into(), "--base".into(), base.to_string_lossy().into()];
-        args.extend(["--out".into(), dir.to_string_lossy().into(), "--force".into(), "--timings".into()]);
+        let mut args: Vec<String> = vec![
+            "build".into(),
+            d.to_string_lossy().into(),
+            "--base".into(),
+            base.to_string_lossy().into(),
+        ];
+        args.extend([
+            "--out".into(),
+            dir.to_string_lossy().into(),
+            "--force".into(),
+            "--timings".into(),
+        ]);
         args.extend(standin_overrides(repos));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let o = run_kiln(&argv);
@@ -324,7 +414,18 @@ pub fn gpu_ready_qcow2() -> PathBuf {
     let _l = lock(&format!("image-{GPU_READY}-qcow2"));
     if !q.exists() {
         let partial = q.with_extension("qcow2.partial");
-        sh("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), partial.to_str().unwrap()]);
+        sh(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                raw.to_str().unwrap(),
+                partial.to_str().unwrap(),
+            ],
+        );
         std::fs::rename(&partial, &q).unwrap();
     }
     q
