@@ -123,10 +123,10 @@ impl<'a> Apt<'a> {
                     user_bail!("--repo-override {}: {} is not a directory", o.id, host.display());
                 }
             }
-            if let Some(k) = &o.key {
-                if !k.is_file() {
-                    user_bail!("--repo-override {}: key {} not found", o.id, k.display());
-                }
+            if let Some(k) = &o.key
+                && !k.is_file()
+            {
+                user_bail!("--repo-override {}: key {} not found", o.id, k.display());
             }
         }
         // Local repositories are bind-mounted into the session's /run.
@@ -188,11 +188,11 @@ impl<'a> Apt<'a> {
     pub fn redirect_present_overrides(&mut self, def: &ImageDef) -> Result<()> {
         let ids: Vec<String> = self.overrides.iter().map(|o| o.id.clone()).collect();
         for id in ids {
-            let present = self.rd.exists(&format!("/etc/apt/sources.list.d/{id}.list"))?
-                || self.rd.exists(&format!("/etc/apt/sources.list.d/{id}.sources"))?;
+            let present = self.rd.exists(format!("/etc/apt/sources.list.d/{id}.list"))?
+                || self.rd.exists(format!("/etc/apt/sources.list.d/{id}.sources"))?;
             if let (true, Some(repo)) = (present, def.repository(&id)) {
-                if self.rd.exists(&format!("/etc/apt/sources.list.d/{id}.sources"))? {
-                    self.rd.remove_file(&format!("/etc/apt/sources.list.d/{id}.sources"))?;
+                if self.rd.exists(format!("/etc/apt/sources.list.d/{id}.sources"))? {
+                    self.rd.remove_file(format!("/etc/apt/sources.list.d/{id}.sources"))?;
                 }
                 tracing::info!("repository {id}: already listed in the base image; redirected to the override");
                 self.add_repository(def, repo)?;
@@ -220,7 +220,7 @@ impl<'a> Apt<'a> {
             repo.components.join(" ")
         );
         self.rd.write_file(
-            &format!("/etc/apt/sources.list.d/{}.list", repo.id),
+            format!("/etc/apt/sources.list.d/{}.list", repo.id),
             line.trim_end().as_bytes(),
             0o644,
         )?;
@@ -497,10 +497,11 @@ fn parse_policy(text: &str) -> BTreeMap<String, Vec<String>> {
             // "     1.30.0-1.1 500" or " *** 1.30.0-1.1 500"
             let t = line.trim_start().trim_start_matches("***").trim_start();
             let indent = line.len() - line.trim_start().len();
-            if indent < 8 && !t.is_empty() {
-                if let (Some(c), Some(v)) = (&cur, t.split_whitespace().next()) {
-                    out.get_mut(c).unwrap().push(v.to_string());
-                }
+            if indent < 8
+                && !t.is_empty()
+                && let (Some(c), Some(v)) = (&cur, t.split_whitespace().next())
+            {
+                out.get_mut(c).unwrap().push(v.to_string());
             }
         }
     }
@@ -543,7 +544,7 @@ pub fn archive_mirror(rd: &RootDir) -> Result<String> {
     if rd.exists("/etc/apt/sources.list.d")? {
         for n in rd.read_dir("/etc/apt/sources.list.d")? {
             if n.ends_with(".sources") {
-                let t = rd.read_to_string(&format!("/etc/apt/sources.list.d/{n}"))?;
+                let t = rd.read_to_string(format!("/etc/apt/sources.list.d/{n}"))?;
                 if let Some(m) = mirror_from_deb822(&t, &codename) {
                     return Ok(m);
                 }

@@ -50,12 +50,12 @@ pub fn scan(dirs: &[PathBuf]) -> Result<Vec<Finding>> {
     }
     let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     for l in mi.lines() {
-        if let Some(t) = l.split(' ').nth(4) {
-            if t.contains("/.kiln-work-") {
-                out.push(Finding::Mount {
-                    target: PathBuf::from(t.replace("\\040", " ")),
-                });
-            }
+        if let Some(t) = l.split(' ').nth(4)
+            && t.contains("/.kiln-work-")
+        {
+            out.push(Finding::Mount {
+                target: PathBuf::from(t.replace("\\040", " ")),
+            });
         }
     }
     for d in dirs {

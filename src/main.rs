@@ -173,13 +173,12 @@ fn main() {
         }
     };
     // The private mount namespace must be entered while kiln is single-threaded.
-    if let Command::Build(_) = cli.command {
-        if nix::unistd::geteuid().is_root() {
-            if let Err(e) = mounts::enter_private_namespace() {
-                report(&e);
-                std::process::exit(1);
-            }
-        }
+    if let Command::Build(_) = cli.command
+        && nix::unistd::geteuid().is_root()
+        && let Err(e) = mounts::enter_private_namespace()
+    {
+        report(&e);
+        std::process::exit(1);
     }
     cancel::install();
     init_logging(cli.verbose);

@@ -165,7 +165,7 @@ pub fn image_kernels(rd: &RootDir) -> Result<Vec<String>> {
         .read_dir("/boot")?
         .into_iter()
         .filter_map(|n| n.strip_prefix("vmlinuz-").map(str::to_string))
-        .filter(|k| rd.exists(&format!("/lib/modules/{k}")).unwrap_or(false))
+        .filter(|k| rd.exists(format!("/lib/modules/{k}")).unwrap_or(false))
         .collect();
     v.sort_by(|a, b| crate::inspect::dpkg_version_cmp(b, a));
     Ok(v)

@@ -44,7 +44,7 @@ pub fn scrub(rd: &RootDir) -> Result<()> {
     truncate_logs(rd, "/var/log")?;
     if rd.exists("/var/log/journal")? {
         for n in rd.read_dir("/var/log/journal")? {
-            rd.remove_dir_all(&format!("/var/log/journal/{n}"))?;
+            rd.remove_dir_all(format!("/var/log/journal/{n}"))?;
         }
     }
 
@@ -77,7 +77,7 @@ fn remove_matching(rd: &RootDir, dir: &str, pred: impl Fn(&str) -> bool) -> Resu
     }
     for n in rd.read_dir(dir)? {
         if pred(&n) {
-            rd.remove_file(&format!("{dir}/{n}"))?;
+            rd.remove_file(format!("{dir}/{n}"))?;
         }
     }
     Ok(())
