@@ -1111,6 +1111,14 @@ pub(crate) mod testutil {
         nix::unistd::geteuid().is_root()
     }
 
+    /// Fail (never skip) a test that needs root: run the tests as root (`sudo ci/test.sh`).
+    pub fn require_root(what: &str) {
+        assert!(
+            is_root(),
+            "this test needs root ({what}); run the tests as root, e.g. `sudo ci/test.sh`"
+        );
+    }
+
     /// Everything observable about a host directory tree: per entry its relative path,
     /// mode, owner, mtime (ns), link count, and content or symlink target.
     pub type Snapshot = Vec<(PathBuf, u32, u32, u32, i64, i64, u64, Vec<u8>)>;
@@ -1448,18 +1456,12 @@ mod tests {
 
     #[test]
     fn remove_dir_all_stops_at_mount_points() {
-        if !is_root() {
-            eprintln!("skipped: needs root to bind-mount");
-            return;
-        }
+        require_root("bind mounts");
         // In a thread of its own with a private mount namespace, so the bind mount is
         // invisible to the rest of the system and vanishes with the thread.
         std::thread::spawn(|| {
             use nix::mount::{MsFlags, mount};
-            if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS) {
-                eprintln!("skipped: unshare(CLONE_NEWNS): {e}");
-                return;
-            }
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
             mount(
                 None::<&str>,
                 "/",
@@ -1587,23 +1589,27 @@ mod tests {
         root.set_mode("fifo", 0o600).unwrap();
         assert_eq!(root.symlink_metadata("fifo").unwrap().mode() & 0o7777, 0o600);
         root.truncate("fifo").unwrap_err();
+    }
 
-        if is_root() {
-            root.mknod("null", NodeKind::Char, 0o666, nix::sys::stat::makedev(1, 3))
-                .unwrap();
-            let m = root.symlink_metadata("null").unwrap();
-            assert_eq!(
-                (m.file_type(), m.mode() & 0o7777, m.rdev()),
-                (FileType::CharDevice, 0o666, nix::sys::stat::makedev(1, 3))
-            );
-            root.set_mode("null", 0o600).unwrap();
-            assert!(!root.set_xattr("null", "user.x", b"1").unwrap());
-            root.set_owner("usr/bin/a", 123, 456).unwrap();
-            let m = root.symlink_metadata("usr/bin/a").unwrap();
-            assert_eq!((m.uid(), m.gid()), (123, 456));
-        } else {
-            eprintln!("skipped device nodes and chown: not root");
-        }
+    #[test]
+    fn device_nodes_and_owners_as_root() {
+        require_root("device nodes, chown");
+        let tmp = tempfile::tempdir().unwrap();
+        let root = RootDir::open(tmp.path()).unwrap();
+        root.create_dir_all("usr/bin", 0o755).unwrap();
+        root.write_file("usr/bin/a", b"a", 0o755).unwrap();
+        root.mknod("null", NodeKind::Char, 0o666, nix::sys::stat::makedev(1, 3))
+            .unwrap();
+        let m = root.symlink_metadata("null").unwrap();
+        assert_eq!(
+            (m.file_type(), m.mode() & 0o7777, m.rdev()),
+            (FileType::CharDevice, 0o666, nix::sys::stat::makedev(1, 3))
+        );
+        root.set_mode("null", 0o600).unwrap();
+        assert!(!root.set_xattr("null", "user.x", b"1").unwrap());
+        root.set_owner("usr/bin/a", 123, 456).unwrap();
+        let m = root.symlink_metadata("usr/bin/a").unwrap();
+        assert_eq!((m.uid(), m.gid()), (123, 456));
     }
 
     #[test]

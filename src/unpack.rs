@@ -935,10 +935,7 @@ mod tests {
 
     #[test]
     fn owners_devices_and_capabilities_as_root() {
-        if !is_root() {
-            eprintln!("skipped: needs root (ownership, device nodes, security.* xattrs)");
-            return;
-        }
+        require_root("ownership, device nodes, security.* xattrs");
         // VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE, permitted = CAP_NET_RAW (13).
         let mut cap = Vec::new();
         for word in [0x0200_0001u32, 1 << 13, 0, 0, 0] {

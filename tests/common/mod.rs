@@ -21,14 +21,14 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Skip (with a visible note) when not root: integration tests need loop devices.
+/// Fail, never skip, when not root: integration tests need loop devices and mounts.
 #[macro_export]
 macro_rules! require_root {
     () => {
-        if !common::is_root() {
-            eprintln!("skipped: needs root (loop devices, mounts)");
-            return;
-        }
+        assert!(
+            common::is_root(),
+            "this test needs root (loop devices, mounts); run the tests as root, e.g. `sudo ci/test.sh`"
+        );
     };
 }
 
