@@ -84,7 +84,7 @@ impl<'a> Apt<'a> {
             .with_context(|| format!("creating package cache {}", archives.display()))?;
         // apt in two images sharing one cache would fight over its lock: builds that
         // share a cache take turns for the apt part of the build.
-        let cache_lock = lock_cache(&archives)?;
+        let cache_lock = lock_cache(&archives, &cache_dir.join("apt-lists"))?;
         mounts.bind(&archives, &rd.mount_point(ARCHIVES)?, false)?;
         // The package indexes live in the cache too: a rebuild's apt update then only
         // revalidates them (If-Modified-Since, pdiffs) instead of downloading ~50 MB,
@@ -460,24 +460,92 @@ impl<'a> Apt<'a> {
     }
 }
 
-fn lock_cache(archives: &Path) -> Result<std::fs::File> {
+/// How long a build waits for another build (or a dying one) to release the shared
+/// package cache before it gives up.
+pub const CACHE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Take the shared package cache for this build: kiln's own lock (builds take turns),
+/// then apt's locks in the cache, which a build that is being killed may hold for a
+/// moment longer. Waits at most [`CACHE_LOCK_WAIT`], saying for whom.
+fn lock_cache(archives: &Path, lists: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
     use std::os::unix::io::AsRawFd;
     let path = archives.join(".kiln-lock");
-    let f = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        tracing::info!(
-            "another kiln build is using the package cache {}; waiting for it",
-            archives.display()
-        );
-        loop {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let deadline = std::time::Instant::now() + CACHE_LOCK_WAIT;
+    let mut told = false;
+    while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        crate::cancel::check()?;
+        let mut holder = String::new();
+        let _ = f.rewind().and_then(|_| f.read_to_string(&mut holder));
+        let holder = holder.trim();
+        if !told {
+            tracing::info!(
+                "the package cache {} is in use by another kiln build (pid {}); waiting up to {} s for it",
+                archives.display(),
+                if holder.is_empty() { "?" } else { holder },
+                CACHE_LOCK_WAIT.as_secs()
+            );
+            told = true;
+        }
+        if std::time::Instant::now() > deadline {
+            crate::user_bail!(
+                "the package cache {} is still in use by another kiln build (pid {}) after {} s; wait for it to \
+                 finish, or use another --cache-dir",
+                archives.display(),
+                if holder.is_empty() { "?" } else { holder },
+                CACHE_LOCK_WAIT.as_secs()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    let _ = f
+        .set_len(0)
+        .and_then(|_| f.rewind())
+        .and_then(|_| write!(f, "{}", crate::supervisor::host_pid()));
+    // apt's own locks: held only by a build that was just killed and is still dying.
+    for lock in [archives.join("lock"), lists.join("lock")] {
+        let mut told = false;
+        while let Some(pid) = fcntl_lock_holder(&lock) {
             crate::cancel::check()?;
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                break;
+            if !told {
+                tracing::info!(
+                    "waiting for {} (held by pid {pid}, a build that is ending)",
+                    lock.display()
+                );
+                told = true;
             }
-            std::thread::sleep(std::time::Duration::from_millis(500));
+            if std::time::Instant::now() > deadline {
+                crate::user_bail!(
+                    "{} is still locked (pid {pid}, 0 = in another PID namespace) after {} s; end that process \
+                     (`kiln doctor --fix` finds leftover build processes) or use another --cache-dir",
+                    lock.display(),
+                    CACHE_LOCK_WAIT.as_secs()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
         }
     }
     Ok(f)
+}
+
+/// The PID holding a POSIX write lock on `path` (apt's and dpkg's kind), if any.
+fn fcntl_lock_holder(path: &Path) -> Option<i32> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).ok()?;
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLK, &mut fl) } != 0 {
+        return None;
+    }
+    (fl.l_type != libc::F_UNLCK as libc::c_short).then_some(fl.l_pid)
 }
 
 /// `apt-cache policy` → package → versions in its version table.

@@ -131,6 +131,7 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     };
     let work = opts.out.join(format!(".kiln-work-{}", def.name));
     prepare_workdir(&work)?;
+    crate::supervisor::set_session_marker(&work);
     crate::state::start(&work)?;
     let partial = opts.out.join(format!("{raw_name}.partial"));
     let result = build_in(&def, opts, disk_base.as_deref(), &tarball, &work, &partial, timings).map_err(|e| {
@@ -144,6 +145,7 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
             e
         }
     });
+    crate::supervisor::kill_session();
     // The guards inside build_in have run by now. The work directory goes only when
     // nothing is left mounted in it: a directory whose unmount failed is never deleted.
     let all_released = matches!(result, Ok(true) | Err(_)) && !crate::state::holds_anything(&work);

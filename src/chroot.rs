@@ -126,8 +126,11 @@ impl Session {
         &self.root
     }
 
-    /// Tear down: policy-rc.d restored or removed, mounts released in reverse.
+    /// Tear down: every process left of the session killed, policy-rc.d restored or
+    /// removed, mounts released in reverse.
     pub fn close(self, rd: &RootDir, mounts: &mut MountStack) -> Result<()> {
+        // Nothing the session started may keep its mounts busy (or outlive it).
+        crate::supervisor::kill_session();
         let r1 = match &self.saved_policy {
             Some(orig) => rd.write_file(POLICY_RC_D, orig, 0o755),
             None => rd.remove_file(POLICY_RC_D),

@@ -97,6 +97,9 @@ impl Cmd {
 
     fn run_inner(mut self, input: Option<&[u8]>) -> Result<Output> {
         tracing::info!(target: "kiln::cmd", "$ {}", self.display);
+        if let Some(m) = crate::supervisor::session_marker() {
+            self.inner.env(crate::supervisor::SESSION_ENV, m);
+        }
         self.inner
             .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
@@ -159,6 +162,9 @@ impl Cmd {
                 let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
                 let _ = child.kill();
                 let _ = child.wait();
+                // Whatever escaped the process group (a daemon of a maintainer script,
+                // a hook's child that ignores SIGTERM) goes too.
+                crate::supervisor::kill_session();
                 let _ = out_thread.join();
                 let _ = err_thread.join();
                 return Err(crate::cancel::Cancelled.into());

@@ -8,7 +8,7 @@
 //! work directories and partial outputs — a directory is removed only once nothing is
 //! mounted in it.
 
-use crate::state;
+use crate::{state, supervisor};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -16,20 +16,42 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Finding {
-    Loop { device: PathBuf, backing: PathBuf },
-    Mount { target: PathBuf },
-    WorkDir { path: PathBuf, pid: Option<u32> },
-    Partial { path: PathBuf },
+    Loop {
+        device: PathBuf,
+        backing: PathBuf,
+    },
+    Mount {
+        target: PathBuf,
+    },
+    WorkDir {
+        path: PathBuf,
+        pid: Option<u32>,
+    },
+    Partial {
+        path: PathBuf,
+    },
+    /// A process of a build session (marked with [`supervisor::SESSION_ENV`]) whose
+    /// build is gone.
+    Process {
+        pid: u32,
+        session: PathBuf,
+        command: String,
+    },
 }
 
+/// Is process `pid` running? A zombie (a killed build not yet reaped by its parent) is not.
 fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
+        Err(_) => false,
+    }
 }
 
 /// Look for leftovers: globally (loop devices, mounts) and in `dirs` (output
 /// directories: work directories and partial files).
 pub fn scan(dirs: &[PathBuf]) -> Result<Vec<Finding>> {
-    let mut out = Vec::new();
+    let mut out = session_processes();
     for e in std::fs::read_dir("/sys/block").context("reading /sys/block")?.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if !name.starts_with("loop") {
@@ -80,6 +102,77 @@ pub fn scan(dirs: &[PathBuf]) -> Result<Vec<Finding>> {
     Ok(out)
 }
 
+/// Processes marked as part of a build session whose build is no longer running. By
+/// the marker in their environment, never by name: kiln runs every session as PID 1 of
+/// its own namespace, so this finds something only if that guarantee was broken (or the
+/// session came from an older kiln).
+fn session_processes() -> Vec<Finding> {
+    let mut out = Vec::new();
+    let me = std::process::id();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let key = format!("{}=", supervisor::SESSION_ENV);
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        let Some(session) = env
+            .split(|b| *b == 0)
+            .find_map(|v| v.strip_prefix(key.as_bytes()))
+            .map(|v| PathBuf::from(String::from_utf8_lossy(v).into_owned()))
+        else {
+            continue;
+        };
+        let build_alive = state::read(&session).ok().flatten().is_some_and(|s| pid_alive(s.pid));
+        if build_alive {
+            continue;
+        }
+        let command = std::fs::read(e.path().join("cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").trim_end().to_string())
+            .unwrap_or_default();
+        out.push(Finding::Process { pid, session, command });
+    }
+    out
+}
+
+/// SIGKILL leftover session processes and wait (10 s at most) until they are gone.
+fn end_processes(findings: &[Finding]) -> Result<()> {
+    let pids: Vec<u32> = findings
+        .iter()
+        .filter_map(|f| {
+            if let Finding::Process { pid, .. } = f {
+                Some(*pid)
+            } else {
+                None
+            }
+        })
+        .collect();
+    for pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pids.iter().any(|p| pid_alive(*p)) {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("session processes still running 10 s after SIGKILL: {pids:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for pid in &pids {
+        println!("ended process {pid}");
+    }
+    Ok(())
+}
+
 /// Is a kiln build running in output directory `d`?
 fn dirs_running(d: &Path) -> bool {
     std::fs::read_dir(d)
@@ -92,8 +185,10 @@ fn dirs_running(d: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Release findings: mounts deepest first, then loop devices, then directories/files.
+/// Release findings: session processes, then mounts deepest first, then loop devices, then directories/files.
 pub fn fix(findings: &[Finding]) -> Result<()> {
+    // Processes first: they are what holds the mounts and loop devices.
+    end_processes(findings)?;
     let mut mounts: Vec<&PathBuf> = findings
         .iter()
         .filter_map(|f| {
@@ -160,6 +255,12 @@ pub fn cmd_doctor(dirs: &[PathBuf], do_fix: bool, json: bool) -> Result<()> {
                     pid.map(|p| p.to_string()).unwrap_or("?".into())
                 ),
                 Finding::Partial { path } => println!("partial output {}", path.display()),
+                Finding::Process { pid, session, command } => {
+                    println!(
+                        "process {pid} of the build session {} is still running: {command}",
+                        session.display()
+                    )
+                }
             }
         }
     }

@@ -32,6 +32,7 @@ mod rootdir;
 mod scrub;
 mod sparse;
 mod state;
+mod supervisor;
 mod timings;
 mod unpack;
 mod verify;
@@ -172,10 +173,11 @@ fn main() {
             std::process::exit(code);
         }
     };
-    // The private mount namespace must be entered while kiln is single-threaded.
+    // While kiln is single-threaded: the build runs as PID 1 of its own PID namespace
+    // (nothing it starts can outlive it; see supervisor.rs), in a private mount namespace.
     if let Command::Build(_) = cli.command
         && nix::unistd::geteuid().is_root()
-        && let Err(e) = mounts::enter_private_namespace()
+        && let Err(e) = supervisor::enter_own_pid_namespace().and_then(|_| mounts::enter_private_namespace())
     {
         report(&e);
         std::process::exit(1);

@@ -48,20 +48,20 @@ pub fn scratch(tag: &str) -> tempfile::TempDir {
         .unwrap()
 }
 
-struct Lock(File);
+pub struct Lock(File);
 impl Drop for Lock {
     fn drop(&mut self) {
         unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
     }
 }
 
-fn lock(name: &str) -> Lock {
+pub fn lock(name: &str) -> Lock {
     let f = File::create(cache().join(format!("{name}.lock"))).unwrap();
     assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
     Lock(f)
 }
 
-fn short_hash(paths: &[&str]) -> String {
+pub fn short_hash(paths: &[&str]) -> String {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for p in paths {
