@@ -49,8 +49,16 @@ pub fn check() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Test support: `KILN_FAULT=STAGE:error|sigterm|sigkill` injects a fault when the
-/// build reaches the boundary before STAGE (used by the fault-injection tests).
+/// Without the `fault-injection` feature (the product) there are no faults to inject.
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn fault_point(_stage: &str) -> anyhow::Result<()> {
+    Ok(())
+}
+
+/// Test support, only with the `fault-injection` feature: `KILN_FAULT=STAGE:error|sigterm|sigkill`
+/// injects a fault when the build reaches the boundary before STAGE (tests/safety.rs).
+#[cfg(feature = "fault-injection")]
 pub fn fault_point(stage: &str) -> anyhow::Result<()> {
     let Ok(spec) = std::env::var("KILN_FAULT") else {
         return Ok(());

@@ -1,10 +1,13 @@
 //! `kiln doctor`: find what a crashed kiln left behind, and with `--fix` release it.
 //!
 //! kiln's own design leaves nothing after a crash (private mount namespace, autoclear
-//! loop devices, children killed with kiln), so doctor is the backstop: it reports loop
+//! loop devices, the build as PID 1 of its own PID namespace), so doctor is the
+//! backstop: it reports processes still marked as part of a build session whose build is
+//! gone (by the `KILN_SESSION` marker, never by name), loop
 //! devices still attached to kiln's partial images, mounts under kiln work directories
 //! in the host's namespace, work directories with a state file of a process that is
-//! gone, and partial outputs. `--fix` unmounts (deepest first), detaches, and removes
+//! gone, and partial outputs. `--fix` ends those processes, unmounts (deepest first),
+//! detaches, and removes
 //! work directories and partial outputs — a directory is removed only once nothing is
 //! mounted in it.
 
@@ -43,7 +46,11 @@ pub enum Finding {
 fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // "pid (comm) S ...": the state follows the last ')'.
-        Ok(stat) => stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()) != Some("Z"),
+        Ok(stat) => {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                != Some("Z")
+        }
         Err(_) => false,
     }
 }

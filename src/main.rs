@@ -45,7 +45,8 @@ use std::path::PathBuf;
 #[command(
     name = "kiln",
     version,
-    about = "Build GPU Kubernetes node images offline, without booting a VM"
+    about = "Build GPU Kubernetes node images offline, without booting a VM",
+    help_expected = true
 )]
 struct Cli {
     /// More log output (-v debug, -vv trace). RUST_LOG overrides.
@@ -102,18 +103,22 @@ enum OutFormat {
 enum Command {
     /// Build an image from a definition and a base (cloud image or root tarball).
     Build(BuildArgs),
-    /// Find (and with --fix release) loop devices, mounts, work directories and partial
+    /// Find (and with --fix release) build processes, loop devices, mounts, work directories and partial
     /// outputs a crashed kiln left behind.
     Doctor {
         /// Output directories to check for work directories and partial files.
         dirs: Vec<PathBuf>,
+        /// End leftover session processes, unmount, detach, and remove work directories
+        /// and partial outputs.
         #[arg(long)]
         fix: bool,
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
     /// For host hooks: write stdin to PATH inside an image root, resolving PATH inside
     /// the root so a symlink in the image can never redirect the write onto the host.
+    #[command(hide = true)]
     RootWrite {
         /// The image root (a hook's $KILN_ROOT).
         #[arg(long, env = "KILN_ROOT")]
@@ -126,12 +131,14 @@ enum Command {
     },
     /// SHA-256 of files, skipping holes (same output as sha256sum).
     Checksum {
+        /// Files to hash (sparse images are read extent by extent).
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
     /// Show partitions, filesystems, OS release, kernels and key package versions of an
     /// image (raw or qcow2) without mounting it.
     Inspect {
+        /// The image (raw or qcow2).
         image: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
@@ -140,6 +147,7 @@ enum Command {
     /// Check a finished image (raw or qcow2) against its definition and the spec,
     /// without mounting it; exits 1 if any check fails.
     Verify {
+        /// The image (raw or qcow2).
         image: PathBuf,
         /// The image definition it was built from (images/NAME.toml).
         #[arg(long)]
@@ -151,7 +159,9 @@ enum Command {
     /// Boot a throwaway copy of an image in QEMU through UEFI (OVMF) and/or BIOS
     /// (SeaBIOS) and check it from inside; exits 1 if any check fails.
     BootTest {
+        /// The image (raw or qcow2); a throwaway copy is booted, the image is not changed.
         image: PathBuf,
+        /// Which firmware to boot through.
         #[arg(long, value_enum, default_value = "both")]
         firmware: boottest::FirmwareChoice,
         /// Time budget per boot, split over the phases (firmware 1/5, kernel to
@@ -277,5 +287,25 @@ fn report(err: &anyhow::Error) {
     }
     if std::env::var_os("RUST_BACKTRACE").is_some_and(|v| v != "0") {
         eprintln!("{}", err.backtrace());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// clap's own checks, `help_expected` among them: every argument has help text.
+    #[test]
+    fn cli_is_well_formed_and_every_argument_has_help() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn root_write_is_hidden() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_help().to_string();
+        assert!(!help.contains("root-write"), "{help}");
+        assert!(help.contains("doctor"), "{help}");
     }
 }

@@ -95,7 +95,9 @@ impl Read for Trickle {
     }
 }
 
-/// A project whose one stage installs `package` from the test repository at `url`.
+/// A project whose one stage installs `package` from the test repository at `url`. The
+/// payload's Kubernetes version is read from a package the base has (these test images
+/// carry no Kubernetes).
 fn test_project(dir: &Path, name: &str, url: &str, key: &Path, package: &str, kernel_headers: bool) -> PathBuf {
     for sub in ["images", "package-lists", "keys"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
@@ -107,7 +109,7 @@ fn test_project(dir: &Path, name: &str, url: &str, key: &Path, package: &str, ke
         &def,
         format!(
             "name = \"{name}\"\ndescription = \"kill test\"\ndisk_size = \"4G\"\nbootloader = false\n\
-             [payload]\nuri = \"https://x/{{name}}.raw\"\n\
+             [payload]\nuri = \"https://x/{{name}}.raw\"\nkubernetes_package = \"linux-image-virtual\"\n\
              [[repository]]\nid = \"kill-test\"\nuri = \"{url}\"\nsuite = \"/\"\nkey = \"keys/test.asc\"\n\
              [[stage]]\nname = \"slow\"\nrepositories = [\"kill-test\"]\npackages = [\"{name}\"]\n\
              kernel_headers = {kernel_headers}\n"

@@ -92,6 +92,10 @@ fn build_cmd(def: &Path, base: &Path, out: &Path) -> Command {
 #[test]
 fn faults_at_every_stage_boundary_leak_nothing() {
     require_root!();
+    assert!(
+        cfg!(feature = "fault-injection"),
+        "fault injection needs kiln built with `--features fault-injection` (ci/test.sh does that)"
+    );
     let d = scratch("faults");
     let base = small_tarball(d.path(), false);
     let def = project_with_stage(d.path(), "echo hook ran > /dev/null");
