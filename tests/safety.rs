@@ -87,15 +87,20 @@ fn build_cmd(def: &Path, base: &Path, out: &Path) -> Command {
     c
 }
 
+/// Fail (never skip) when kiln was built without the test-only fault injection.
+fn require_fault_injection() {
+    let built_with = cfg!(feature = "fault-injection");
+    if !built_with {
+        panic!("fault injection needs kiln built with `--features fault-injection` (ci/test.sh does that)");
+    }
+}
+
 /// Every stage boundary × {injected error, SIGTERM, SIGKILL}: nothing mounted or
 /// attached afterwards, no finished output, and a rerun in the same place succeeds.
 #[test]
 fn faults_at_every_stage_boundary_leak_nothing() {
     require_root!();
-    assert!(
-        cfg!(feature = "fault-injection"),
-        "fault injection needs kiln built with `--features fault-injection` (ci/test.sh does that)"
-    );
+    require_fault_injection();
     let d = scratch("faults");
     let base = small_tarball(d.path(), false);
     let def = project_with_stage(d.path(), "echo hook ran > /dev/null");
