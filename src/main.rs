@@ -1,44 +1,14 @@
-//! kiln: builds GPU Kubernetes node images offline, by writing the disk directly.
-//!
-//! Pipeline stages, one module each, in build order:
-//! `acquire` (base image or root tarball) → `disk` (GPT, grow, fresh layout) + `esp`
-//! → `loopdev`/`mounts` (guards, private namespace) → `unpack` (root tarball) →
-//! `chroot` (session) → `apt` → `overlays` → `hooks` → `scrub` → `finalize` (sparse raw,
-//! `checksum`, `payload`) → `verify` → `boottest`.
-
-mod acquire;
-mod apt;
-mod bootloader;
-mod boottest;
-mod build;
-mod cancel;
-mod checksum;
-mod chroot;
-mod cmd;
-mod disk;
-mod doctor;
-mod error;
-mod esp;
-mod hooks;
-mod imagedef;
-mod inspect;
-mod loopdev;
-mod mounts;
-mod overlays;
-mod payload;
-mod progress;
-mod provision;
-mod rootdir;
-mod scrub;
-mod sparse;
-mod state;
-mod supervisor;
-mod timings;
-mod unpack;
-mod verify;
+//! The `kiln` command: parses arguments and calls the library (`src/lib.rs`).
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use kiln::boottest;
+use kiln::build::stages::apt;
+use kiln::build::{self, provision, timings};
+use kiln::disk::checksum;
+use kiln::error;
+use kiln::host::{cancel, doctor, mounts, rootdir, supervisor};
+use kiln::image::{inspect, verify};
 use std::path::PathBuf;
 
 #[derive(Parser)]

@@ -206,7 +206,7 @@ pub fn create_cloud_layout(path: &Path, size: u64) -> Result<Layout> {
     }
     let size = size.div_ceil(MIB) * MIB;
     let ss = SECTOR_SIZE;
-    let mut file = crate::sparse::create_sized(path, size)?;
+    let mut file = crate::disk::sparse::create_sized(path, size)?;
 
     let ctx = || format!("writing a GPT to {}", path.display());
     let mut gpt = GPT::new_from(&mut file, ss, random_guid()?).with_context(ctx)?;

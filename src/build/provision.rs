@@ -6,12 +6,12 @@
 //! every image kernel → holds → overlays → hooks → required kernel modules checked for
 //! every image kernel.
 
-use crate::apt::{Apt, RepoOverride};
-use crate::chroot::Session;
-use crate::imagedef::{ImageDef, PackageSpec};
-use crate::mounts::MountStack;
-use crate::rootdir::RootDir;
-use crate::timings::Timings;
+use crate::build::stages::apt::{Apt, RepoOverride};
+use crate::build::stages::chroot::Session;
+use crate::build::timings::Timings;
+use crate::definition::{ImageDef, PackageSpec};
+use crate::host::mounts::MountStack;
+use crate::host::rootdir::RootDir;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 
@@ -86,13 +86,13 @@ pub fn provision(
     closed
 }
 
-fn stage_uses_apt(s: &crate::imagedef::Stage) -> bool {
+fn stage_uses_apt(s: &crate::definition::Stage) -> bool {
     s.full_upgrade || s.kernel_headers || !s.packages.is_empty() || !s.repositories.is_empty() || !s.hold.is_empty()
 }
 
 fn run_stage(
     def: &ImageDef,
-    stage: &crate::imagedef::Stage,
+    stage: &crate::definition::Stage,
     apt: Option<&mut Apt>,
     session: &Session,
     rd: &RootDir,
@@ -145,12 +145,12 @@ fn run_stage(
 }
 
 /// Overlays, hooks and the module check of a stage.
-fn run_files(stage: &crate::imagedef::Stage, session: &Session, rd: &RootDir) -> Result<()> {
+fn run_files(stage: &crate::definition::Stage, session: &Session, rd: &RootDir) -> Result<()> {
     for o in &stage.overlays {
-        crate::overlays::apply(o, rd)?;
+        crate::build::stages::overlays::apply(o, rd)?;
     }
     for h in &stage.hooks {
-        crate::hooks::run_all(h, session, rd)?;
+        crate::build::stages::hooks::run_all(h, session, rd)?;
     }
     if !stage.require_modules.is_empty() {
         ensure_modules(session, rd, &stage.require_modules)?;
@@ -167,7 +167,7 @@ pub fn image_kernels(rd: &RootDir) -> Result<Vec<String>> {
         .filter_map(|n| n.strip_prefix("vmlinuz-").map(str::to_string))
         .filter(|k| rd.exists(format!("/lib/modules/{k}")).unwrap_or(false))
         .collect();
-    v.sort_by(|a, b| crate::inspect::dpkg_version_cmp(b, a));
+    v.sort_by(|a, b| crate::image::inspect::dpkg_version_cmp(b, a));
     Ok(v)
 }
 

@@ -49,8 +49,8 @@ impl Timings {
     /// tests) take effect.
     pub fn begin(&mut self, stage: &str) -> anyhow::Result<()> {
         self.end();
-        crate::cancel::check()?;
-        crate::cancel::fault_point(stage)?;
+        crate::host::cancel::check()?;
+        crate::host::cancel::fault_point(stage)?;
         tracing::info!("== stage {stage}");
         self.downloaded = 0;
         self.current = Some((stage.to_string(), Instant::now(), cpu_seconds(), written_bytes()));

@@ -8,7 +8,7 @@
 //! was really built.
 
 use crate::error::user;
-use crate::inspect::{ImageFacts, is_key_package, upstream_version};
+use crate::image::inspect::{ImageFacts, is_key_package, upstream_version};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
@@ -207,8 +207,8 @@ pub fn api_architecture(dpkg_arch: &str) -> Option<&'static str> {
 mod tests {
     use super::*;
     use crate::error::exit_code;
-    use crate::inspect::test_images::images;
-    use crate::inspect::{ImageFacts, inspect_image};
+    use crate::image::inspect::test_images::images;
+    use crate::image::inspect::{ImageFacts, inspect_image};
     use serde_json::json;
     use std::sync::OnceLock;
 

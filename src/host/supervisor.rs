@@ -22,7 +22,7 @@
 //! died before the signal was armed, the child sees the pipe's writer gone and exits.
 //!
 //! Signals: SIGINT, SIGTERM and SIGHUP to the supervisor are forwarded once each to the
-//! build (which unwinds its guards, see [`crate::cancel`]); the build is in its own
+//! build (which unwinds its guards, see [`crate::host::cancel`]); the build is in its own
 //! process group so a terminal's Ctrl-C reaches it only through the supervisor. The
 //! supervisor exits with the build's exit code, or dies by the same signal that killed it.
 //!

@@ -55,7 +55,7 @@ impl Loop {
                         path.display(),
                         backing.display()
                     );
-                    crate::state::record_loop(&path, backing);
+                    crate::host::state::record_loop(&path, backing);
                     return Ok(Loop {
                         dev: Some(dev),
                         path,
@@ -95,7 +95,7 @@ impl Loop {
                     self.backing.display()
                 )
             })?;
-            crate::state::forget_loop(&self.path);
+            crate::host::state::forget_loop(&self.path);
             tracing::debug!("detached {}", self.path.display());
         }
         Ok(())

@@ -39,15 +39,15 @@
 //!   checks that bytes 440..512 of the MBR and the GPT are unchanged and that the boot
 //!   code points at partition 14.
 //!
-//! Images made from a cloud disk keep their own bootloader; `disk::grow` keeps the MBR
+//! Images made from a cloud disk keep their own bootloader; `disk::gpt::grow` keeps the MBR
 //! boot code and the BIOS boot partition where they are.
 
-use crate::chroot::Session;
-use crate::disk::Layout;
-use crate::loopdev::Loop;
-use crate::mounts::MountStack;
-use crate::rootdir::{NodeKind, RootDir};
-use crate::timings::Timings;
+use crate::build::stages::chroot::Session;
+use crate::build::timings::Timings;
+use crate::disk::gpt::Layout;
+use crate::host::loopdev::Loop;
+use crate::host::mounts::MountStack;
+use crate::host::rootdir::{NodeKind, RootDir};
 use anyhow::{Context, Result, bail};
 use nix::mount::MsFlags;
 use std::fs::{File, OpenOptions};
@@ -126,7 +126,7 @@ pub fn install(
             );
         }
     }
-    let kernels = crate::provision::image_kernels(rd)?;
+    let kernels = crate::build::provision::image_kernels(rd)?;
     let newest = kernels
         .first()
         .context("the image has no kernel (no /boot/vmlinuz-* with a /lib/modules directory) to boot")?
@@ -139,7 +139,7 @@ pub fn install(
     rd.write_file(CONSOLE_DROPIN, dropin().as_bytes(), 0o644)?;
 
     let mbr_before = read_at(image, 0, 512)?;
-    let layout_before = format!("{:?}", crate::disk::read_layout(image)?);
+    let layout_before = format!("{:?}", crate::disk::gpt::read_layout(image)?);
 
     let session = Session::enter(root, rd, mounts)?;
     let res = (|| -> Result<()> {
@@ -163,7 +163,7 @@ pub fn install(
             image.display()
         );
     }
-    if format!("{:?}", crate::disk::read_layout(image)?) != layout_before {
+    if format!("{:?}", crate::disk::gpt::read_layout(image)?) != layout_before {
         bail!("grub-install changed the GPT of {}", image.display());
     }
     check_bios_boot(
@@ -195,9 +195,9 @@ pub fn install(
         .write(true)
         .open(image)
         .with_context(|| format!("opening {}", image.display()))?;
-    crate::esp::write_files(&f, esp.offset_bytes(), esp.size_bytes(), &files)
+    crate::disk::fat::write_files(&f, esp.offset_bytes(), esp.size_bytes(), &files)
         .context("writing shim and GRUB to the ESP")?;
-    let back = crate::esp::read_file(&f, esp.offset_bytes(), esp.size_bytes(), "EFI/ubuntu/grub.cfg")?;
+    let back = crate::disk::fat::read_file(&f, esp.offset_bytes(), esp.size_bytes(), "EFI/ubuntu/grub.cfg")?;
     if back != stub.as_bytes() {
         bail!("EFI/ubuntu/grub.cfg on the ESP reads back different from what was written");
     }

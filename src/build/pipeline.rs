@@ -5,13 +5,13 @@
 //! `MountStack`) released in reverse order on success, error or panic; the whole build
 //! runs in a private mount namespace entered by `main` before any thread starts.
 
-use crate::acquire::{self, BaseFormat, Expected};
-use crate::imagedef::{self, ImageDef};
-use crate::loopdev::Loop;
-use crate::mounts::MountStack;
-use crate::rootdir::RootDir;
-use crate::timings::Timings;
-use crate::{cmd::Cmd, user_bail};
+use crate::build::acquire::{self, BaseFormat, Expected};
+use crate::build::timings::Timings;
+use crate::definition::{self, ImageDef};
+use crate::host::loopdev::Loop;
+use crate::host::mounts::MountStack;
+use crate::host::rootdir::RootDir;
+use crate::{host::cmd::Cmd, user_bail};
 use anyhow::{Context, Result};
 use nix::mount::MsFlags;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ pub struct BuildOpts {
     pub qcow2: bool,
     pub force: bool,
     pub cache_dir: PathBuf,
-    pub provision: crate::provision::ProvisionOpts,
+    pub provision: crate::build::provision::ProvisionOpts,
 }
 
 #[derive(serde::Serialize)]
@@ -36,7 +36,7 @@ pub struct BuildReport {
     pub qcow2: Option<PathBuf>,
     pub payload: PathBuf,
     pub sha256: String,
-    pub timings: Vec<crate::timings::StageTiming>,
+    pub timings: Vec<crate::build::timings::StageTiming>,
 }
 
 /// ext4 features for a fresh root, fixed rather than the host's mke2fs defaults: newer
@@ -54,8 +54,8 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         );
     }
     timings.begin("acquire")?;
-    let def = imagedef::load(&opts.def)?;
-    crate::provision::check_overrides(&def, &opts.provision.repo_overrides)?;
+    let def = definition::load(&opts.def)?;
+    crate::build::provision::check_overrides(&def, &opts.provision.repo_overrides)?;
     let raw_name = format!("{}.raw", def.name);
     let final_raw = opts.out.join(&raw_name);
     let final_json = opts.out.join(format!("{}.json", def.name));
@@ -109,7 +109,7 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
             let tar = cached(
                 acquire::cached_tar(&opts.cache_dir, &base_sha),
                 "decompressed",
-                &|b, d| crate::unpack::decompress_to(b, d).map(|_| ()),
+                &|b, d| crate::build::unpack::decompress_to(b, d).map(|_| ()),
             )?;
             (None, tar)
         }
@@ -131,8 +131,8 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     };
     let work = opts.out.join(format!(".kiln-work-{}", def.name));
     prepare_workdir(&work)?;
-    crate::supervisor::set_session_marker(&work);
-    crate::state::start(&work)?;
+    crate::host::supervisor::set_session_marker(&work);
+    crate::host::state::start(&work)?;
     let partial = opts.out.join(format!("{raw_name}.partial"));
     let result = build_in(&def, opts, disk_base.as_deref(), &tarball, &work, &partial, timings).map_err(|e| {
         if format!("{e:#}").contains("No space left on device") {
@@ -145,12 +145,12 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
             e
         }
     });
-    crate::supervisor::kill_session();
+    crate::host::supervisor::kill_session();
     // The guards inside build_in have run by now. The work directory goes only when
     // nothing is left mounted in it: a directory whose unmount failed is never deleted.
-    let all_released = matches!(result, Ok(true) | Err(_)) && !crate::state::holds_anything(&work);
+    let all_released = matches!(result, Ok(true) | Err(_)) && !crate::host::state::holds_anything(&work);
     if all_released {
-        crate::state::finish();
+        crate::host::state::finish();
         if let Err(e) = std::fs::remove_dir_all(&work) {
             tracing::warn!("could not remove work directory {}: {e}", work.display());
         }
@@ -177,7 +177,7 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         raw: final_raw,
         qcow2,
         payload: final_json,
-        sha256: crate::checksum::hex(&digest),
+        sha256: crate::disk::checksum::hex(&digest),
         timings: timings.stages.clone(),
     })
 }
@@ -193,10 +193,10 @@ fn finalize(
     let [partial, json_partial, q_partial] = partials;
     let raw_name = format!("{}.raw", def.name);
     timings.begin("finalize")?;
-    let facts = crate::inspect::inspect_image(partial).context("reading the finished image's facts")?;
-    let payload = crate::payload::build_payload(&facts, &def.payload_input())?;
-    let pb = crate::progress::bytes(std::fs::metadata(partial)?.len(), "checksum");
-    let digest = crate::checksum::sha256_file(partial, Some(&pb))?;
+    let facts = crate::image::inspect::inspect_image(partial).context("reading the finished image's facts")?;
+    let payload = crate::image::payload::build_payload(&facts, &def.payload_input())?;
+    let pb = crate::host::progress::bytes(std::fs::metadata(partial)?.len(), "checksum");
+    let digest = crate::disk::checksum::sha256_file(partial, Some(&pb))?;
     pb.finish_and_clear();
     let mut sums = vec![(raw_name.clone(), digest)];
     let mut json = serde_json::to_vec_pretty(&payload)?;
@@ -212,18 +212,18 @@ fn finalize(
             .context("writing the qcow2 copy")?;
         sums.push((
             format!("{}.qcow2", def.name),
-            crate::checksum::sha256_file(q_partial, None)?,
+            crate::disk::checksum::sha256_file(q_partial, None)?,
         ));
         qcow2 = Some(opts.out.join(format!("{}.qcow2", def.name)));
     }
-    crate::cancel::check()?;
+    crate::host::cancel::check()?;
     if let Some(q) = &qcow2 {
         std::fs::rename(q_partial, q).with_context(|| format!("renaming {} into place", q_partial.display()))?;
     }
     std::fs::rename(partial, opts.out.join(&raw_name))
         .with_context(|| format!("renaming {} into place", partial.display()))?;
     std::fs::rename(json_partial, opts.out.join(format!("{}.json", def.name)))?;
-    crate::checksum::write_sha256sums(&opts.out, &sums)?;
+    crate::disk::checksum::write_sha256sums(&opts.out, &sums)?;
     timings.end();
     Ok((digest, qcow2))
 }
@@ -231,11 +231,11 @@ fn finalize(
 /// A work directory left by a crashed kiln may still hold mounts or loop devices: refuse
 /// to reuse it until `kiln doctor --fix` has released them.
 fn prepare_workdir(work: &Path) -> Result<()> {
-    if crate::state::holds_anything(work) {
+    if crate::host::state::holds_anything(work) {
         user_bail!(
             "work directory {} holds resources of an earlier kiln run (see {}); run `kiln doctor --fix {}` to release them",
             work.display(),
-            work.join(crate::state::STATE_FILE).display(),
+            work.join(crate::host::state::STATE_FILE).display(),
             work.display()
         );
     }
@@ -260,16 +260,16 @@ fn build_in(
     timings.begin("disk")?;
     let layout = match disk_base {
         Some(base) => {
-            let pb = crate::progress::spinner("copying base");
-            crate::sparse::copy_sparse(base, partial)?;
+            let pb = crate::host::progress::spinner("copying base");
+            crate::disk::sparse::copy_sparse(base, partial)?;
             pb.finish_and_clear();
-            crate::disk::grow(partial, def.disk_size)?
+            crate::disk::gpt::grow(partial, def.disk_size)?
         }
         None => {
-            let layout = crate::disk::create_cloud_layout(partial, def.disk_size)?;
+            let layout = crate::disk::gpt::create_cloud_layout(partial, def.disk_size)?;
             let esp = layout.esp().context("fresh layout has no ESP")?;
             let f = std::fs::OpenOptions::new().read(true).write(true).open(partial)?;
-            crate::esp::format_fat32(&f, esp.offset_bytes(), esp.size_bytes(), ESP_LABEL)
+            crate::disk::fat::format_fat32(&f, esp.offset_bytes(), esp.size_bytes(), ESP_LABEL)
                 .with_context(|| format!("formatting the ESP of {}", partial.display()))?;
             layout
         }
@@ -314,18 +314,22 @@ fn build_in(
         if disk_base.is_none() {
             timings.begin("unpack")?;
             let len = std::fs::metadata(tarball)?.len();
-            let pb = crate::progress::bytes(len, "unpacking");
-            let st = crate::unpack::unpack_tarball(tarball, &rd, Some(&pb))?;
+            let pb = crate::host::progress::bytes(len, "unpacking");
+            let st = crate::build::unpack::unpack_tarball(tarball, &rd, Some(&pb))?;
             pb.finish_and_clear();
-            tracing::info!("unpacked {} entries ({})", st.entries, crate::timings::human(st.bytes));
+            tracing::info!(
+                "unpacked {} entries ({})",
+                st.entries,
+                crate::build::timings::human(st.bytes)
+            );
             write_fstab(&rd)?;
         }
-        crate::provision::provision(&root_dir, &rd, def, &opts.provision, &mut mounts, timings)?;
+        crate::build::provision::provision(&root_dir, &rd, def, &opts.provision, &mut mounts, timings)?;
         if disk_base.is_none() && def.bootloader {
-            crate::bootloader::install(partial, &layout, &dev, &root_dir, &rd, &mut mounts, timings)?;
+            crate::build::stages::bootloader::install(partial, &layout, &dev, &root_dir, &rd, &mut mounts, timings)?;
         }
         timings.begin("scrub")?;
-        crate::scrub::scrub(&rd)?;
+        crate::build::stages::scrub::scrub(&rd)?;
         timings.begin("trim")?;
         Cmd::new("fstrim")
             .arg(&root_dir)

@@ -5,8 +5,8 @@
 //! base (not an image, truncated qcow2, checksum mismatch, no GPT, no ext4 root) fails
 //! with nothing written.
 
-use crate::cmd::Cmd;
 use crate::error::user;
+use crate::host::cmd::Cmd;
 use crate::user_bail;
 use anyhow::{Context, Result};
 use std::io::Read;
@@ -128,7 +128,7 @@ pub fn verify_sha256(path: &Path, expected: &Expected) -> Result<String> {
         Expected::Hex(h) => Some(normalize_hex(h, "--base-sha256")?),
         Expected::SumsFile(f) => Some(sum_from_file(f, path)?),
     };
-    let got = crate::checksum::hex(&crate::checksum::sha256_file(path, None)?);
+    let got = crate::disk::checksum::hex(&crate::disk::checksum::sha256_file(path, None)?);
     if let Some(want) = want {
         if want != got {
             user_bail!(
@@ -198,8 +198,9 @@ pub fn qcow2_to_raw(src: &Path, dest: &Path) -> Result<()> {
 }
 
 /// Check that a raw disk has a GPT and an ext4 root partition that fits `target_size`.
-pub fn validate_disk(path: &Path, shown_as: &Path, target_size: u64) -> Result<crate::disk::Layout> {
-    let layout = crate::disk::read_layout(path).map_err(|e| user(format!("base {}: {e:#}", shown_as.display())))?;
+pub fn validate_disk(path: &Path, shown_as: &Path, target_size: u64) -> Result<crate::disk::gpt::Layout> {
+    let layout =
+        crate::disk::gpt::read_layout(path).map_err(|e| user(format!("base {}: {e:#}", shown_as.display())))?;
     let Some(root) = layout.root() else {
         user_bail!(
             "base {} has no Linux filesystem partition to use as the root",

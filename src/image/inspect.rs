@@ -11,8 +11,8 @@
 //! [`dpkg_version_cmp`], [`upstream_version`]) and [`RootFs`] are shared with the
 //! later stages (`payload`, `verify`).
 
-use crate::cmd::Cmd;
 use crate::error::user;
+use crate::host::cmd::Cmd;
 use anyhow::{Context, Result, anyhow};
 use ext4_view::{Ext4, Ext4Error, Ext4Read, FileType};
 use serde::{Deserialize, Serialize};
@@ -1233,7 +1233,7 @@ fn human_size(bytes: u64) -> String {
 /// `payload`. No root needed.
 #[cfg(test)]
 pub(crate) mod test_images {
-    use crate::cmd::Cmd;
+    use crate::host::cmd::Cmd;
     use std::path::{Path, PathBuf};
     use std::sync::OnceLock;
 

@@ -7,10 +7,10 @@
 //! instead of once per package. Downloads land in a host cache bind-mounted on
 //! /var/cache/apt/archives, so a rebuild downloads nothing it already has.
 
-use crate::chroot::Session;
-use crate::imagedef::{ImageDef, PackageSpec, Repository};
-use crate::mounts::MountStack;
-use crate::rootdir::RootDir;
+use crate::build::stages::chroot::Session;
+use crate::definition::{ImageDef, PackageSpec, Repository};
+use crate::host::mounts::MountStack;
+use crate::host::rootdir::RootDir;
 use crate::user_bail;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
@@ -286,7 +286,8 @@ impl<'a> Apt<'a> {
         let file = pin.path.rsplit('/').next().unwrap();
         let inside = format!("{ARCHIVES}/{file}");
         let host = self.archives_host.join(file);
-        let have = host.is_file() && crate::checksum::hex(&crate::checksum::sha256_file(&host, None)?) == pin.sha256;
+        let have = host.is_file()
+            && crate::disk::checksum::hex(&crate::disk::checksum::sha256_file(&host, None)?) == pin.sha256;
         if !have {
             let url = format!("{}/{}", mirror.trim_end_matches('/'), pin.path);
             tracing::info!("fetching pinned {} from {url}", p.name);
@@ -481,7 +482,7 @@ fn lock_cache(archives: &Path, lists: &Path) -> Result<std::fs::File> {
     let deadline = std::time::Instant::now() + CACHE_LOCK_WAIT;
     let mut told = false;
     while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        crate::cancel::check()?;
+        crate::host::cancel::check()?;
         let mut holder = String::new();
         let _ = f.rewind().and_then(|_| f.read_to_string(&mut holder));
         let holder = holder.trim();
@@ -508,12 +509,12 @@ fn lock_cache(archives: &Path, lists: &Path) -> Result<std::fs::File> {
     let _ = f
         .set_len(0)
         .and_then(|_| f.rewind())
-        .and_then(|_| write!(f, "{}", crate::supervisor::host_pid()));
+        .and_then(|_| write!(f, "{}", crate::host::supervisor::host_pid()));
     // apt's own locks: held only by a build that was just killed and is still dying.
     for lock in [archives.join("lock"), lists.join("lock")] {
         let mut told = false;
         while let Some(pid) = fcntl_lock_holder(&lock) {
-            crate::cancel::check()?;
+            crate::host::cancel::check()?;
             if !told {
                 tracing::info!(
                     "waiting for {} (held by pid {pid}, a build that is ending)",
@@ -598,7 +599,7 @@ fn fetched_bytes(text: &str) -> u64 {
 /// The Ubuntu archive mirror the image itself is configured with: the first `deb` line
 /// for the release's own suite in /etc/apt/sources.list (or a deb822 .sources file).
 pub fn archive_mirror(rd: &RootDir) -> Result<String> {
-    let codename = crate::inspect::parse_os_release(&rd.read_to_string("/etc/os-release")?)
+    let codename = crate::image::inspect::parse_os_release(&rd.read_to_string("/etc/os-release")?)
         .get("VERSION_CODENAME")
         .cloned()
         .unwrap_or_default();

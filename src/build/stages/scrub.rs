@@ -3,7 +3,7 @@
 //! Every write goes through [`RootDir`], so a symlink planted in the image (say
 //! `/var/log/syslog -> /etc/shadow`) can't turn a truncate into damage on the host.
 
-use crate::rootdir::RootDir;
+use crate::host::rootdir::RootDir;
 use anyhow::{Context, Result};
 
 /// Scrub the image root. Idempotent.
@@ -126,7 +126,7 @@ fn truncate_logs(rd: &RootDir, dir: &str) -> Result<()> {
         } else if md.is_file() {
             if is_rotated(&n) || n.starts_with("cloud-init") {
                 rd.remove_file(&p)?;
-            } else if md.len() > 0 {
+            } else if !md.is_empty() {
                 rd.truncate(&p)?;
             }
         }

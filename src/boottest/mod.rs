@@ -29,9 +29,9 @@
 //! kubelet/kubeadm/kubectl versions, and, when it has an `nvidia-driver-*` package, the
 //! driver version (modinfo, vermagic = the running kernel) and the spec's NVreg options.
 
-use crate::cmd::Cmd;
-use crate::inspect::{ImageFacts, ImageFormat, upstream_version};
-use crate::verify::Check;
+use crate::host::cmd::Cmd;
+use crate::image::inspect::{ImageFacts, ImageFormat, upstream_version};
+use crate::image::verify::Check;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::fs::File;
@@ -277,7 +277,7 @@ pub fn boot_test(opts: &Opts) -> Result<Report> {
         .image
         .canonicalize()
         .with_context(|| format!("opening {}", opts.image.display()))?;
-    let facts = crate::inspect::inspect_image(&image).with_context(|| format!("reading {}", image.display()))?;
+    let facts = crate::image::inspect::inspect_image(&image).with_context(|| format!("reading {}", image.display()))?;
     let expect = Expect::from_facts(&facts)?;
     let tmp = tempfile::Builder::new()
         .prefix("kiln-boottest-")
@@ -452,7 +452,7 @@ fn boot(ctx: &Ctx, fw: Firmware, run: u32) -> Result<Boot> {
     let instance = format!("kiln-boottest-{}-{run}-{}", fw.name(), std::process::id());
     let user_data = user_data(&ctx.expect);
     let meta_data = format!("instance-id: {instance}\nlocal-hostname: kiln-boottest\n");
-    crate::esp::make_cidata(
+    crate::disk::fat::make_cidata(
         &seed,
         &[("user-data", user_data.as_bytes()), ("meta-data", meta_data.as_bytes())],
     )?;
@@ -1201,11 +1201,11 @@ fn render(r: &Report) -> String {
             }
         }
         if !b.checks.is_empty() {
-            s.push_str(&crate::verify::render_table(&b.checks));
+            s.push_str(&crate::image::verify::render_table(&b.checks));
         }
     }
     s.push('\n');
-    s.push_str(&crate::verify::render_table(&r.checks));
+    s.push_str(&crate::image::verify::render_table(&r.checks));
     if r.passed {
         let n: usize = r.boots.iter().map(|b| b.checks.len()).sum::<usize>() + r.checks.len();
         s.push_str(&format!("\nall {n} checks passed in {} boots\n", r.boots.len()));

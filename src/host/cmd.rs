@@ -97,8 +97,8 @@ impl Cmd {
 
     fn run_inner(mut self, input: Option<&[u8]>) -> Result<Output> {
         tracing::info!(target: "kiln::cmd", "$ {}", self.display);
-        if let Some(m) = crate::supervisor::session_marker() {
-            self.inner.env(crate::supervisor::SESSION_ENV, m);
+        if let Some(m) = crate::host::supervisor::session_marker() {
+            self.inner.env(crate::host::supervisor::SESSION_ENV, m);
         }
         self.inner
             .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
@@ -155,7 +155,7 @@ impl Cmd {
             {
                 break st;
             }
-            if crate::cancel::is_cancelled() {
+            if crate::host::cancel::is_cancelled() {
                 let pg = nix::unistd::Pid::from_raw(child.id() as i32);
                 let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGTERM);
                 std::thread::sleep(std::time::Duration::from_millis(500));
@@ -164,10 +164,10 @@ impl Cmd {
                 let _ = child.wait();
                 // Whatever escaped the process group (a daemon of a maintainer script,
                 // a hook's child that ignores SIGTERM) goes too.
-                crate::supervisor::kill_session();
+                crate::host::supervisor::kill_session();
                 let _ = out_thread.join();
                 let _ = err_thread.join();
-                return Err(crate::cancel::Cancelled.into());
+                return Err(crate::host::cancel::Cancelled.into());
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         };

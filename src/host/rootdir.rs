@@ -158,6 +158,10 @@ impl Metadata {
         self.len
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     #[cfg(test)]
     /// Modification time, seconds since the epoch.
     pub fn mtime(&self) -> i64 {

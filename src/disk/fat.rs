@@ -3,7 +3,7 @@
 //!
 //! The build host may have no vfat driver, so nothing here mounts anything: a FAT volume
 //! is a byte range of an image file (a partition's `offset_bytes()`/`size_bytes()` from
-//! [`crate::disk::Layout`], or a whole small file), accessed through
+//! [`crate::disk::gpt::Layout`], or a whole small file), accessed through
 //! [`fscommon::StreamSlice`]. Every function that writes syncs the file before returning.
 
 use anyhow::{Context, Result, bail};
@@ -158,7 +158,7 @@ pub fn label(file: &File, offset: u64, len: u64) -> Result<String> {
 /// (`user-data`, `meta-data`, `network-config`): a cloud-init NoCloud seed to attach to
 /// QEMU as a second drive.
 pub fn make_cidata(path: &Path, files: &[(&str, &[u8])]) -> Result<()> {
-    let file = crate::sparse::create_sized(path, CIDATA_SIZE)?;
+    let file = crate::disk::sparse::create_sized(path, CIDATA_SIZE)?;
     let ctx = || format!("writing the cloud-init seed {}", path.display());
     format(&file, 0, CIDATA_SIZE, CIDATA_LABEL, FatType::Fat12).with_context(ctx)?;
     write_files(&file, 0, CIDATA_SIZE, files).with_context(ctx)
@@ -469,7 +469,7 @@ mod tests {
     fn esp_in_a_partition_of_a_disk() {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("disk.raw");
-        let layout = crate::disk::create_cloud_layout(&img, 1 << 30).unwrap();
+        let layout = crate::disk::gpt::create_cloud_layout(&img, 1 << 30).unwrap();
         let esp = layout.esp().unwrap();
         let (off, len) = (esp.offset_bytes(), esp.size_bytes());
         let disk = OpenOptions::new().read(true).write(true).open(&img).unwrap();
@@ -530,7 +530,7 @@ mod tests {
         assert_eq!((code, out.trim()), (0, "UEFI"));
         // The disk's table is intact.
         assert_eq!(
-            format!("{:?}", crate::disk::read_layout(&img).unwrap()),
+            format!("{:?}", crate::disk::gpt::read_layout(&img).unwrap()),
             format!("{layout:?}")
         );
     }

@@ -16,7 +16,7 @@
 //! left alone, as tar does.
 
 use crate::error::user;
-use crate::rootdir::{NodeKind, RootDir, set_xattr_fd};
+use crate::host::rootdir::{NodeKind, RootDir, set_xattr_fd};
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use nix::sys::stat::Mode;
@@ -100,7 +100,7 @@ pub fn unpack_tarball(tarball: &Path, root: &RootDir, progress: Option<&Progress
 pub fn decompress_to(tarball: &Path, dest: &Path) -> Result<u64> {
     let file = File::open(tarball).with_context(|| format!("opening {}", tarball.display()))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let pb = crate::progress::bytes(len, "decompressing");
+    let pb = crate::host::progress::bytes(len, "decompressing");
     let input = BufReader::with_capacity(
         BUF_SIZE,
         Counted {
@@ -144,7 +144,7 @@ pub fn decompress_to(tarball: &Path, dest: &Path) -> Result<u64> {
     tracing::info!(
         "decompressed {} ({}) into the cache: {}",
         tarball.display(),
-        crate::timings::human(n),
+        crate::build::timings::human(n),
         dest.display()
     );
     Ok(n)
@@ -542,7 +542,7 @@ fn is_not_found(err: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rootdir::testutil::*;
+    use crate::host::rootdir::testutil::*;
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     use tar::{Builder, Header};
 

@@ -24,8 +24,8 @@
 //! [`verify_image`] only reads and returns [`Check`]s; [`cmd_verify`] prints them and
 //! fails when one did.
 
-use crate::imagedef::ImageDef;
-use crate::inspect::{
+use crate::definition::ImageDef;
+use crate::image::inspect::{
     DpkgPackage, FileKind, RootFs, dpkg_version_cmp, parse_dpkg_status, parse_os_release, upstream_version,
 };
 use anyhow::{Context, Result, bail};
@@ -131,7 +131,7 @@ struct Report<'a> {
 /// `kiln verify IMAGE --def DEF [--json]`: print the checks (a table, or JSON) and fail
 /// with "N of M checks failed" when any did.
 pub fn cmd_verify(image: &Path, def_path: &Path, json: bool) -> Result<()> {
-    let def = crate::imagedef::load(def_path)?;
+    let def = crate::definition::load(def_path)?;
     let checks = verify_image(image, &def)?;
     let failed = checks.iter().filter(|c| !c.ok).count();
     let text = if json {
@@ -1478,8 +1478,8 @@ fn parse_deb_line(line: &str) -> Option<DebLine> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cmd::Cmd;
-    use crate::inspect::test_images::{OS_RELEASE, tool};
+    use crate::host::cmd::Cmd;
+    use crate::image::inspect::test_images::{OS_RELEASE, tool};
     use std::os::unix::fs::{PermissionsExt, symlink};
     use tempfile::TempDir;
 
@@ -1815,7 +1815,7 @@ version = 2
     impl Fixture {
         fn new() -> Fixture {
             let dir = tempfile::Builder::new().prefix("kiln-verify-test-").tempdir().unwrap();
-            let def = crate::imagedef::load(&project(&dir.path().join("project"))).unwrap();
+            let def = crate::definition::load(&project(&dir.path().join("project"))).unwrap();
             lay_out(&def, &dir.path().join("root"));
             Fixture { dir, def }
         }
@@ -2151,7 +2151,7 @@ version = 2
             ("ubuntu-2204-gpu-ready-nodriver.toml", false),
             ("ubuntu-2204-nvidia-565-firmware1.toml", true),
         ] {
-            let def = crate::imagedef::load(&images.join(file)).unwrap();
+            let def = crate::definition::load(&images.join(file)).unwrap();
             let dir = tempfile::tempdir().unwrap();
             lay_out(&def, &dir.path().join("root"));
             let image = dir.path().join("disk.raw");

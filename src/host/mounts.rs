@@ -66,7 +66,7 @@ impl MountStack {
             )
         })?;
         tracing::debug!("mounted {source} on {}", target.display());
-        crate::state::record_mount(target);
+        crate::host::state::record_mount(target);
         self.mounts.push(Mounted {
             target: target.to_owned(),
             what: source.to_owned(),
@@ -96,8 +96,13 @@ impl MountStack {
         Ok(())
     }
 
+    /// How many mounts the stack holds (a depth to unwind back to).
     pub fn len(&self) -> usize {
         self.mounts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mounts.is_empty()
     }
 
     /// Unmount everything above `depth` (last first), reporting the first failure.
@@ -107,7 +112,7 @@ impl MountStack {
             let m = self.mounts.pop().unwrap();
             let res = unmount(&m.target);
             if res.is_ok() {
-                crate::state::forget_mount(&m.target);
+                crate::host::state::forget_mount(&m.target);
             }
             if let Err(e) = res {
                 let e = e.context(format!("unmounting {} from {}", m.what, m.target.display()));

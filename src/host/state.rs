@@ -24,7 +24,7 @@ static CURRENT: Mutex<Option<(PathBuf, State)>> = Mutex::new(None);
 pub fn start(workdir: &Path) -> Result<()> {
     let path = workdir.join(STATE_FILE);
     let st = State {
-        pid: crate::supervisor::host_pid(),
+        pid: crate::host::supervisor::host_pid(),
         ..Default::default()
     };
     write(&path, &st)?;

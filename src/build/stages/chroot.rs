@@ -10,9 +10,9 @@
 //! namespace (`unshare --pid --fork --kill-child`), so a daemon a package script starts
 //! dies with it. [`Session::close`] removes all of it.
 
-use crate::cmd::Cmd;
-use crate::mounts::MountStack;
-use crate::rootdir::RootDir;
+use crate::host::cmd::Cmd;
+use crate::host::mounts::MountStack;
+use crate::host::rootdir::RootDir;
 use anyhow::{Context, Result};
 use nix::mount::MsFlags;
 use std::path::{Path, PathBuf};
@@ -130,7 +130,7 @@ impl Session {
     /// removed, mounts released in reverse.
     pub fn close(self, rd: &RootDir, mounts: &mut MountStack) -> Result<()> {
         // Nothing the session started may keep its mounts busy (or outlive it).
-        crate::supervisor::kill_session();
+        crate::host::supervisor::kill_session();
         let r1 = match &self.saved_policy {
             Some(orig) => rd.write_file(POLICY_RC_D, orig, 0o755),
             None => rd.remove_file(POLICY_RC_D),

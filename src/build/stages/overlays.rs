@@ -4,7 +4,7 @@
 //! redirect a write onto the host. Symlinks in an overlay are recreated as symlinks;
 //! files are owned by root.
 
-use crate::rootdir::RootDir;
+use crate::host::rootdir::RootDir;
 use anyhow::{Context, Result};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -405,15 +405,15 @@ impl ImageDef {
         self.repositories.iter().find(|r| r.id == id)
     }
 
-    pub fn payload_input(&self) -> crate::payload::PayloadInput {
-        crate::payload::PayloadInput {
+    pub fn payload_input(&self) -> crate::image::payload::PayloadInput {
+        crate::image::payload::PayloadInput {
             name: self.name.clone(),
             description: self.description.clone(),
             uri_template: self.payload.uri_template.clone(),
             virtualization: self.payload.virtualization.clone(),
             variant: self.payload.variant.clone(),
             kubernetes_package: self.payload.kubernetes_package.clone(),
-            gpu: self.payload.gpu.as_ref().map(|g| crate::payload::GpuInput {
+            gpu: self.payload.gpu.as_ref().map(|g| crate::image::payload::GpuInput {
                 vendor: g.vendor.clone(),
                 models: g.models.clone(),
                 driver_package: g.driver_package.clone(),

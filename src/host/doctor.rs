@@ -11,7 +11,7 @@
 //! work directories and partial outputs — a directory is removed only once nothing is
 //! mounted in it.
 
-use crate::{state, supervisor};
+use crate::{host::state, host::supervisor};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};

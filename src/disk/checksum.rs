@@ -499,7 +499,7 @@ impl Extents {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cmd::Cmd;
+    use crate::host::cmd::Cmd;
     use std::os::unix::fs::MetadataExt;
 
     /// Deterministic non-zero bytes (xorshift), so tests need no `rand`.

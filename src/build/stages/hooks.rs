@@ -2,9 +2,9 @@
 //! `NN-*.host` run on the host with `KILN_ROOT` set to the image root; in name order.
 //! A failing hook is named, with the last lines of its output.
 
-use crate::chroot::Session;
-use crate::cmd::Cmd;
-use crate::rootdir::RootDir;
+use crate::build::stages::chroot::Session;
+use crate::host::cmd::Cmd;
+use crate::host::rootdir::RootDir;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 

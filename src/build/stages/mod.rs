@@ -1,0 +1,8 @@
+//! Provisioning stages, each run inside the image through the chroot session.
+
+pub mod apt;
+pub mod bootloader;
+pub mod chroot;
+pub mod hooks;
+pub mod overlays;
+pub mod scrub;
