@@ -75,10 +75,7 @@ pub fn fault_point(stage: &str) -> anyhow::Result<()> {
             unsafe { libc::raise(libc::SIGTERM) };
             check()
         }
-        "sigkill" => {
-            unsafe { libc::raise(libc::SIGKILL) };
-            Ok(())
-        }
+        "sigkill" => crate::host::supervisor::sigkill_kiln(),
         _ => Ok(()),
     }
 }

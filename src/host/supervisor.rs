@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 pub const SESSION_ENV: &str = "KILN_SESSION";
 
 static CHILD: AtomicI32 = AtomicI32::new(0);
+static UP: AtomicI32 = AtomicI32::new(-1);
 static HOST_PID: AtomicI32 = AtomicI32::new(0);
 
 /// The build process's PID as the host sees it (in its own namespace it is 1).
@@ -69,10 +70,17 @@ pub fn enter_own_pid_namespace() -> Result<()> {
         "creating a PID namespace for the build (unshare CLONE_NEWPID): kiln build must run as root \
          (in a container: --privileged)",
     )?;
-    let (rd, wr) = nix::unistd::pipe().context("creating the supervisor pipe")?;
+    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+    // down: the supervisor's end closing tells a just-forked build that it is gone.
+    // up: the build's test-only way to have its supervisor SIGKILLed (fault injection:
+    // as PID 1 of its namespace the build itself is immune to its own SIGKILL).
+    let (rd, wr) = nix::unistd::pipe2(cloexec).context("creating the supervisor pipe")?;
+    let (up_rd, up_wr) = nix::unistd::pipe2(cloexec).context("creating the supervisor pipe")?;
     match unsafe { nix::unistd::fork() }.context("forking the build process")? {
         nix::unistd::ForkResult::Child => {
             drop(wr);
+            drop(up_rd);
+            UP.store(std::os::fd::IntoRawFd::into_raw_fd(up_wr), Ordering::SeqCst);
             unsafe {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     libc::_exit(125);
@@ -102,12 +110,24 @@ pub fn enter_own_pid_namespace() -> Result<()> {
         }
         nix::unistd::ForkResult::Parent { child } => {
             drop(rd);
+            drop(up_wr);
             CHILD.store(child.as_raw(), Ordering::SeqCst);
             use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
             let act = SigAction::new(SigHandler::Handler(forward), SaFlags::SA_RESTART, SigSet::empty());
             for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
                 unsafe {
                     let _ = sigaction(s, &act);
+                }
+            }
+            // Until the build exits (its end of `up` closes) or asks to be SIGKILLed.
+            let mut byte = [0u8; 1];
+            loop {
+                match nix::unistd::read(&up_rd, &mut byte) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    Ok(1) if byte[0] == b'K' => unsafe {
+                        libc::raise(libc::SIGKILL);
+                    },
+                    _ => break,
                 }
             }
             let status = loop {
@@ -133,6 +153,23 @@ pub fn enter_own_pid_namespace() -> Result<()> {
                 }
                 _ => std::process::exit(1),
             }
+        }
+    }
+}
+
+/// Have the supervisor (the process the user started) SIGKILLed, as if by the user: it
+/// dies, and with it (parent-death signal) this build and its whole namespace. For fault
+/// injection in tests; outside a supervised build, SIGKILL this process.
+pub fn sigkill_kiln() -> ! {
+    let fd = UP.load(Ordering::SeqCst);
+    unsafe {
+        if fd >= 0 {
+            libc::write(fd, b"K".as_ptr().cast(), 1);
+        } else {
+            libc::raise(libc::SIGKILL);
+        }
+        loop {
+            libc::pause();
         }
     }
 }
