@@ -3,7 +3,7 @@
 #
 #  1. builds kiln in release mode;
 #  2. makes sure the test fixtures exist, named exactly as tests/common/mod.rs names them
-#     (the Ubuntu 22.04 root tarball of tests/fixtures/make-base.sh and the stand-in
+#     (the Ubuntu 22.04 root tarball of `kiln bootstrap` and the stand-in
 #     Kubernetes / NVIDIA container-toolkit repositories of make-standin-repo.sh, in
 #     $KILN_TEST_CACHE, default /var/cache/kiln-tests, under the tests' file locks);
 #  3. warms the package cache ($KILN_CACHE_DIR, default /var/cache/kiln) with one kiln
@@ -135,12 +135,12 @@ EOF
   { cat "$logs/short-hash.log" >&2; die "compiling the fixture-name helper failed"; }
 short_hash() { (cd "$project" && "$out/short-hash" "$@"); }
 
-base=$tcache/base-jammy-$(short_hash tests/fixtures/make-base.sh).tar
+base=$tcache/base-jammy-$(short_hash src/build/bootstrap.rs package-lists/jammy-cloudimg.list keys/ubuntu-archive-keyring.gpg).tar
 standin=$tcache/standin-$(short_hash tests/fixtures/make-standin-repo.sh)
 say "fixtures: $base, $standin"
 current_logs=("$logs/fixtures.log")
 # shellcheck disable=SC2016 # $1, $2 are the inner bash's arguments
-flock "$tcache/base.lock" bash -c '[[ -e $1 ]] || "$2" "$1"' _ "$base" "$project/tests/fixtures/make-base.sh" >"$logs/fixtures.log" 2>&1
+flock "$tcache/base.lock" bash -c '[[ -e $1 ]] || (cd "$3" && "$2" bootstrap --suite jammy --out "$1")' _ "$base" "$kiln" "$project" >"$logs/fixtures.log" 2>&1
 # shellcheck disable=SC2016
 flock "$tcache/standin.lock" bash -c '[[ -e $1/kubernetes/InRelease ]] || "$2" "$1"' _ "$standin" \
   "$project/tests/fixtures/make-standin-repo.sh" >>"$logs/fixtures.log" 2>&1
@@ -329,7 +329,7 @@ w(f"Written by `bench/run.sh` on {env['B_DATE']}. Machine: {env['B_NPROC']} CPUs
 w("")
 w(f"Command: `sudo {env['B_INVOCATION']}`: hyperfine, {runs} run(s) per command, median (min–max). "
   "Root tarball to checksummed raw image; base: the tests' Ubuntu 22.04 root tarball "
-  "(`tests/fixtures/make-base.sh`); Kubernetes and NVIDIA container toolkit from the tests' stand-in "
+  "(`kiln bootstrap`); Kubernetes and NVIDIA container toolkit from the tests' stand-in "
   "repositories, everything else from the Ubuntu archive; the package cache warmed by one kiln build "
   "of each image before timing (both sides run `apt-get update` against the Ubuntu archive; kiln keeps the indexes in its cache and only revalidates them, the baseline downloads about 50 MB of them into the image each time).")
 w("")

@@ -3,6 +3,16 @@
 //! image builds on the GPU-ready one): it inherits its stages, repositories and payload
 //! facts, and adds or replaces stages by name.
 //!
+//! `[expect]` says what `kiln verify` and `kiln boot-test` demand of the finished image
+//! (the spec's facts: Kubernetes version, units, sysctls, modprobe options, driver
+//! version...). The stages say how the image is made; the expectations what it must
+//! be — each fact written once, read by both commands. A definition that extends
+//! another adds to its expectations (see [`Expectations`]).
+//!
+//! `[base]` pins the base a build starts from when no `--base` is given (the cloud
+//! image's URL, sha256, signed `SHA256SUMS` and the key that signs it; see
+//! `build::base`). An extending definition inherits it, or replaces the whole table.
+//!
 //! Paths inside a definition (package lists, overlays, hooks, keys) are named, not
 //! pathed: `packages = ["kubernetes"]` is `package-lists/kubernetes.list` at the project
 //! root, the directory holding `images/`.
@@ -11,6 +21,7 @@ use crate::error::user;
 use crate::user_bail;
 use anyhow::{Context, Result};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Deserialize, Clone)]
@@ -29,6 +40,65 @@ struct RawDef {
     repository: Vec<Repository>,
     #[serde(default)]
     stage: Vec<RawStage>,
+    expect: Option<RawExpect>,
+    base: Option<RawBase>,
+}
+
+/// `[base]` as written: the pinned cloud image a build starts from when no `--base` is
+/// given. A definition that sets it replaces its parent's whole table.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawBase {
+    url: String,
+    sha256: String,
+    sha256sums: String,
+    signature: String,
+    key: String,
+    fingerprint: String,
+}
+
+/// `[expect]` as written; every key optional, merged down an `extends` chain.
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+struct RawExpect {
+    os: Option<RawOs>,
+    architecture: Option<String>,
+    kubernetes: Option<RawKubernetes>,
+    min_versions: Option<BTreeMap<String, String>>,
+    enabled_units: Option<Vec<String>>,
+    masked_units: Option<Vec<String>>,
+    swap_off: Option<bool>,
+    modules_load: Option<Vec<String>>,
+    modprobe_blacklist: Option<Vec<String>>,
+    modprobe_options: Option<BTreeMap<String, String>>,
+    sysctl: Option<BTreeMap<String, toml::Value>>,
+    containerd: Option<RawContainerd>,
+    runtime_classes: Option<BTreeMap<String, String>>,
+    nvidia_driver_version: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+struct RawOs {
+    id: Option<String>,
+    version_id: Option<String>,
+    codename: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    version: Option<String>,
+    packages: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+struct RawContainerd {
+    config: Option<String>,
+    socket: Option<String>,
+    systemd_cgroup: Option<bool>,
+    runtimes: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Default)]
@@ -100,6 +170,92 @@ pub struct ImageDef {
     pub payload: PayloadFacts,
     pub repositories: Vec<Repository>,
     pub stages: Vec<Stage>,
+    /// What `verify` and `boot-test` demand of the image (`[expect]`).
+    pub expect: Expectations,
+    /// The pinned base (`[base]`), if the definition has one.
+    pub base: Option<BaseSpec>,
+}
+
+/// The validated `[base]` table: where the base image is, its sha256, the signed
+/// checksum list that must agree, and the OpenPGP key (file and fingerprint) that must
+/// have signed it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BaseSpec {
+    /// A dated release serial, never a moving alias such as `current`.
+    pub url: String,
+    /// Lower-case hex.
+    pub sha256: String,
+    /// The `SHA256SUMS` listing the image.
+    pub sha256sums: String,
+    /// Its detached OpenPGP signature (`SHA256SUMS.gpg`).
+    pub signature: String,
+    /// The signing key's file (armored or binary), resolved against the project root.
+    pub key: PathBuf,
+    /// The fingerprint that key must have: 40 upper-case hex digits, no spaces.
+    pub fingerprint: String,
+    /// The definition file that set the table, for messages.
+    pub origin: PathBuf,
+}
+
+/// The validated `[expect]` table: what the finished image must show. Empty or `None`
+/// parts demand nothing. Down an `extends` chain lists are joined (the parent's
+/// entries first), tables are merged key by key and single values replaced, the
+/// extending definition winning.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Expectations {
+    /// os-release `ID`, `VERSION_ID`, `VERSION_CODENAME`.
+    pub os: Option<OsRelease>,
+    /// The dpkg architecture (`amd64`).
+    pub architecture: Option<String>,
+    pub kubernetes: Option<KubernetesExpect>,
+    /// Package → minimum upstream version (`containerd` → `1.7`).
+    pub min_versions: Vec<(String, String)>,
+    /// Units enabled in /etc/systemd/system/*.wants (or *.requires).
+    pub enabled_units: Vec<String>,
+    /// Units linked to /dev/null in /etc/systemd/system.
+    pub masked_units: Vec<String>,
+    /// No swap in /etc/fstab, none on at boot.
+    pub swap_off: bool,
+    /// Modules listed in modules-load.d (loaded at boot).
+    pub modules_load: Vec<String>,
+    /// Modules blacklisted in modprobe.d (not loaded at boot).
+    pub modprobe_blacklist: Vec<String>,
+    /// Module → its `param=value` options, each set in /etc/modprobe.d/MODULE.conf and
+    /// not overridden.
+    pub modprobe_options: Vec<(String, Vec<(String, String)>)>,
+    /// sysctl key → value, in effect after sysctl.d.
+    pub sysctl: Vec<(String, String)>,
+    pub containerd: Option<ContainerdExpect>,
+    /// RuntimeClass name → handler, shipped as a manifest in the image.
+    pub runtime_classes: Vec<(String, String)>,
+    /// Upstream version of the loaded `nvidia` module (`modinfo -F version nvidia`).
+    pub nvidia_driver_version: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OsRelease {
+    pub id: String,
+    pub version_id: String,
+    pub codename: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubernetesExpect {
+    /// Upstream version of each of `packages` (`1.30.0`).
+    pub version: String,
+    pub packages: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerdExpect {
+    /// Path of containerd's config in the image.
+    pub config: String,
+    /// Its gRPC socket.
+    pub socket: String,
+    /// `SystemdCgroup` of the runc runtime.
+    pub systemd_cgroup: bool,
+    /// Runtime name → `BinaryName`, configured next to runc.
+    pub runtimes: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -148,12 +304,18 @@ pub fn parse_size(s: &str) -> Option<u64> {
     let idx = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(idx);
     let n: u64 = num.parse().ok()?;
+    // Binary units (KiB, MiB, GiB, TiB) and their one-letter forms (K, M, G, T), as
+    // qemu-img and truncate read them; decimal units (KB, MB, GB, TB) are powers of ten.
     let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "B" => 1,
-        "K" | "KB" | "KIB" => 1 << 10,
-        "M" | "MB" | "MIB" => 1 << 20,
-        "G" | "GB" | "GIB" => 1 << 30,
-        "T" | "TB" | "TIB" => 1 << 40,
+        "K" | "KIB" => 1 << 10,
+        "M" | "MIB" => 1 << 20,
+        "G" | "GIB" => 1 << 30,
+        "T" | "TIB" => 1 << 40,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
         _ => return None,
     };
     n.checked_mul(mult)
@@ -196,7 +358,15 @@ pub fn load(path: &Path) -> Result<ImageDef> {
     let mut payload = RawPayload::default();
     let mut repos: Vec<Repository> = Vec::new();
     let mut stages: Vec<(RawStage, PathBuf)> = Vec::new();
+    let mut expect = RawExpect::default();
+    let mut base: Option<(RawBase, PathBuf)> = None;
     for (file, raw) in chain.iter().rev() {
+        if let Some(e) = &raw.expect {
+            expect.merge(e);
+        }
+        if let Some(b) = &raw.base {
+            base = Some((b.clone(), file.clone()));
+        }
         name = raw.name.clone().or(name);
         description = raw.description.clone().or(description);
         bootloader = raw.bootloader.or(bootloader);
@@ -237,12 +407,17 @@ pub fn load(path: &Path) -> Result<ImageDef> {
         user_bail!("image definition {f}: `name` = \"{name}\" must be letters, digits, '-', '_' or '.'");
     }
     let description = description.ok_or_else(|| user(format!("image definition {f}: missing key `description`")))?;
-    let (ds, ds_file) =
-        disk_size.ok_or_else(|| user(format!("image definition {f}: missing key `disk_size` (e.g. \"20G\")")))?;
-    let disk_size = match parse_size(&ds) {
-        Some(n) if n >= 1 << 30 && n % (1 << 20) == 0 => n,
+    let (ds, ds_file) = disk_size.ok_or_else(|| {
+        user(format!(
+            "image definition {f}: missing key `disk_size` (e.g. \"20GiB\")"
+        ))
+    })?;
+    // Rounded up to a whole MiB (partitions are MiB-aligned): "20GB" is 19074 MiB.
+    let disk_size = match parse_size(&ds).and_then(|n| n.checked_next_multiple_of(1 << 20)) {
+        Some(n) if n >= 1 << 30 => n,
         _ => user_bail!(
-            "image definition {}: `disk_size` = \"{ds}\" is not a size of at least 1G in whole MiB (e.g. \"20G\")",
+            "image definition {}: `disk_size` = \"{ds}\" is not a size of at least 1 GiB (e.g. \"20GiB\", or \"20GB\" \
+             for 20·10⁹ bytes)",
             ds_file.display()
         ),
     };
@@ -278,6 +453,10 @@ pub fn load(path: &Path) -> Result<ImageDef> {
             );
         }
     }
+    let expect = expect.resolve(&f.to_string())?;
+    let base = base
+        .map(|(b, file)| resolve_base(b, &file, &project_root))
+        .transpose()?;
     let mut out_stages = Vec::new();
     for (s, file) in stages {
         let fd = file.display();
@@ -340,7 +519,313 @@ pub fn load(path: &Path) -> Result<ImageDef> {
         payload,
         repositories: repos,
         stages: out_stages,
+        expect,
+        base,
     })
+}
+
+/// Validate `[base]` as set in `file`.
+fn resolve_base(b: RawBase, file: &Path, project_root: &Path) -> Result<BaseSpec> {
+    let f = file.display();
+    for (k, v) in [
+        ("url", &b.url),
+        ("sha256sums", &b.sha256sums),
+        ("signature", &b.signature),
+    ] {
+        let scheme_ok = ["https://", "http://", "file://"].iter().any(|s| v.starts_with(s));
+        if !scheme_ok || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            user_bail!("image definition {f}: `base.{k}` = \"{v}\" is not an http(s):// or file:// URL");
+        }
+        if v.split('/')
+            .any(|seg| seg == "current" || seg == "release" || seg == "daily")
+        {
+            user_bail!(
+                "image definition {f}: `base.{k}` = \"{v}\" names a moving alias; pin a dated serial \
+                 (e.g. .../releases/jammy/release-20250516/...)"
+            );
+        }
+    }
+    if b.url.ends_with('/') {
+        user_bail!(
+            "image definition {f}: `base.url` = \"{}\" names a directory, not a file",
+            b.url
+        );
+    }
+    let sha256 = b.sha256.trim().to_ascii_lowercase();
+    if sha256.len() != 64 || !sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+        user_bail!(
+            "image definition {f}: `base.sha256` = \"{}\" is not a SHA-256 (64 hex digits)",
+            b.sha256
+        );
+    }
+    let fingerprint: String = b
+        .fingerprint
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_uppercase();
+    if fingerprint.len() != 40 || !fingerprint.chars().all(|c| c.is_ascii_hexdigit()) {
+        user_bail!(
+            "image definition {f}: `base.fingerprint` = \"{}\" is not an OpenPGP v4 fingerprint (40 hex digits)",
+            b.fingerprint
+        );
+    }
+    let key = project_root.join(&b.key);
+    if !key.is_file() {
+        user_bail!(
+            "image definition {f}: `base.key` `{}` not found at {}",
+            b.key,
+            key.display()
+        );
+    }
+    Ok(BaseSpec {
+        url: b.url,
+        sha256,
+        sha256sums: b.sha256sums,
+        signature: b.signature,
+        key,
+        fingerprint,
+        origin: file.to_path_buf(),
+    })
+}
+
+/// Lists are joined (new entries appended), tables merged key by key, single values
+/// replaced: `other` is the extending definition's.
+impl RawExpect {
+    fn merge(&mut self, other: &RawExpect) {
+        fn join(dst: &mut Option<Vec<String>>, src: &Option<Vec<String>>) {
+            if let Some(src) = src {
+                let d = dst.get_or_insert_with(Vec::new);
+                for x in src {
+                    if !d.contains(x) {
+                        d.push(x.clone());
+                    }
+                }
+            }
+        }
+        fn merge_map<V: Clone>(dst: &mut Option<BTreeMap<String, V>>, src: &Option<BTreeMap<String, V>>) {
+            if let Some(src) = src {
+                dst.get_or_insert_with(BTreeMap::new)
+                    .extend(src.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+        }
+        fn replace<T: Clone>(dst: &mut Option<T>, src: &Option<T>) {
+            if src.is_some() {
+                dst.clone_from(src);
+            }
+        }
+        if let Some(o) = &other.os {
+            let d = self.os.get_or_insert_with(RawOs::default);
+            replace(&mut d.id, &o.id);
+            replace(&mut d.version_id, &o.version_id);
+            replace(&mut d.codename, &o.codename);
+        }
+        replace(&mut self.architecture, &other.architecture);
+        if let Some(k) = &other.kubernetes {
+            let d = self.kubernetes.get_or_insert_with(RawKubernetes::default);
+            replace(&mut d.version, &k.version);
+            join(&mut d.packages, &k.packages);
+        }
+        merge_map(&mut self.min_versions, &other.min_versions);
+        join(&mut self.enabled_units, &other.enabled_units);
+        join(&mut self.masked_units, &other.masked_units);
+        replace(&mut self.swap_off, &other.swap_off);
+        join(&mut self.modules_load, &other.modules_load);
+        join(&mut self.modprobe_blacklist, &other.modprobe_blacklist);
+        merge_map(&mut self.modprobe_options, &other.modprobe_options);
+        merge_map(&mut self.sysctl, &other.sysctl);
+        if let Some(c) = &other.containerd {
+            let d = self.containerd.get_or_insert_with(RawContainerd::default);
+            replace(&mut d.config, &c.config);
+            replace(&mut d.socket, &c.socket);
+            replace(&mut d.systemd_cgroup, &c.systemd_cgroup);
+            merge_map(&mut d.runtimes, &c.runtimes);
+        }
+        merge_map(&mut self.runtime_classes, &other.runtime_classes);
+        replace(&mut self.nvidia_driver_version, &other.nvidia_driver_version);
+    }
+
+    /// Validate the merged table of the definition `f`. Every value ends up in the
+    /// guest's check script (quoted) and in error messages: names are restricted to
+    /// what they can be, and nothing holds a line break.
+    fn resolve(self, f: &str) -> Result<Expectations> {
+        let bad = |key: &str, v: &str, what: &str| -> anyhow::Error {
+            user(format!("image definition {f}: `expect.{key}` = \"{v}\" {what}"))
+        };
+        let word =
+            |s: &str, extra: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c));
+        let version = |key: &str, v: &str| -> Result<String> {
+            if word(v, "._+~:-") {
+                Ok(v.to_string())
+            } else {
+                Err(bad(key, v, "is not a version (letters, digits, . _ + ~ : -)"))
+            }
+        };
+        let module = |key: &str, m: &str| -> Result<String> {
+            if word(m, "_-") {
+                Ok(m.to_string())
+            } else {
+                Err(bad(key, m, "is not a kernel module name"))
+            }
+        };
+        let unit = |key: &str, u: &str| -> Result<String> {
+            const TYPES: [&str; 10] = [
+                ".service",
+                ".socket",
+                ".target",
+                ".timer",
+                ".mount",
+                ".swap",
+                ".path",
+                ".slice",
+                ".device",
+                ".automount",
+            ];
+            if word(u, ":_.@\\-") && TYPES.iter().any(|t| u.len() > t.len() && u.ends_with(t)) {
+                Ok(u.to_string())
+            } else {
+                Err(bad(key, u, "is not a systemd unit name (e.g. kubelet.service)"))
+            }
+        };
+        let path = |key: &str, p: &str| -> Result<String> {
+            if p.starts_with('/') && !p.contains("..") && word(p, "/._+-") {
+                Ok(p.to_string())
+            } else {
+                Err(bad(key, p, "is not an absolute path"))
+            }
+        };
+        let os = match self.os {
+            None => None,
+            Some(o) => {
+                let id =
+                    o.id.ok_or_else(|| user(format!("image definition {f}: missing key `expect.os.id`")))?;
+                let version_id = o
+                    .version_id
+                    .ok_or_else(|| user(format!("image definition {f}: missing key `expect.os.version_id`")))?;
+                Some(OsRelease {
+                    id: version("os.id", &id)?,
+                    version_id: version("os.version_id", &version_id)?,
+                    codename: o.codename.map(|c| version("os.codename", &c)).transpose()?,
+                })
+            }
+        };
+        let kubernetes = match self.kubernetes {
+            None => None,
+            Some(k) => {
+                let v = k
+                    .version
+                    .ok_or_else(|| user(format!("image definition {f}: missing key `expect.kubernetes.version`")))?;
+                let packages = k.packages.unwrap_or_default();
+                if packages.is_empty() {
+                    user_bail!("image definition {f}: `expect.kubernetes.packages` lists no package");
+                }
+                for p in &packages {
+                    version("kubernetes.packages", p)?;
+                }
+                Some(KubernetesExpect {
+                    version: version("kubernetes.version", &v)?,
+                    packages,
+                })
+            }
+        };
+        let mut min_versions = Vec::new();
+        for (p, v) in self.min_versions.unwrap_or_default() {
+            version("min_versions", &p)?;
+            let v = version(&format!("min_versions.{p}"), &v)?;
+            min_versions.push((p, v));
+        }
+        let units = |key: &str, us: Option<Vec<String>>| -> Result<Vec<String>> {
+            us.unwrap_or_default().iter().map(|u| unit(key, u)).collect()
+        };
+        let modules = |key: &str, ms: Option<Vec<String>>| -> Result<Vec<String>> {
+            ms.unwrap_or_default().iter().map(|m| module(key, m)).collect()
+        };
+        let mut modprobe_options = Vec::new();
+        for (m, opts) in self.modprobe_options.unwrap_or_default() {
+            let key = format!("modprobe_options.{m}");
+            module(&key, &m)?;
+            let mut params = Vec::new();
+            for w in opts.split_whitespace() {
+                match w.split_once('=') {
+                    Some((k, v)) if word(k, "_-") && word(v, "._,:+-") => params.push((k.to_string(), v.to_string())),
+                    _ => return Err(bad(&key, &opts, "is not `param=value ...`")),
+                }
+            }
+            if params.is_empty() {
+                return Err(bad(&key, &opts, "sets no option"));
+            }
+            modprobe_options.push((m, params));
+        }
+        let mut sysctl = Vec::new();
+        for (k, v) in self.sysctl.unwrap_or_default() {
+            let key = format!("sysctl.\"{k}\"");
+            let v = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                other => return Err(bad(&key, &other.to_string(), "is not a string or an integer")),
+            };
+            if !word(&k, "._/-") {
+                return Err(bad("sysctl", &k, "is not a sysctl key"));
+            }
+            let v = v.split_whitespace().collect::<Vec<_>>().join(" ");
+            if v.is_empty() || v.chars().any(|c| c.is_control() || "'\"\\`$".contains(c)) {
+                return Err(bad(&key, &v, "is not a plain sysctl value"));
+            }
+            sysctl.push((k.replace('/', "."), v));
+        }
+        let containerd = match self.containerd {
+            None => None,
+            Some(c) => {
+                let need = |k: &str, v: Option<String>| {
+                    v.ok_or_else(|| user(format!("image definition {f}: missing key `expect.containerd.{k}`")))
+                };
+                let mut runtimes = Vec::new();
+                for (name, binary) in c.runtimes.unwrap_or_default() {
+                    let key = format!("containerd.runtimes.{name}");
+                    if !word(&name, "_-") {
+                        return Err(bad("containerd.runtimes", &name, "is not a runtime name"));
+                    }
+                    runtimes.push((name, path(&key, &binary)?));
+                }
+                Some(ContainerdExpect {
+                    config: path("containerd.config", &need("config", c.config)?)?,
+                    socket: path("containerd.socket", &need("socket", c.socket)?)?,
+                    systemd_cgroup: c.systemd_cgroup.unwrap_or(true),
+                    runtimes,
+                })
+            }
+        };
+        let mut runtime_classes = Vec::new();
+        for (name, handler) in self.runtime_classes.unwrap_or_default() {
+            if !word(&name, ".-") || !word(&handler, "_.-") {
+                return Err(bad(
+                    &format!("runtime_classes.{name}"),
+                    &handler,
+                    "is not a RuntimeClass handler",
+                ));
+            }
+            runtime_classes.push((name, handler));
+        }
+        Ok(Expectations {
+            os,
+            architecture: self.architecture.map(|a| version("architecture", &a)).transpose()?,
+            kubernetes,
+            min_versions,
+            enabled_units: units("enabled_units", self.enabled_units)?,
+            masked_units: units("masked_units", self.masked_units)?,
+            swap_off: self.swap_off.unwrap_or(false),
+            modules_load: modules("modules_load", self.modules_load)?,
+            modprobe_blacklist: modules("modprobe_blacklist", self.modprobe_blacklist)?,
+            modprobe_options,
+            sysctl,
+            containerd,
+            runtime_classes,
+            nvidia_driver_version: self
+                .nvidia_driver_version
+                .map(|v| version("nvidia_driver_version", &v))
+                .transpose()?,
+        })
+    }
 }
 
 /// Parse `package-lists/X.list`: one package a line, `name=version` pins, `#` comments,
@@ -403,22 +888,6 @@ pub fn parse_package_list(path: &Path) -> Result<Vec<PackageSpec>> {
 impl ImageDef {
     pub fn repository(&self, id: &str) -> Option<&Repository> {
         self.repositories.iter().find(|r| r.id == id)
-    }
-
-    pub fn payload_input(&self) -> crate::image::payload::PayloadInput {
-        crate::image::payload::PayloadInput {
-            name: self.name.clone(),
-            description: self.description.clone(),
-            uri_template: self.payload.uri_template.clone(),
-            virtualization: self.payload.virtualization.clone(),
-            variant: self.payload.variant.clone(),
-            kubernetes_package: self.payload.kubernetes_package.clone(),
-            gpu: self.payload.gpu.as_ref().map(|g| crate::image::payload::GpuInput {
-                vendor: g.vendor.clone(),
-                models: g.models.clone(),
-                driver_package: g.driver_package.clone(),
-            }),
-        }
     }
 }
 
@@ -517,6 +986,113 @@ hooks = ["k8s"]
         assert!(e.contains("nmae"), "{e}");
     }
 
+    /// `[expect]` down an `extends` chain: lists joined, tables merged by key, values
+    /// replaced; bad values are errors naming the key.
+    #[test]
+    fn expectations_merge_and_validate() {
+        let d = project();
+        std::fs::write(
+            d.path().join("images/base.toml"),
+            format!(
+                "{BASE}[expect]\nenabled_units = [\"containerd.service\", \"kubelet.service\"]\n\
+                 modules_load = [\"overlay\"]\nswap_off = true\n\
+                 os = {{ id = \"ubuntu\", version_id = \"22.04\" }}\n\
+                 [expect.kubernetes]\nversion = \"1.30.0\"\npackages = [\"kubelet\"]\n\
+                 [expect.sysctl]\n\"net.ipv4.ip_forward\" = 1\n\"net/ipv4/conf/all/rp_filter\" = \"2\"\n\
+                 [expect.containerd]\nconfig = \"/etc/containerd/config.toml\"\nsocket = \"/run/containerd/containerd.sock\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join("images/gpu.toml"),
+            "extends = \"base.toml\"\nname = \"gpu\"\n[expect]\nenabled_units = [\"kubelet.service\", \"nvidia-persistenced.service\"]\n\
+             nvidia_driver_version = \"565.57.01\"\nos = { codename = \"jammy\" }\n\
+             [expect.kubernetes]\nversion = \"1.31.0\"\n[expect.sysctl]\n\"net.ipv4.ip_forward\" = \"0\"\n\
+             [expect.modprobe_options]\nnvidia = \"NVreg_EnableGpuFirmware=1  NVreg_X=2\"\n\
+             [expect.containerd.runtimes]\nnvidia = \"/usr/bin/nvidia-container-runtime\"\n",
+        )
+        .unwrap();
+        let base = load(&d.path().join("images/base.toml")).unwrap().expect;
+        let e = load(&d.path().join("images/gpu.toml")).unwrap().expect;
+        assert_eq!(
+            e.enabled_units,
+            ["containerd.service", "kubelet.service", "nvidia-persistenced.service"]
+        );
+        assert_eq!(e.modules_load, ["overlay"]);
+        assert!(e.swap_off);
+        assert_eq!(
+            e.os,
+            Some(OsRelease {
+                id: "ubuntu".into(),
+                version_id: "22.04".into(),
+                codename: Some("jammy".into())
+            })
+        );
+        let k = e.kubernetes.as_ref().unwrap();
+        assert_eq!(
+            (k.version.as_str(), k.packages.as_slice()),
+            ("1.31.0", ["kubelet".to_string()].as_slice())
+        );
+        assert_eq!(base.kubernetes.unwrap().version, "1.30.0");
+        let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(
+            e.sysctl,
+            [
+                pair("net.ipv4.ip_forward", "0"),
+                pair("net.ipv4.conf.all.rp_filter", "2")
+            ]
+        );
+        assert_eq!(base.sysctl[0], pair("net.ipv4.ip_forward", "1"));
+        assert_eq!(
+            e.modprobe_options,
+            [(
+                "nvidia".to_string(),
+                vec![pair("NVreg_EnableGpuFirmware", "1"), pair("NVreg_X", "2")]
+            )]
+        );
+        let c = e.containerd.unwrap();
+        assert_eq!(c.socket, "/run/containerd/containerd.sock");
+        assert!(c.systemd_cgroup);
+        assert_eq!(c.runtimes, [pair("nvidia", "/usr/bin/nvidia-container-runtime")]);
+        assert_eq!(e.nvidia_driver_version.as_deref(), Some("565.57.01"));
+        assert_eq!(base.nvidia_driver_version, None);
+
+        for (bad, want) in [
+            ("[expect]\nenabled_units = [\"kubelet\"]\n", "expect.enabled_units"),
+            ("[expect]\nmodules_load = [\"br netfilter\"]\n", "expect.modules_load"),
+            ("[expect]\nkubernete_version = \"1\"\n", "kubernete_version"),
+            (
+                "[expect.kubernetes]\npackages = [\"kubelet\"]\n",
+                "expect.kubernetes.version",
+            ),
+            (
+                "[expect.kubernetes]\nversion = \"1.30.0; reboot\"\npackages = [\"kubelet\"]\n",
+                "expect.kubernetes.version",
+            ),
+            (
+                "[expect.kubernetes]\nversion = \"1.30.0\"\n",
+                "expect.kubernetes.packages",
+            ),
+            ("[expect.sysctl]\n\"a.b\" = \"$(reboot)\"\n", "expect.sysctl"),
+            ("[expect.sysctl]\n\"a.b\" = true\n", "expect.sysctl"),
+            (
+                "[expect.modprobe_options]\nnvidia = \"NVreg_X\"\n",
+                "expect.modprobe_options.nvidia",
+            ),
+            (
+                "[expect.containerd]\nsocket = \"/run/c.sock\"\n",
+                "expect.containerd.config",
+            ),
+            (
+                "[expect.containerd]\nconfig = \"etc/c.toml\"\nsocket = \"/s\"\n",
+                "expect.containerd.config",
+            ),
+        ] {
+            let e = err_of(&format!("{BASE}{bad}"));
+            assert!(e.contains("x.toml") && e.contains(want), "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn package_list_errors() {
         let d = tempfile::tempdir().unwrap();
@@ -539,10 +1115,48 @@ hooks = ["k8s"]
         }
     }
 
+    const BASE_TABLE: &str = "\n[base]\nurl = \"https://h.example/releases/jammy/release-20250516/u.img\"\n\
+        sha256 = \"ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB\"\n\
+        sha256sums = \"https://h.example/releases/jammy/release-20250516/SHA256SUMS\"\n\
+        signature = \"https://h.example/releases/jammy/release-20250516/SHA256SUMS.gpg\"\n\
+        key = \"keys/k.asc\"\nfingerprint = \"D2EB 4462 6FDD C30B 513D  5BB7 1A5D 6C4C 7DB8 7C81\"\n";
+
+    #[test]
+    fn base_is_validated_and_inherited() {
+        let d = project();
+        std::fs::write(d.path().join("images/base.toml"), format!("{BASE}{BASE_TABLE}")).unwrap();
+        std::fs::write(
+            d.path().join("images/gpu.toml"),
+            "extends = \"base.toml\"\nname = \"gpu\"\n",
+        )
+        .unwrap();
+        let b = load(&d.path().join("images/gpu.toml")).unwrap().base.unwrap();
+        assert_eq!(b.sha256, "ab".repeat(32));
+        assert_eq!(b.fingerprint, "D2EB44626FDDC30B513D5BB71A5D6C4C7DB87C81");
+        assert!(b.key.ends_with("keys/k.asc") && b.origin.ends_with("images/base.toml"));
+        assert!(load(&d.path().join("images/gpu.toml")).is_ok());
+        let e = err_of(&format!(
+            "{BASE}{}",
+            BASE_TABLE.replace("release-20250516/u.img", "current/u.img")
+        ));
+        assert!(e.contains("base.url") && e.contains("moving alias"), "{e}");
+        let e = err_of(&format!("{BASE}{}", BASE_TABLE.replace("ABAB", "XY")));
+        assert!(e.contains("base.sha256"), "{e}");
+        let e = err_of(&format!("{BASE}{}", BASE_TABLE.replace("keys/k.asc", "keys/none.asc")));
+        assert!(e.contains("base.key"), "{e}");
+        let e = err_of(&format!("{BASE}{}", BASE_TABLE.replace("7DB8 7C81", "7DB8")));
+        assert!(e.contains("base.fingerprint"), "{e}");
+        let e = err_of(&format!("{BASE}{}", BASE_TABLE.replace("https://h.example", "ftp://h")));
+        assert!(e.contains("not an http(s)://"), "{e}");
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(parse_size("20G"), Some(20 << 30));
         assert_eq!(parse_size("25GiB"), Some(25 << 30));
+        assert_eq!(parse_size("25 GiB"), Some(25 << 30));
+        assert_eq!(parse_size("20GB"), Some(20_000_000_000));
+        assert_eq!(parse_size("500MB"), Some(500_000_000));
         assert_eq!(parse_size("512M"), Some(512 << 20));
         assert_eq!(parse_size("1024"), Some(1024));
         assert_eq!(parse_size("1X"), None);

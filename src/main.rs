@@ -7,7 +7,7 @@ use kiln::build::stages::apt;
 use kiln::build::{self, provision, timings};
 use kiln::disk::checksum;
 use kiln::error;
-use kiln::host::{cancel, doctor, mounts, rootdir, supervisor};
+use kiln::host::{buildlog, cancel, doctor, mounts, rootdir, supervisor};
 use kiln::image::{inspect, verify};
 use std::path::PathBuf;
 
@@ -31,8 +31,14 @@ struct BuildArgs {
     /// Image definition (images/NAME.toml).
     def: PathBuf,
     /// Base: an Ubuntu cloud image (raw or qcow2) or a root tarball (.tar, .tar.xz, .tar.gz).
-    #[arg(long)]
-    base: PathBuf,
+    /// Without it: the definition's pinned [base], downloaded and verified into the cache
+    /// once, then reused with no network access.
+    #[arg(long, conflicts_with = "base_mirror")]
+    base: Option<PathBuf>,
+    /// Fetch the pinned base from this mirror: replaces the scheme, host and path up to
+    /// /releases/ of its URLs (same signature and checksum checks).
+    #[arg(long, value_name = "URL", env = "KILN_BASE_MIRROR")]
+    base_mirror: Option<String>,
     /// Output directory for NAME.raw, NAME.json and SHA256SUMS.
     #[arg(long)]
     out: PathBuf,
@@ -61,6 +67,10 @@ struct BuildArgs {
     /// Print the build report as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// On failure keep the partial image and the work directory for debugging (for
+    /// example DKMS's make.log inside the image); `kiln doctor --fix OUT` removes them.
+    #[arg(long)]
+    keep_on_error: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -73,6 +83,39 @@ enum OutFormat {
 enum Command {
     /// Build an image from a definition and a base (cloud image or root tarball).
     Build(BuildArgs),
+    /// Download the definition's pinned base into the cache and verify it (the signature
+    /// of SHA256SUMS, then the sha256), or check that it is cached; what `build` does
+    /// first without --base.
+    FetchBase {
+        /// Image definition (images/NAME.toml) with a [base] table.
+        def: PathBuf,
+        /// Package and base cache shared across builds.
+        #[arg(long, default_value = "/var/cache/kiln", env = "KILN_CACHE_DIR")]
+        cache_dir: PathBuf,
+        /// Fetch from this mirror: replaces the scheme, host and path up to /releases/ of
+        /// the base's URLs.
+        #[arg(long, value_name = "URL", env = "KILN_BASE_MIRROR")]
+        base_mirror: Option<String>,
+    },
+    /// Make a base root tarball from the Ubuntu archive with mmdebstrap (the cloud
+    /// image's package set), for machines that cannot reach the cloud-image host.
+    Bootstrap {
+        /// Ubuntu suite (codename).
+        #[arg(long, default_value = "jammy")]
+        suite: String,
+        /// The tarball to write (.tar; .tar.gz, .tar.xz or .tar.zst compress).
+        #[arg(long)]
+        out: PathBuf,
+        /// Package list [default: package-lists/SUITE-cloudimg.list].
+        #[arg(long, value_name = "FILE")]
+        package_list: Option<PathBuf>,
+        /// Archive keyring [default: keys/ubuntu-archive-keyring.gpg].
+        #[arg(long, value_name = "FILE")]
+        keyring: Option<PathBuf>,
+        /// Replace an existing output.
+        #[arg(long)]
+        force: bool,
+    },
     /// Find (and with --fix release) build processes, loop devices, mounts, work directories and partial
     /// outputs a crashed kiln left behind.
     Doctor {
@@ -127,10 +170,15 @@ enum Command {
         json: bool,
     },
     /// Boot a throwaway copy of an image in QEMU through UEFI (OVMF) and/or BIOS
-    /// (SeaBIOS) and check it from inside; exits 1 if any check fails.
+    /// (SeaBIOS) and check it from inside against its definition's `[expect]`; exits 1
+    /// if any check fails.
     BootTest {
         /// The image (raw or qcow2); a throwaway copy is booted, the image is not changed.
         image: PathBuf,
+        /// The image definition it was built from (images/NAME.toml): its `[expect]`
+        /// table says what the guest must show.
+        #[arg(long)]
+        def: PathBuf,
         /// Which firmware to boot through.
         #[arg(long, value_enum, default_value = "both")]
         firmware: boottest::FirmwareChoice,
@@ -163,9 +211,16 @@ fn main() {
         std::process::exit(1);
     }
     cancel::install();
-    init_logging(cli.verbose);
+    let is_build = matches!(cli.command, Command::Build(_));
+    init_logging(cli.verbose, is_build);
     if let Err(err) = run(cli) {
         report(&err);
+        if is_build {
+            buildlog::append(&report_text(&err));
+            if let Some(log) = buildlog::path() {
+                eprintln!("the whole build log: {}", log.display());
+            }
+        }
         std::process::exit(error::exit_code(&err));
     }
 }
@@ -176,11 +231,13 @@ fn run(cli: Cli) -> Result<()> {
             let opts = build::BuildOpts {
                 def: a.def,
                 base: a.base,
+                base_mirror: a.base_mirror,
                 out: a.out,
                 base_sha256: a.base_sha256,
                 base_sums: a.base_sha256sums,
                 qcow2: a.format == OutFormat::Qcow2,
                 force: a.force,
+                keep_on_error: a.keep_on_error,
                 cache_dir: a.cache_dir.clone(),
                 provision: provision::ProvisionOpts {
                     cache_dir: a.cache_dir,
@@ -204,6 +261,24 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::FetchBase {
+            def,
+            cache_dir,
+            base_mirror,
+        } => build::base::cmd_fetch_base(&def, &cache_dir, base_mirror.as_deref()),
+        Command::Bootstrap {
+            suite,
+            out,
+            package_list,
+            keyring,
+            force,
+        } => build::bootstrap::bootstrap(&build::bootstrap::BootstrapOpts {
+            suite,
+            out,
+            package_list,
+            keyring,
+            force,
+        }),
         Command::Doctor { dirs, fix, json } => doctor::cmd_doctor(&dirs, fix, json),
         Command::RootWrite { root, path, mode } => {
             let mode = u32::from_str_radix(&mode, 8)
@@ -221,11 +296,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Verify { image, def, json } => verify::cmd_verify(&image, &def, json),
         Command::BootTest {
             image,
+            def,
             firmware,
             timeout_secs,
             json,
         } => boottest::cmd_boot_test(&boottest::Opts {
             image,
+            def,
             firmware,
             timeout_secs,
             json,
@@ -233,19 +310,36 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn init_logging(verbose: u8) {
-    use tracing_subscriber::EnvFilter;
+/// Logging to stderr at the chosen level; for builds also everything at debug level
+/// (every command's output) into the build log, NAME.build.log next to the outputs.
+fn init_logging(verbose: u8, build_log: bool) {
+    use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
     let default = match verbose {
         0 => "info",
         1 => "debug",
         _ => "trace",
     };
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
-        .init();
+        .with_filter(filter);
+    let file = build_log.then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(buildlog::BuildLog)
+            .with_ansi(false)
+            .with_target(false)
+            .with_filter(EnvFilter::new("debug"))
+    });
+    tracing_subscriber::registry().with(stderr).with(file).init();
+}
+
+fn report_text(err: &anyhow::Error) -> String {
+    let mut s = format!("error: {err}\n");
+    for cause in err.chain().skip(1) {
+        s.push_str(&format!("  caused by: {cause}\n"));
+    }
+    s
 }
 
 /// Print an error chain as `error: outer\n  caused by: inner`, with a backtrace only

@@ -28,11 +28,31 @@ fn nvidia() -> &'static PathBuf {
     P.get_or_init(nvidia_seed)
 }
 
-/// `kiln boot-test IMAGE --firmware both --json`; asserts every check passed, that the
-/// checks named in `extra` ran, and prints the wall time per firmware.
-fn boot_test_passes(image: &Path, extra: &[&str]) -> Value {
+/// The project's definition `images/NAME.toml`: what boot-test checks the guest against.
+fn def(name: &str) -> String {
+    project()
+        .join("images")
+        .join(format!("{name}.toml"))
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// `kiln boot-test IMAGE --def images/DEF.toml --firmware both --json`; asserts every
+/// check passed, that the checks named in `extra` ran, and prints the wall time per
+/// firmware.
+fn boot_test_passes(image: &Path, def_name: &str, extra: &[&str]) -> Value {
     let t0 = Instant::now();
-    let o = run_kiln(&["boot-test", image.to_str().unwrap(), "--firmware", "both", "--json"]);
+    let d = def(def_name);
+    let o = run_kiln(&[
+        "boot-test",
+        image.to_str().unwrap(),
+        "--def",
+        &d,
+        "--firmware",
+        "both",
+        "--json",
+    ]);
     let v: Value = serde_json::from_slice(&o.stdout).expect("boot-test --json output");
     let boots = v["boots"].as_array().unwrap();
     let fws: Vec<&str> = boots.iter().map(|b| b["firmware"].as_str().unwrap()).collect();
@@ -55,13 +75,16 @@ fn boot_test_passes(image: &Path, extra: &[&str]) -> Value {
             .collect();
         for want in [
             "kernel",
-            "nouveau",
+            "module nouveau",
             "module overlay",
             "module br_netfilter",
             "sysctl net.ipv4.ip_forward",
             "swap",
             "machine-id",
             "ssh host keys",
+            "swap.target masked",
+            "containerd.service enabled",
+            "kubelet.service enabled",
             "containerd",
             "containerd SystemdCgroup",
             "kubelet version",
@@ -110,7 +133,7 @@ fn gpu_ready_from_tarball_boots_through_uefi_and_bios() {
     assert_ne!(&head[..440], &[0u8; 440][..], "no boot code in the MBR");
     assert_eq!(head[450], 0xEE, "protective MBR entry");
     assert_eq!(&head[510..], &[0x55, 0xAA]);
-    boot_test_passes(img, &[]);
+    boot_test_passes(img, "ubuntu-2204-gpu-ready-nodriver", &[]);
 }
 
 /// The NVIDIA image, built from a cloud disk (the GPU-ready image as qcow2) whose disk
@@ -136,7 +159,8 @@ fn nvidia_from_grown_cloud_disk_boots_through_uefi_and_bios() {
     );
     let v = boot_test_passes(
         img,
-        &["nvidia modinfo version", "nvidia vermagic", "nvidia NVreg options"],
+        "ubuntu-2204-nvidia-565-firmware1",
+        &["nvidia modinfo version", "nvidia vermagic", "modprobe nvidia options"],
     );
     for b in v["boots"].as_array().unwrap() {
         let version = b["checks"]
@@ -187,6 +211,8 @@ fn missing_root_filesystem_fails_clearly() {
     let o = run_kiln(&[
         "boot-test",
         broken.to_str().unwrap(),
+        "--def",
+        &def("ubuntu-2204-gpu-ready-nodriver"),
         "--firmware",
         "bios",
         "--timeout-secs",
@@ -218,6 +244,8 @@ fn hung_firmware_times_out_and_kills_qemu() {
         .args([
             "boot-test",
             img.to_str().unwrap(),
+            "--def",
+            &def("ubuntu-2204-gpu-ready-nodriver"),
             "--firmware",
             "bios",
             "--timeout-secs",

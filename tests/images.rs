@@ -1,5 +1,5 @@
 //! The two seed images of the spec, built end to end from a real Ubuntu 22.04 base
-//! (tests/fixtures/make-base.sh, cached) with the real Ubuntu archive — kernel headers,
+//! (`kiln bootstrap`, cached) with the real Ubuntu archive — kernel headers,
 //! DKMS, the NVIDIA 565.57.01 .4 packages, containerd, runc — and STAND-IN packages only
 //! for the two repositories this machine can't reach (Kubernetes, NVIDIA container
 //! toolkit; tests/fixtures/make-standin-repo.sh). Each image is built once (cached in

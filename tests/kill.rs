@@ -257,14 +257,12 @@ fn report(what: &str, sig: i32, g: &Gone) {
     f.write_all(line.as_bytes()).unwrap();
 }
 
-/// What a killed build leaves: after SIGTERM nothing; after SIGKILL only the work
+/// What a killed build leaves: after SIGTERM nothing but its log; after SIGKILL only the work
 /// directory and partial image, which `kiln doctor` reports (no process, mount or loop
 /// device among them) and `--fix` removes.
 fn assert_outputs_cleaned(out: &Path, sig: i32, what: &str) {
     if sig == libc::SIGTERM {
-        let left: Vec<_> = std::fs::read_dir(out)
-            .map(|r| r.flatten().map(|e| e.file_name()).collect())
-            .unwrap_or_default();
+        let left = leftovers(out);
         assert!(left.is_empty(), "{what}: SIGTERM left {left:?}");
         return;
     }
@@ -282,11 +280,7 @@ fn assert_outputs_cleaned(out: &Path, sig: i32, what: &str) {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let left: Vec<_> = std::fs::read_dir(out)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name())
-        .collect();
+    let left = leftovers(out);
     assert!(left.is_empty(), "{what}: doctor --fix left {left:?}");
 }
 

@@ -135,9 +135,7 @@ fn faults_at_every_stage_boundary_leak_nothing() {
                 finished_outputs(&out)
             );
             if fault != "sigkill" {
-                let left: Vec<_> = std::fs::read_dir(&out)
-                    .map(|r| r.flatten().map(|e| e.file_name()).collect())
-                    .unwrap_or_default();
+                let left = leftovers(&out);
                 assert!(left.is_empty(), "{stage}:{fault} left {left:?}");
             } else if out.exists() {
                 // SIGKILL can't clean up files: doctor finds and removes what remains.
@@ -204,6 +202,65 @@ fn external_signals_mid_build_leak_nothing() {
             !sh("ps", &["-eo", "args"]).contains("sleep 60"),
             "the hook outlived kiln"
         );
+    }
+}
+
+/// A failed build leaves its whole log (every line a failing hook printed, not only the
+/// last 20) as NAME.build.log; with --keep-on-error also the partial image and the work
+/// directory, which `kiln doctor` lists and `--fix` removes.
+#[test]
+fn failed_build_leaves_its_log_and_keep_on_error_keeps_the_image() {
+    require_root!();
+    let d = scratch("keep");
+    let base = small_tarball(d.path(), false);
+    let def = project_with_stage(d.path(), "for i in $(seq 1 60); do echo hook-line-$i; done; exit 3");
+    for keep in [false, true] {
+        let out = d.path().join(format!("out-{keep}"));
+        let mut c = build_cmd(&def, &base, &out);
+        if keep {
+            c.arg("--keep-on-error");
+        }
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        let log_path = out.join("safe.build.log");
+        assert!(
+            err.contains(&*log_path.to_string_lossy()),
+            "the error names the log: {err}"
+        );
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        for needle in [
+            "== stage custom",
+            "hook-line-1\n",
+            "hook-line-60",
+            "error: stage custom",
+        ] {
+            assert!(log.contains(needle), "{needle:?} not in the build log:\n{log}");
+        }
+        assert!(!err.contains("hook-line-1\n"), "stderr has only the tail: {err}");
+        no_leaks_eventually(d.path());
+        let left = leftovers(&out);
+        if !keep {
+            assert!(left.is_empty(), "left {left:?}");
+            continue;
+        }
+        assert!(left.contains(&"safe.raw.partial".to_string()), "{left:?}");
+        assert!(left.contains(&".kiln-work-safe".to_string()), "{left:?}");
+        let o = Command::new(kiln())
+            .args(["doctor", out.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            report.contains("safe.raw.partial") && report.contains(".kiln-work-safe"),
+            "{report}"
+        );
+        let o = Command::new(kiln())
+            .args(["doctor", out.to_str().unwrap(), "--fix"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
     }
 }
 

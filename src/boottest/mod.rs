@@ -25,12 +25,16 @@
 //! `KILN_BOOTTEST_LOGS=DIR` keeps each boot's serial console and QEMU log in DIR
 //! (`uefi-serial.log`, `bios-qemu.log`, ...), e.g. as CI artifacts.
 //!
-//! What is expected comes from the image itself (`inspect`): its newest kernel, its
-//! kubelet/kubeadm/kubectl versions, and, when it has an `nvidia-driver-*` package, the
-//! driver version (modinfo, vermagic = the running kernel) and the spec's NVreg options.
+//! What is expected comes from the image definition's `[expect]` table (`--def`, the
+//! same table `kiln verify` reads): modules blacklisted and loaded, sysctls, swap off,
+//! units masked and enabled, containerd running with its cgroup driver, the Kubernetes
+//! tools at `expect.kubernetes.version`, the NVIDIA driver at
+//! `expect.nvidia_driver_version` (modinfo, vermagic = the running kernel) and the
+//! modprobe options. The kernel expected to run is the image's newest (`inspect`).
 
+use crate::definition::Expectations;
 use crate::host::cmd::Cmd;
-use crate::image::inspect::{ImageFacts, ImageFormat, upstream_version};
+use crate::image::inspect::{ImageFacts, ImageFormat};
 use crate::image::verify::Check;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -45,15 +49,6 @@ pub const TAIL_LINES: usize = 30;
 
 /// The user cloud-init creates in the guest.
 pub const TEST_USER: &str = "kiln-test";
-
-/// The NVreg options the spec puts on the NVIDIA module.
-const NVREG_OPTIONS: [&str; 2] = ["NVreg_EnableGpuFirmware=1", "NVreg_PreserveVideoMemoryAllocations=1"];
-
-const SYSCTLS: [&str; 3] = [
-    "net.bridge.bridge-nf-call-iptables",
-    "net.bridge.bridge-nf-call-ip6tables",
-    "net.ipv4.ip_forward",
-];
 
 /// What kiln looks for (firmware code, variables template) for UEFI boots.
 const OVMF: [(&str, &str); 3] = [
@@ -87,6 +82,8 @@ impl Firmware {
 
 pub struct Opts {
     pub image: PathBuf,
+    /// The image definition whose `[expect]` the guest is checked against.
+    pub def: PathBuf,
     pub firmware: FirmwareChoice,
     pub timeout_secs: u64,
     pub json: bool,
@@ -148,78 +145,77 @@ pub struct Report {
     pub passed: bool,
 }
 
-/// What the guest must show, read from the image.
+/// What the guest must show: the definition's expectations and the image's kernel.
 #[derive(Debug, Clone)]
 struct Expect {
     kernel: String,
-    /// (package, upstream version) for kubelet, kubeadm, kubectl.
-    kube: Vec<(String, Option<String>)>,
-    /// The NVIDIA driver's upstream version, for images with an `nvidia-driver-*`.
-    nvidia: Option<String>,
+    expect: Expectations,
 }
 
 impl Expect {
-    fn from_facts(f: &ImageFacts) -> Result<Expect> {
+    fn new(f: &ImageFacts, expect: &Expectations) -> Result<Expect> {
         let kernel = f
             .kernels
             .iter()
             .find(|k| k.vmlinuz && k.modules)
             .map(|k| k.version.clone())
             .context("the image has no bootable kernel (/boot/vmlinuz-V with /lib/modules/V)")?;
-        let kube: Vec<(String, Option<String>)> = ["kubelet", "kubeadm", "kubectl"]
-            .iter()
-            .map(|p| {
-                (
-                    p.to_string(),
-                    f.packages.get(*p).map(|v| upstream_version(&v.version).to_string()),
-                )
-            })
-            .collect();
-        let nvidia = f
-            .packages
-            .iter()
-            .find(|(n, _)| n.starts_with("nvidia-driver-"))
-            .map(|(_, v)| upstream_version(&v.version).to_string());
-        let kube_versions = kube.iter().filter_map(|(_, v): &(String, Option<String>)| v.as_ref());
-        for v in std::iter::once(&kernel).chain(nvidia.as_ref()).chain(kube_versions) {
-            if !safe_word(v) {
-                bail!("unexpected characters in {v:?} read from the image");
-            }
+        if !safe_word(&kernel) {
+            bail!("unexpected characters in {kernel:?} read from the image");
         }
-        Ok(Expect { kernel, kube, nvidia })
+        Ok(Expect {
+            kernel,
+            expect: expect.clone(),
+        })
     }
 
     /// (check name, what is expected), in the order the guest reports them.
     fn checks(&self) -> Vec<(String, String)> {
+        let x = &self.expect;
         let mut v: Vec<(String, String)> = vec![
             ("cloud-init".into(), "status: done".into()),
             ("test-user".into(), format!("{TEST_USER} created by cloud-init")),
             ("kernel".into(), format!("{} (the image's newest)", self.kernel)),
-            ("nouveau".into(), "not loaded".into()),
-            ("module overlay".into(), "loaded".into()),
-            ("module br_netfilter".into(), "loaded".into()),
         ];
-        for s in SYSCTLS {
-            v.push((format!("sysctl {s}"), "1".into()));
+        for m in &x.modprobe_blacklist {
+            v.push((format!("module {m}"), "not loaded (blacklisted)".into()));
         }
-        v.push(("swap".into(), "off (swapon --show empty)".into()));
+        for m in &x.modules_load {
+            v.push((format!("module {m}"), "loaded".into()));
+        }
+        for (k, want) in &x.sysctl {
+            v.push((format!("sysctl {k}"), want.clone()));
+        }
+        if x.swap_off {
+            v.push(("swap".into(), "off (swapon --show empty)".into()));
+        }
         v.push(("machine-id".into(), "regenerated (32 hex digits)".into()));
         v.push(("ssh host keys".into(), "regenerated on first boot".into()));
-        v.push(("containerd".into(), "active".into()));
-        v.push(("containerd SystemdCgroup".into(), "SystemdCgroup = true".into()));
-        for (p, ver) in &self.kube {
+        for u in &x.masked_units {
+            v.push((format!("{u} masked"), "masked".into()));
+        }
+        for u in &x.enabled_units {
+            v.push((format!("{u} enabled"), "enabled".into()));
+        }
+        if let Some(c) = &x.containerd {
+            v.push(("containerd".into(), "active".into()));
             v.push((
-                format!("{p} version"),
-                match ver {
-                    Some(ver) => format!("v{ver}"),
-                    None => format!("{p} installed"),
-                },
+                "containerd SystemdCgroup".into(),
+                format!("SystemdCgroup = {}", c.systemd_cgroup),
             ));
         }
-        if let Some(nv) = &self.nvidia {
+        if let Some(k) = &x.kubernetes {
+            for p in &k.packages {
+                v.push((format!("{p} version"), format!("v{}", k.version)));
+            }
+        }
+        if let Some(nv) = &x.nvidia_driver_version {
             v.push(("nvidia modinfo version".into(), nv.clone()));
             v.push(("nvidia vermagic".into(), "the running kernel".into()));
-            v.push(("nvidia NVreg options".into(), NVREG_OPTIONS.join(" ")));
+        }
+        for (m, params) in &x.modprobe_options {
+            let opts: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            v.push((format!("modprobe {m} options"), opts.join(" ")));
         }
         v.push(("systemd".into(), "running (no failed units)".into()));
         v
@@ -277,8 +273,9 @@ pub fn boot_test(opts: &Opts) -> Result<Report> {
         .image
         .canonicalize()
         .with_context(|| format!("opening {}", opts.image.display()))?;
+    let def = crate::definition::load(&opts.def)?;
     let facts = crate::image::inspect::inspect_image(&image).with_context(|| format!("reading {}", image.display()))?;
-    let expect = Expect::from_facts(&facts)?;
+    let expect = Expect::new(&facts, &def.expect)?;
     let tmp = tempfile::Builder::new()
         .prefix("kiln-boottest-")
         .tempdir()
@@ -905,8 +902,10 @@ fn clean(bytes: &[u8]) -> String {
 // ---------------------------------------------------------------------------------
 
 /// The check script, run as root by a transient systemd unit started from runcmd, so
-/// that it can wait for cloud-init to finish.
+/// that it can wait for cloud-init to finish. One `check` line per [`Expect::checks`]
+/// entry, in that order; every value from the definition is single-quoted.
 fn check_script(e: &Expect) -> String {
+    let x = &e.expect;
     let mut s = String::from(
         r#"#!/bin/bash
 # kiln boot-test: checks run in the guest; results go to the serial console.
@@ -929,57 +928,115 @@ check cloud-init "$(printf '%s' "$st" | grep -q 'status: done' && echo 1 || echo
 u=$(id TESTUSER 2>&1)
 check test-user "$(id -u TESTUSER >/dev/null 2>&1 && echo 1 || echo 0)" "$u"
 k=$(uname -r)
-check kernel "$(is "$k" "EXPECT_KERNEL")" "$k"
-if [ -e /sys/module/nouveau ]; then check nouveau 0 loaded; else check nouveau 1 "not loaded"; fi
-for m in overlay br_netfilter; do
-  if [ -e /sys/module/$m ]; then check module_$(printf %s $m | sed 's/_/%u/g') 1 loaded; else check module_$(printf %s $m | sed 's/_/%u/g') 0 "not loaded"; fi
-done
-for s in SYSCTLS; do
-  v=$(sysctl -n "$s" 2>&1)
-  check "sysctl_$(printf %s "$s" | sed 's/_/%u/g')" "$(is "$v" 1)" "$v"
-done
-sw=$(swapon --show --noheadings 2>&1)
-if [ -z "$sw" ]; then check swap 1 off; else check swap 0 "$sw"; fi
-mid=$(cat /etc/machine-id 2>&1)
+"#,
+    );
+    s.push_str(&format!(
+        "check kernel \"$(is \"$k\" {})\" \"$k\"\n",
+        sh_quote(&e.kernel)
+    ));
+    // /sys/module names have '_' for '-'.
+    let sys_module = |m: &str| sh_quote(&format!("/sys/module/{}", m.replace('-', "_")));
+    for m in &x.modprobe_blacklist {
+        let t = tag(&format!("module {m}"));
+        s.push_str(&format!(
+            "if [ -e {} ]; then check {t} 0 loaded; else check {t} 1 \"not loaded\"; fi\n",
+            sys_module(m)
+        ));
+    }
+    for m in &x.modules_load {
+        let t = tag(&format!("module {m}"));
+        s.push_str(&format!(
+            "if [ -e {} ]; then check {t} 1 loaded; else check {t} 0 \"not loaded\"; fi\n",
+            sys_module(m)
+        ));
+    }
+    for (k, v) in &x.sysctl {
+        s.push_str(&format!(
+            "v=$(sysctl -n {} 2>&1 | tr '\\t' ' ' | tr -s ' ')\ncheck {} \"$(is \"$v\" {})\" \"$v\"\n",
+            sh_quote(k),
+            tag(&format!("sysctl {k}")),
+            sh_quote(v)
+        ));
+    }
+    if x.swap_off {
+        s.push_str("sw=$(swapon --show --noheadings 2>&1)\nif [ -z \"$sw\" ]; then check swap 1 off; else check swap 0 \"$sw\"; fi\n");
+    }
+    s.push_str(
+        r#"mid=$(cat /etc/machine-id 2>&1)
 check machine-id "$(printf '%s' "$mid" | grep -Eqx '[0-9a-f]{32}' && echo 1 || echo 0)" "$mid"
 keys=$(ls /etc/ssh/ 2>/dev/null | sed -n 's/^ssh_host_\(.*\)_key$/\1/p' | tr '\n' ' ')
 fp=$(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null | awk '{print $2}')
 check ssh_host_keys "$([ -n "$keys" ] && [ -n "$fp" ] && echo 1 || echo 0)" "${keys}(ed25519 ${fp:-missing})"
 [ -n "$fp" ] && emit "INFO ssh-host-key $fp"
-for i in $(seq 90); do systemctl is-active -q containerd && break; sleep 1; done
-a=$(systemctl is-active containerd 2>&1)
-check containerd "$(is "$a" active)" "$a"
-sc=$(cat /etc/containerd/config.toml 2>/dev/null | grep -E '^[[:space:]]*SystemdCgroup[[:space:]]*=' | tr -d ' \t' | sort | uniq -c | tr -s ' ' | tr '\n' ' ')
-if printf '%s' "$sc" | grep -q 'SystemdCgroup=true' && ! printf '%s' "$sc" | grep -q 'SystemdCgroup=false'; then ok=1; else ok=0; fi
-check containerd_SystemdCgroup "$ok" "${sc:-no SystemdCgroup in /etc/containerd/config.toml}"
 "#,
     );
-    for (p, ver) in &e.kube {
-        let cmd = match p.as_str() {
-            "kubelet" => "kubelet --version",
-            "kubeadm" => "kubeadm version -o short",
-            _ => "kubectl version --client",
-        };
-        let test = match ver {
-            Some(v) => format!("\"$(has_word \"$v\" v{v})\""),
-            None => "\"$(command -v P >/dev/null && echo 1 || echo 0)\"".replace('P', p),
+    for (units, state) in [(&x.masked_units, "masked"), (&x.enabled_units, "enabled")] {
+        for u in units {
+            s.push_str(&format!(
+                "a=$(systemctl is-enabled {} 2>&1)\ncheck {} \"$(is \"$a\" {state})\" \"$a\"\n",
+                sh_quote(u),
+                tag(&format!("{u} {state}"))
+            ));
+        }
+    }
+    if let Some(c) = &x.containerd {
+        s.push_str(
+            r#"for i in $(seq 90); do systemctl is-active -q containerd && break; sleep 1; done
+a=$(systemctl is-active containerd 2>&1)
+check containerd "$(is "$a" active)" "$a"
+"#,
+        );
+        let (good, bad) = if c.systemd_cgroup {
+            ("true", "false")
+        } else {
+            ("false", "true")
         };
         s.push_str(&format!(
-            "v=$(timeout 30 {cmd} 2>&1 | head -n1)\ncheck {p}_version {test} \"$v\"\n"
+            r#"sc=$(cat {cfg} 2>/dev/null | grep -E '^[[:space:]]*SystemdCgroup[[:space:]]*=' | tr -d ' \t' | sort | uniq -c | tr -s ' ' | tr '\n' ' ')
+if printf '%s' "$sc" | grep -q 'SystemdCgroup={good}' && ! printf '%s' "$sc" | grep -q 'SystemdCgroup={bad}'; then ok=1; else ok=0; fi
+check containerd_SystemdCgroup "$ok" "${{sc:-no SystemdCgroup in {cfg_shown}}}"
+"#,
+            cfg = sh_quote(&c.config),
+            cfg_shown = c.config,
         ));
     }
-    if let Some(nv) = &e.nvidia {
+    if let Some(k) = &x.kubernetes {
+        for p in &k.packages {
+            let cmd = match p.as_str() {
+                "kubelet" => "kubelet --version".to_string(),
+                "kubeadm" => "kubeadm version -o short".to_string(),
+                "kubectl" => "kubectl version --client".to_string(),
+                other => format!("{} --version", sh_quote(other)),
+            };
+            s.push_str(&format!(
+                "v=$(timeout 30 {cmd} 2>&1 | head -n1)\ncheck {} \"$(has_word \"$v\" {})\" \"$v\"\n",
+                tag(&format!("{p} version")),
+                sh_quote(&format!("v{}", k.version))
+            ));
+        }
+    }
+    if let Some(nv) = &x.nvidia_driver_version {
         s.push_str(&format!(
             r#"v=$(timeout 30 modinfo -F version nvidia 2>&1)
-check nvidia_modinfo_version "$(is "$v" "{nv}")" "$v"
+check nvidia_modinfo_version "$(is "$v" {nv})" "$v"
 vm=$(timeout 30 modinfo -F vermagic nvidia 2>&1 | awk '{{print $1}}')
 check nvidia_vermagic "$(is "$vm" "$(uname -r)")" "$vm (running $(uname -r))"
-o=$(timeout 30 modprobe -c 2>/dev/null | grep NVreg | tr '\n' ' ')
-ok=1
-for want in {opts}; do printf '%s' "$o" | grep -q "$want" || ok=0; done
-check nvidia_NVreg_options "$ok" "${{o:-no NVreg options}}"
 "#,
-            opts = NVREG_OPTIONS.join(" ")
+            nv = sh_quote(nv)
+        ));
+    }
+    for (m, params) in &x.modprobe_options {
+        let wants: Vec<String> = params.iter().map(|(k, v)| sh_quote(&format!("{k}={v}"))).collect();
+        // modprobe -c prints every `options` line, module names with '_' for '-'.
+        s.push_str(&format!(
+            r#"o=$(timeout 30 modprobe -c 2>/dev/null | awk -v m={mq} '$1 == "options" && $2 == m {{ for (i = 3; i <= NF; i++) printf "%s ", $i }}')
+ok=1
+for want in {wants}; do [ "$(has_word "$o" "$want")" = 1 ] || ok=0; done
+check {t} "$ok" "${{o:-no options for {m} in modprobe -c}}"
+"#,
+            mq = sh_quote(&m.replace('-', "_")),
+            wants = wants.join(" "),
+            t = tag(&format!("modprobe {m} options")),
         ));
     }
     s.push_str(
@@ -992,8 +1049,17 @@ systemctl poweroff
 "#,
     );
     s.replace("TESTUSER", TEST_USER)
-        .replace("EXPECT_KERNEL", &e.kernel)
-        .replace("SYSCTLS", &SYSCTLS.join(" "))
+}
+
+/// A check name as the guest prints it: one word, `_` for ' ' and `%u` for '_'
+/// (decoded by [`Watch::line`]), single-quoted for the shell.
+fn tag(name: &str) -> String {
+    sh_quote(&name.replace('_', "%u").replace(' ', "_"))
+}
+
+/// `s` as one shell word: single-quoted, a `'` as `'\''`.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// cloud-init user-data: the test user and the check script, started once the final
@@ -1217,15 +1283,17 @@ fn render(r: &Report) -> String {
 mod tests {
     use super::*;
 
+    /// The expectations of the project's own definitions (the NVIDIA one for `gpu`).
     fn expect(gpu: bool) -> Expect {
+        let file = if gpu {
+            "ubuntu-2204-nvidia-565-firmware1.toml"
+        } else {
+            "ubuntu-2204-gpu-ready-nodriver.toml"
+        };
+        let def = crate::definition::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("images").join(file)).unwrap();
         Expect {
             kernel: "5.15.0-204-generic".into(),
-            kube: vec![
-                ("kubelet".into(), Some("1.30.0".into())),
-                ("kubeadm".into(), Some("1.30.0".into())),
-                ("kubectl".into(), None),
-            ],
-            nvidia: gpu.then(|| "565.57.01".into()),
+            expect: def.expect,
         }
     }
 
@@ -1265,8 +1333,8 @@ mod tests {
         assert!(ud.starts_with("#cloud-config\n"));
         assert!(ud.contains("      #!/bin/bash\n"), "{ud}");
         assert!(ud.contains("5.15.0-204-generic"));
-        assert!(ud.contains("has_word \"$v\" v1.30.0"));
-        assert!(ud.contains("NVreg_EnableGpuFirmware=1 NVreg_PreserveVideoMemoryAllocations=1"));
+        assert!(ud.contains("has_word \"$v\" 'v1.30.0'"), "{ud}");
+        assert!(ud.contains("'NVreg_EnableGpuFirmware=1' 'NVreg_PreserveVideoMemoryAllocations=1'"));
         assert!(!ud.contains('\t'), "YAML block scalars must not contain tabs");
         assert!(!user_data(&expect(false)).contains("modinfo"));
         // Every line of the script is indented inside the block scalar.
@@ -1284,14 +1352,95 @@ mod tests {
 
     #[test]
     fn script_check_names_match_expectations() {
-        let e = expect(true);
-        let script = check_script(&e);
-        for (name, _) in e.checks() {
-            let tag = name.replace('_', "%u").replace(' ', "_");
-            let literal = script.contains(&format!("check {tag} ")) || script.contains(&format!("check \"{tag}"));
-            let generated = name.starts_with("module ") || name.starts_with("sysctl ");
-            assert!(literal || generated, "no check line for {name:?} ({tag})");
+        for gpu in [false, true] {
+            let e = expect(gpu);
+            let script = check_script(&e);
+            let names: Vec<String> = e.checks().into_iter().map(|(n, _)| n).collect();
+            for name in &names {
+                let bare = name.replace('_', "%u").replace(' ', "_");
+                let line = [format!("check {} ", tag(name)), format!("check {bare} ")];
+                assert!(
+                    line.iter().any(|l| script.contains(l.as_str())),
+                    "no check line for {name:?} in\n{script}"
+                );
+            }
+            for want in [
+                "module nouveau",
+                "module br_netfilter",
+                "sysctl net.ipv4.ip_forward",
+                "swap",
+                "swap.target masked",
+                "containerd.service enabled",
+                "kubelet.service enabled",
+                "containerd",
+                "kubectl version",
+            ] {
+                assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+            }
+            // The generated script parses.
+            let out = std::process::Command::new("bash")
+                .args(["-n", "-c", &script])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}\n{script}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let nvidia = ["nvidia modinfo version", "nvidia vermagic", "modprobe nvidia options"];
+            for n in nvidia {
+                assert_eq!(names.iter().any(|x| x == n), gpu, "{n} in {names:?}");
+            }
         }
+    }
+
+    /// The guest checks what the definition expects: another Kubernetes version, an
+    /// extra sysctl or unit is a definition edit, and shows in the script.
+    #[test]
+    fn expectations_drive_the_script() {
+        let mut e = expect(true);
+        e.expect.kubernetes.as_mut().unwrap().version = "1.31.0".into();
+        e.expect.sysctl.push(("vm.max_map_count".into(), "262144".into()));
+        e.expect.enabled_units.push("nvidia-persistenced.service".into());
+        e.expect.nvidia_driver_version = Some("570.86.15".into());
+        let script = check_script(&e);
+        assert!(script.contains("has_word \"$v\" 'v1.31.0'"), "{script}");
+        assert!(!script.contains("1.30.0"), "{script}");
+        assert!(script.contains("sysctl -n 'vm.max_map_count'"), "{script}");
+        assert!(
+            script.contains("check 'sysctl_vm.max%umap%ucount' \"$(is \"$v\" '262144')\""),
+            "{script}"
+        );
+        assert!(
+            script.contains("systemctl is-enabled 'nvidia-persistenced.service'"),
+            "{script}"
+        );
+        assert!(script.contains("is \"$v\" '570.86.15'"), "{script}");
+        let checks = e.checks();
+        assert!(
+            checks.contains(&("kubelet version".into(), "v1.31.0".into())),
+            "{checks:?}"
+        );
+        assert!(checks.contains(&("sysctl vm.max_map_count".into(), "262144".into())));
+        // Nothing expected, nothing checked but the basics.
+        let bare = Expect {
+            kernel: "5.15.0-204-generic".into(),
+            expect: Expectations::default(),
+        };
+        let names: Vec<String> = bare.checks().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "cloud-init",
+                "test-user",
+                "kernel",
+                "machine-id",
+                "ssh host keys",
+                "systemd"
+            ]
+        );
+        assert_eq!(sh_quote("it's"), "'it'\\''s'");
+        assert_eq!(tag("sysctl net.ipv4.ip_forward"), "'sysctl_net.ipv4.ip%uforward'");
     }
 
     #[test]

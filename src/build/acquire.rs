@@ -5,6 +5,7 @@
 //! base (not an image, truncated qcow2, checksum mismatch, no GPT, no ext4 root) fails
 //! with nothing written.
 
+use crate::disk::read_up_to;
 use crate::error::user;
 use crate::host::cmd::Cmd;
 use crate::user_bail;
@@ -38,7 +39,6 @@ pub enum Expected<'a> {
 
 const XZ_MAGIC: &[u8] = &[0xfd, b'7', b'z', b'X', b'Z', 0];
 const GZ_MAGIC: &[u8] = &[0x1f, 0x8b];
-const QCOW_MAGIC: &[u8] = b"QFI\xfb";
 
 /// Identify the base from its first bytes.
 pub fn detect_format(path: &Path) -> Result<BaseFormat> {
@@ -57,7 +57,7 @@ pub fn detect_format(path: &Path) -> Result<BaseFormat> {
     let mut head = vec![0u8; 1024];
     let n = read_up_to(&mut f, &mut head).with_context(|| format!("reading {}", path.display()))?;
     head.truncate(n);
-    if head.starts_with(QCOW_MAGIC) {
+    if crate::disk::qcow2::is_qcow2(&head) {
         return Ok(BaseFormat::Qcow2);
     }
     if head.starts_with(XZ_MAGIC) {
@@ -83,17 +83,6 @@ pub fn detect_format(path: &Path) -> Result<BaseFormat> {
          pass an Ubuntu cloud image (.img/.qcow2/.raw) or a root tarball (.tar, .tar.xz, .tar.gz)",
         path.display()
     )
-}
-
-fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 fn is_tar_header(b: &[u8]) -> bool {

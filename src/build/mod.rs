@@ -4,6 +4,8 @@
 //! bootloader).
 
 pub mod acquire;
+pub mod base;
+pub mod bootstrap;
 pub mod pipeline;
 pub mod provision;
 pub mod stages;
@@ -11,3 +13,12 @@ pub mod timings;
 pub mod unpack;
 
 pub use pipeline::{BuildOpts, BuildReport, build};
+
+/// A stage boundary: where a cancellation request (SIGINT/SIGTERM) and, in test builds,
+/// an injected fault take effect; then the stage's timing starts.
+pub fn boundary(timings: &mut timings::Timings, stage: &str) -> anyhow::Result<()> {
+    crate::host::cancel::check()?;
+    crate::host::cancel::fault_point(stage)?;
+    timings.begin(stage);
+    Ok(())
+}

@@ -8,6 +8,8 @@
 use crate::build::acquire::{self, BaseFormat, Expected};
 use crate::build::timings::Timings;
 use crate::definition::{self, ImageDef};
+use crate::disk::fat::ESP_LABEL;
+use crate::disk::gpt::ROOT_LABEL;
 use crate::host::loopdev::Loop;
 use crate::host::mounts::MountStack;
 use crate::host::rootdir::RootDir;
@@ -19,12 +21,18 @@ use std::path::{Path, PathBuf};
 #[derive(Clone)]
 pub struct BuildOpts {
     pub def: PathBuf,
-    pub base: PathBuf,
+    /// The base to build from; `None`: the definition's pinned `[base]`, fetched into
+    /// (or reused from) the cache.
+    pub base: Option<PathBuf>,
+    /// Replaces the host of the pinned base's URLs (`--base-mirror`).
+    pub base_mirror: Option<String>,
     pub out: PathBuf,
     pub base_sha256: Option<String>,
     pub base_sums: Option<PathBuf>,
     pub qcow2: bool,
     pub force: bool,
+    /// On failure keep the partial image and work directory (for `kiln doctor` to list).
+    pub keep_on_error: bool,
     pub cache_dir: PathBuf,
     pub provision: crate::build::provision::ProvisionOpts,
 }
@@ -44,16 +52,13 @@ pub struct BuildReport {
 /// 2.06 can't read.
 const MKE2FS_CONF: &str = "[defaults]\n\tbase_features = sparse_super,large_file,filetype,resize_inode,dir_index,ext_attr\n\tdefault_mntopts = acl,user_xattr\n\tblocksize = 4096\n\tinode_size = 256\n\tinode_ratio = 16384\n[fs_types]\n\text4 = {\n\t\tfeatures = has_journal,extent,huge_file,flex_bg,metadata_csum,64bit,dir_nlink,extra_isize\n\t}\n";
 
-pub const ROOT_LABEL: &str = "cloudimg-rootfs";
-pub const ESP_LABEL: &str = "UEFI";
-
 pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     if !nix::unistd::geteuid().is_root() {
         user_bail!(
             "kiln build must run as root (it attaches loop devices and mounts filesystems); run it with sudo or in a --privileged container"
         );
     }
-    timings.begin("acquire")?;
+    crate::build::boundary(timings, "acquire")?;
     let def = definition::load(&opts.def)?;
     crate::build::provision::check_overrides(&def, &opts.provision.repo_overrides)?;
     let raw_name = format!("{}.raw", def.name);
@@ -69,17 +74,34 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
             }
         }
     }
-    let expected = match (&opts.base_sha256, &opts.base_sums) {
-        (Some(h), _) => Expected::Hex(h),
-        (None, Some(f)) => Expected::SumsFile(f),
-        (None, None) => Expected::None,
+    // The base: the one given, or the definition's pinned base from the cache (fetched
+    // and verified first if need be).
+    let (base_path, pinned_sha) = match &opts.base {
+        Some(b) => (b.clone(), None),
+        None => {
+            let Some(spec) = &def.base else {
+                user_bail!(
+                    "image definition {} pins no base ([base] table) and no --base was given; pass --base FILE \
+                     (a cloud image or a root tarball, e.g. one made by `kiln bootstrap`)",
+                    def.file.display()
+                );
+            };
+            let policy = crate::host::download::Policy::from_env();
+            let f = crate::build::base::ensure(spec, &opts.cache_dir, opts.base_mirror.as_deref(), &policy)?;
+            (f.path, Some(f.sha256))
+        }
     };
-    let format = acquire::detect_format(&opts.base)?;
-    let base_sha = acquire::verify_sha256(&opts.base, &expected)?;
+    let expected = match (&pinned_sha, &opts.base_sha256, &opts.base_sums) {
+        (Some(h), _, _) | (None, Some(h), _) => Expected::Hex(h),
+        (None, None, Some(f)) => Expected::SumsFile(f),
+        (None, None, None) => Expected::None,
+    };
+    let format = acquire::detect_format(&base_path)?;
+    let base_sha = acquire::verify_sha256(&base_path, &expected)?;
     // A base is converted once into the cache, by its sha256: a qcow2 to raw, a
     // compressed root tarball to a plain tar (later builds skip the single-threaded xz
     // or gzip decoding). The disk base, or else the tarball to unpack:
-    let base = &opts.base;
+    let base = &base_path;
     let cached = |path: PathBuf, form: &str, make: &dyn Fn(&Path, &Path) -> Result<()>| -> Result<PathBuf> {
         if path.exists() {
             tracing::info!(
@@ -115,7 +137,7 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         }
     };
     if let Some(b) = &disk_base {
-        acquire::validate_disk(b, &opts.base, def.disk_size)?;
+        acquire::validate_disk(b, &base_path, def.disk_size)?;
     }
 
     // Nothing was written to the output directory before this point.
@@ -129,6 +151,7 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         out: out_dir,
         ..opts.clone()
     };
+    crate::host::buildlog::open(&opts.out.join(format!("{}.build.log", def.name)))?;
     let work = opts.out.join(format!(".kiln-work-{}", def.name));
     prepare_workdir(&work)?;
     crate::host::supervisor::set_session_marker(&work);
@@ -148,8 +171,17 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     crate::host::supervisor::kill_session();
     // The guards inside build_in have run by now. The work directory goes only when
     // nothing is left mounted in it: a directory whose unmount failed is never deleted.
-    let all_released = matches!(result, Ok(true) | Err(_)) && !crate::host::state::holds_anything(&work);
-    if all_released {
+    let all_released = !crate::host::state::holds_anything(&work);
+    let keep = opts.keep_on_error && result.is_err();
+    if keep {
+        crate::host::state::finish();
+        tracing::warn!(
+            "--keep-on-error: kept {} and {} (`kiln doctor --fix {}` removes them)",
+            partial.display(),
+            work.display(),
+            opts.out.display()
+        );
+    } else if all_released {
         crate::host::state::finish();
         if let Err(e) = std::fs::remove_dir_all(&work) {
             tracing::warn!("could not remove work directory {}: {e}", work.display());
@@ -166,7 +198,7 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         opts.out.join(format!("{}.qcow2.partial", def.name)),
     ];
     let finished = result.and_then(|_| finalize(&def, opts, &partials, timings));
-    if finished.is_err() {
+    if finished.is_err() && !keep {
         for p in &partials {
             let _ = std::fs::remove_file(p);
         }
@@ -192,9 +224,9 @@ fn finalize(
 ) -> Result<([u8; 32], Option<PathBuf>)> {
     let [partial, json_partial, q_partial] = partials;
     let raw_name = format!("{}.raw", def.name);
-    timings.begin("finalize")?;
+    crate::build::boundary(timings, "finalize")?;
     let facts = crate::image::inspect::inspect_image(partial).context("reading the finished image's facts")?;
-    let payload = crate::image::payload::build_payload(&facts, &def.payload_input())?;
+    let payload = crate::image::payload::build_payload(&facts, &crate::image::payload::PayloadInput::of(def))?;
     let pb = crate::host::progress::bytes(std::fs::metadata(partial)?.len(), "checksum");
     let digest = crate::disk::checksum::sha256_file(partial, Some(&pb))?;
     pb.finish_and_clear();
@@ -246,8 +278,7 @@ fn prepare_workdir(work: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The part of the build that holds guards. Returns the layout and whether every mount
-/// was released.
+/// The part of the build that holds guards; they are all released when it returns.
 fn build_in(
     def: &ImageDef,
     opts: &BuildOpts,
@@ -256,8 +287,8 @@ fn build_in(
     work: &Path,
     partial: &Path,
     timings: &mut Timings,
-) -> Result<bool> {
-    timings.begin("disk")?;
+) -> Result<()> {
+    crate::build::boundary(timings, "disk")?;
     let layout = match disk_base {
         Some(base) => {
             let pb = crate::host::progress::spinner("copying base");
@@ -312,7 +343,7 @@ fn build_in(
     let res = (|| -> Result<()> {
         let rd = RootDir::open(&root_dir)?;
         if disk_base.is_none() {
-            timings.begin("unpack")?;
+            crate::build::boundary(timings, "unpack")?;
             let len = std::fs::metadata(tarball)?.len();
             let pb = crate::host::progress::bytes(len, "unpacking");
             let st = crate::build::unpack::unpack_tarball(tarball, &rd, Some(&pb))?;
@@ -320,7 +351,7 @@ fn build_in(
             tracing::info!(
                 "unpacked {} entries ({})",
                 st.entries,
-                crate::build::timings::human(st.bytes)
+                crate::host::progress::human_size(st.bytes)
             );
             write_fstab(&rd)?;
         }
@@ -328,9 +359,9 @@ fn build_in(
         if disk_base.is_none() && def.bootloader {
             crate::build::stages::bootloader::install(partial, &layout, &dev, &root_dir, &rd, &mut mounts, timings)?;
         }
-        timings.begin("scrub")?;
+        crate::build::boundary(timings, "scrub")?;
         crate::build::stages::scrub::scrub(&rd)?;
-        timings.begin("trim")?;
+        crate::build::boundary(timings, "trim")?;
         Cmd::new("fstrim")
             .arg(&root_dir)
             .run()
@@ -339,7 +370,6 @@ fn build_in(
     })();
     // Release in reverse order: mounts, then the loop device.
     let unmounted = mounts.close();
-    let all_released = unmounted.is_ok();
     res?;
     unmounted?;
     Cmd::new("e2fsck")
@@ -350,7 +380,7 @@ fn build_in(
     root_loop.close()?;
     let f = std::fs::File::open(partial)?;
     f.sync_all().with_context(|| format!("syncing {}", partial.display()))?;
-    Ok(all_released)
+    Ok(())
 }
 
 /// The fstab of Ubuntu's cloud image: root and ESP by label.

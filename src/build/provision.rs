@@ -12,6 +12,7 @@ use crate::build::timings::Timings;
 use crate::definition::{ImageDef, PackageSpec};
 use crate::host::mounts::MountStack;
 use crate::host::rootdir::RootDir;
+use crate::image::kernels::bootable_kernels;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 
@@ -69,13 +70,13 @@ pub fn provision(
         }
         let mut updated = false;
         for stage in &def.stages {
-            timings.begin(&stage.name)?;
+            crate::build::boundary(timings, &stage.name)?;
             let before = apt.as_ref().map_or(0, |a| a.downloaded);
             run_stage(def, stage, apt.as_mut(), &session, rd, &mut updated)
                 .with_context(|| format!("stage {} of {}", stage.name, def.name))?;
             timings.downloaded = apt.as_ref().map_or(0, |a| a.downloaded) - before;
         }
-        timings.begin("initramfs")?;
+        crate::build::boundary(timings, "initramfs")?;
         match apt {
             Some(a) => a.finish(def),
             None => Ok(()),
@@ -117,7 +118,7 @@ fn run_stage(
     }
     apt.install(&stage.packages)?;
     if stage.kernel_headers {
-        let kernels = image_kernels(rd)?;
+        let kernels = bootable_kernels(rd)?;
         if kernels.is_empty() {
             bail!("the image has no kernel (no /boot/vmlinuz-* with a /lib/modules directory)");
         }
@@ -158,23 +159,10 @@ fn run_files(stage: &crate::definition::Stage, session: &Session, rd: &RootDir) 
     Ok(())
 }
 
-/// Kernels the image can boot: versions with both /boot/vmlinuz-V and /lib/modules/V,
-/// newest first — read from the image, never the host's `uname -r`.
-pub fn image_kernels(rd: &RootDir) -> Result<Vec<String>> {
-    let mut v: Vec<String> = rd
-        .read_dir("/boot")?
-        .into_iter()
-        .filter_map(|n| n.strip_prefix("vmlinuz-").map(str::to_string))
-        .filter(|k| rd.exists(format!("/lib/modules/{k}")).unwrap_or(false))
-        .collect();
-    v.sort_by(|a, b| crate::image::inspect::dpkg_version_cmp(b, a));
-    Ok(v)
-}
-
 /// Every required module must exist for every image kernel with a vermagic naming that
 /// kernel; missing ones get one `dkms autoinstall -k` before the build fails.
 fn ensure_modules(session: &Session, rd: &RootDir, modules: &[String]) -> Result<()> {
-    for k in image_kernels(rd)? {
+    for k in bootable_kernels(rd)? {
         let mut missing = check_modules(session, rd, &k, modules)?;
         if !missing.is_empty() {
             tracing::warn!("kernel {k} lacks {}: running dkms autoinstall", missing.join(", "));
@@ -187,7 +175,7 @@ fn ensure_modules(session: &Session, rd: &RootDir, modules: &[String]) -> Result
         }
         if !missing.is_empty() {
             bail!(
-                "kernel {k} of the image has no usable {} module(s) after DKMS; see /var/lib/dkms/*/build/make.log in the image",
+                "kernel {k} of the image has no usable {} module(s) after DKMS; DKMS's output is in the build log (NAME.build.log); rebuild with --keep-on-error to keep the image and read /var/lib/dkms/*/build/make.log in it",
                 missing.join(", ")
             );
         }

@@ -1,6 +1,7 @@
 //! Per-stage wall time, CPU time (kiln and its children), bytes downloaded and bytes
 //! written, logged for every build and printed as a table by `--timings`.
 
+use crate::host::progress::human_size;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -45,16 +46,13 @@ fn written_bytes() -> u64 {
 }
 
 impl Timings {
-    /// Start a stage: a stage boundary, where cancellation (and injected faults in
-    /// tests) take effect.
-    pub fn begin(&mut self, stage: &str) -> anyhow::Result<()> {
+    /// Start timing a stage (ending the one before). Stage boundaries go through
+    /// [`crate::build::boundary`], which also checks for cancellation.
+    pub fn begin(&mut self, stage: &str) {
         self.end();
-        crate::host::cancel::check()?;
-        crate::host::cancel::fault_point(stage)?;
         tracing::info!("== stage {stage}");
         self.downloaded = 0;
         self.current = Some((stage.to_string(), Instant::now(), cpu_seconds(), written_bytes()));
-        Ok(())
     }
 
     pub fn end(&mut self) {
@@ -71,8 +69,8 @@ impl Timings {
                 t.stage,
                 t.wall_s,
                 t.cpu_s,
-                human(t.downloaded_bytes),
-                human(t.written_bytes)
+                human_size(t.downloaded_bytes),
+                human_size(t.written_bytes)
             );
             self.stages.push(t);
         }
@@ -90,8 +88,8 @@ impl Timings {
                 t.stage,
                 t.wall_s,
                 t.cpu_s,
-                human(t.downloaded_bytes),
-                human(t.written_bytes)
+                human_size(t.downloaded_bytes),
+                human_size(t.written_bytes)
             );
             w += t.wall_s;
             c += t.cpu_s;
@@ -103,33 +101,9 @@ impl Timings {
             "total",
             w,
             c,
-            human(d),
-            human(b)
+            human_size(d),
+            human_size(b)
         );
         s
-    }
-}
-
-pub fn human(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn human_sizes() {
-        assert_eq!(super::human(512), "512 B");
-        assert_eq!(super::human(3 << 30), "3.0 GiB");
     }
 }

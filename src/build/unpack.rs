@@ -144,7 +144,7 @@ pub fn decompress_to(tarball: &Path, dest: &Path) -> Result<u64> {
     tracing::info!(
         "decompressed {} ({}) into the cache: {}",
         tarball.display(),
-        crate::build::timings::human(n),
+        crate::host::progress::human_size(n),
         dest.display()
     );
     Ok(n)

@@ -37,6 +37,8 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
+use crate::disk::sparse::{Extent, Extents};
+
 /// Size of one read buffer.
 const BUF_SIZE: usize = 8 << 20;
 /// Number of read buffers: one being hashed, the others being filled ahead of it.
@@ -309,14 +311,13 @@ impl<'a> Reader<'a> {
     fn run(mut self, plan: Plan) -> io::Result<()> {
         match plan {
             Plan::Regular { size, walk_extents } => {
-                let mut extents = Extents {
-                    fd: self.file.as_raw_fd(),
-                    pos: 0,
-                    size,
-                    walk: walk_extents,
+                let extents = if walk_extents {
+                    Extents::new(self.file, size)
+                } else {
+                    Extents::all_data(self.file, size)
                 };
-                while let Some(ext) = extents.next()? {
-                    match ext {
+                for ext in extents {
+                    match ext? {
                         Extent::Data { start, len } => self.data(start, len)?,
                         Extent::Hole { len } => self.zeros(len)?,
                     }
@@ -416,84 +417,6 @@ impl<'a> Reader<'a> {
 
 fn hasher_gone() -> io::Error {
     io::Error::other("checksum: hashing thread stopped")
-}
-
-fn lseek_error(whence: &str, offset: u64, e: io::Error) -> io::Error {
-    io::Error::new(e.kind(), format!("lseek({whence}) at offset {offset}: {e}"))
-}
-
-/// A piece of a regular file, as reported by SEEK_DATA/SEEK_HOLE.
-#[derive(Debug, PartialEq)]
-enum Extent {
-    Data { start: u64, len: u64 },
-    Hole { len: u64 },
-}
-
-/// Iterates over the data and hole extents of the first `size` bytes of a file.
-struct Extents {
-    fd: libc::c_int,
-    pos: u64,
-    size: u64,
-    /// False once SEEK_DATA turned out to be unsupported: the rest is read as data.
-    walk: bool,
-}
-
-impl Extents {
-    fn next(&mut self) -> io::Result<Option<Extent>> {
-        let start = self.pos;
-        if start >= self.size {
-            return Ok(None);
-        }
-        if self.walk {
-            match self.seek(libc::SEEK_DATA, start) {
-                Ok(data) if data > start => {
-                    // A hole up to the next data (or to the end, if the file grew).
-                    self.pos = data.min(self.size);
-                    return Ok(Some(Extent::Hole { len: self.pos - start }));
-                }
-                Ok(_) => {
-                    // Data from `start` to the next hole. There is always a hole at end
-                    // of file, so this is at most `size` unless the file grew; if it
-                    // shrank below `start`, read to `size` and let the read report it.
-                    let hole = self
-                        .seek(libc::SEEK_HOLE, start)
-                        .map_err(|e| lseek_error("SEEK_HOLE", start, e))?;
-                    self.pos = if hole > start { hole.min(self.size) } else { self.size };
-                    return Ok(Some(Extent::Data {
-                        start,
-                        len: self.pos - start,
-                    }));
-                }
-                // No data at or after `start`: the rest of the file is a hole.
-                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                    self.pos = self.size;
-                    return Ok(Some(Extent::Hole { len: self.size - start }));
-                }
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
-                    tracing::debug!("SEEK_DATA unsupported ({e}); reading the whole file");
-                    self.walk = false;
-                }
-                Err(e) => return Err(lseek_error("SEEK_DATA", start, e)),
-            }
-        }
-        self.pos = self.size;
-        Ok(Some(Extent::Data {
-            start,
-            len: self.size - start,
-        }))
-    }
-
-    fn seek(&self, whence: libc::c_int, offset: u64) -> io::Result<u64> {
-        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
-        // SAFETY: lseek on a descriptor owned by the caller; it only moves the file
-        // offset, which nothing else uses (data is read with pread).
-        let r = unsafe { libc::lseek(self.fd, off, whence) };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as u64)
-        }
-    }
 }
 
 #[cfg(test)]
@@ -610,33 +533,6 @@ mod tests {
         }
         // The point of the exercise: the filesystem really has holes here.
         assert!(is_sparse(&cases[1]), "test files are expected to be sparse on this fs");
-    }
-
-    #[test]
-    fn extents_skip_holes() {
-        const M: u64 = 1 << 20;
-        let dir = tempfile::tempdir().unwrap();
-        let p = sparse_file(dir.path(), "e", 12 * M, &[(4 * M, 4096)]);
-        let f = File::open(&p).unwrap();
-        let mut ext = Extents {
-            fd: f.as_raw_fd(),
-            pos: 0,
-            size: 12 * M,
-            walk: true,
-        };
-        let mut got = Vec::new();
-        while let Some(e) = ext.next().unwrap() {
-            got.push(e);
-        }
-        let want = [
-            Extent::Hole { len: 4 * M },
-            Extent::Data {
-                start: 4 * M,
-                len: 4096,
-            },
-            Extent::Hole { len: 8 * M - 4096 },
-        ];
-        assert_eq!(got, want);
     }
 
     #[test]

@@ -22,7 +22,6 @@ const FAT_SECTOR: u64 = 512;
 /// Size of the standalone NoCloud seed image: small enough to be FAT12.
 const CIDATA_SIZE: u64 = 2 << 20;
 
-#[cfg(test)]
 /// The ESP's volume label on Ubuntu cloud images.
 pub const ESP_LABEL: &str = "UEFI";
 

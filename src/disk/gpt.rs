@@ -6,7 +6,8 @@
 //! elsewhere (`offset` + `sizelimit`).
 //!
 //! Three operations:
-//! - [`read_layout`]: what partitions a base image has;
+//! - [`read_layout`] (or [`read_layout_from`] on an open file): what partitions a disk
+//!   image has;
 //! - [`create_cloud_layout`]: a fresh, empty disk partitioned like an Ubuntu cloud image
 //!   (for builds from a root tarball);
 //! - [`grow`]: enlarge a cloud image to the image definition's `disk_size`, moving the
@@ -14,7 +15,7 @@
 //!
 //! GUIDs are kept as the 16 bytes stored on disk (the first three fields little-endian,
 //! as GPT stores them); [`guid_to_string`] and [`parse_guid`] convert from and to the
-//! usual text form.
+//! usual text form; [`type_name`] names the common partition types.
 
 use anyhow::{Context, Result};
 use gptman::{GPT, GPTPartitionEntry};
@@ -24,6 +25,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use crate::error::user;
+use crate::host::progress::exact_size;
 use crate::user_bail;
 
 const MIB: u64 = 1 << 20;
@@ -48,6 +50,25 @@ pub mod types {
     /// Linux root (x86-64) from the Discoverable Partitions Specification, sgdisk code 8304.
     pub const LINUX_ROOT_X86_64: [u8; 16] = guid("4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709");
 }
+
+/// The usual name of a partition type (as fdisk and sgdisk print it), if it is a common one.
+pub fn type_name(type_guid: &[u8; 16]) -> Option<&'static str> {
+    const NAMES: [([u8; 16], &str); 9] = [
+        (types::BIOS_BOOT, "BIOS boot"),
+        (types::ESP, "EFI System"),
+        (types::LINUX_FS, "Linux filesystem"),
+        (types::LINUX_ROOT_X86_64, "Linux root (x86-64)"),
+        (guid("B921B045-1DF0-41C3-AF44-4C6F280D3FAE"), "Linux root (ARM-64)"),
+        (guid("BC13C2FF-59E6-4262-A352-B275FD6F7172"), "Linux extended boot"),
+        (guid("0657FD6D-A4AB-43C4-84E5-0933C84B4F4F"), "Linux swap"),
+        (guid("E6D6D379-F507-44C2-A23C-238F2A3DF928"), "Linux LVM"),
+        (guid("EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"), "Microsoft basic data"),
+    ];
+    NAMES.iter().find(|(g, _)| g == type_guid).map(|(_, n)| *n)
+}
+
+/// The label Ubuntu's cloud images give their root filesystem.
+pub const ROOT_LABEL: &str = "cloudimg-rootfs";
 
 /// Ubuntu cloud-image partition numbers and sizes.
 const BIOS_BOOT_NUMBER: u32 = 14;
@@ -104,12 +125,12 @@ pub enum PartKind {
 impl Part {
     /// Byte offset of the partition's first sector on the disk.
     pub fn offset_bytes(&self) -> u64 {
-        self.first_lba * self.sector_size
+        self.first_lba.saturating_mul(self.sector_size)
     }
 
     /// Size of the partition in bytes.
     pub fn size_bytes(&self) -> u64 {
-        (self.last_lba + 1 - self.first_lba) * self.sector_size
+        (self.last_lba + 1 - self.first_lba).saturating_mul(self.sector_size)
     }
 
     pub fn kind(&self) -> PartKind {
@@ -173,14 +194,24 @@ impl Layout {
     }
 }
 
+/// What a build takes, for the message about a disk without a GPT.
+const BUILD_EXPECTS: &str = "kiln expects a GPT disk such as an Ubuntu cloud image (raw or qcow2) or a root tarball";
+
 /// Read the partition table of a disk image file.
 ///
 /// A file without a GPT (an MBR-only disk, a qcow2 file not yet converted, anything else)
 /// or with a damaged one is a user error.
 pub fn read_layout(path: &Path) -> Result<Layout> {
-    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let gpt = read_gpt(&mut file, path)?;
-    let size = file_len(&file, path)?;
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    read_layout_from(&file, path, BUILD_EXPECTS)
+}
+
+/// [`read_layout`] of an open disk image file; `path` names it in messages, and a user
+/// error about a missing table ends with `expected` (what the caller takes instead).
+pub fn read_layout_from(file: &File, path: &Path, expected: &str) -> Result<Layout> {
+    let mut reader = file;
+    let gpt = read_gpt(&mut reader, path, expected)?;
+    let size = file_len(file, path)?;
     Ok(Layout::from_gpt(&gpt, size))
 }
 
@@ -199,9 +230,9 @@ pub fn create_cloud_layout(path: &Path, size: u64) -> Result<Layout> {
     if size < MIN_DISK_SIZE {
         user_bail!(
             "disk size {} is too small for {}: kiln needs at least {}; raise disk_size in the image definition",
-            fmt_size(size),
+            exact_size(size),
             path.display(),
-            fmt_size(MIN_DISK_SIZE)
+            exact_size(MIN_DISK_SIZE)
         );
     }
     let size = size.div_ceil(MIB) * MIB;
@@ -254,16 +285,16 @@ pub fn grow(path: &Path, target: u64) -> Result<Layout> {
         .write(true)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
-    let mut gpt = read_gpt(&mut file, path)?;
+    let mut gpt = read_gpt(&mut file, path, BUILD_EXPECTS)?;
     let ss = gpt.sector_size;
     let size = file_len(&file, path)?;
     if size > target {
         user_bail!(
             "{} is {}, larger than the requested disk size {}: a disk cannot shrink; raise disk_size in the image definition to at least {}",
             path.display(),
-            fmt_size(size),
-            fmt_size(target),
-            fmt_size(size)
+            exact_size(size),
+            exact_size(target),
+            exact_size(size)
         );
     }
     let layout = Layout::from_gpt(&gpt, size);
@@ -320,23 +351,38 @@ pub fn grow(path: &Path, target: u64) -> Result<Layout> {
     Ok(Layout::from_gpt(&gpt, size))
 }
 
-/// Read a GPT, telling a missing or damaged table (user errors) from I/O failures.
-fn read_gpt(file: &mut File, path: &Path) -> Result<GPT> {
-    match GPT::find_from(file) {
-        Ok(gpt) => Ok(gpt),
-        Err(e) if is_missing_gpt(&e) => Err(user(format!(
-            "{} has no GPT partition table: kiln expects a GPT disk such as an Ubuntu cloud image (raw or qcow2) or a root tarball",
-            path.display()
-        ))),
-        Err(gptman::Error::Io(e)) => {
-            Err(anyhow::Error::new(e).context(format!("reading the partition table of {}", path.display())))
+/// Read a GPT, telling a missing or damaged table (user errors) from I/O failures. A used
+/// entry that ends before it starts makes the table damaged.
+fn read_gpt(file: &mut (impl Read + Seek), path: &Path, expected: &str) -> Result<GPT> {
+    let gpt = match GPT::find_from(file) {
+        Ok(gpt) => gpt,
+        Err(e) if is_missing_gpt(&e) => {
+            return Err(user(format!(
+                "{} has no GPT partition table: {expected}",
+                path.display()
+            )));
         }
-        Err(e) => Err(user(format!(
-            "{} has a damaged GPT partition table: {}",
-            path.display(),
-            gpt_error(&e)
-        ))),
+        Err(gptman::Error::Io(e)) => {
+            return Err(anyhow::Error::new(e).context(format!("reading the partition table of {}", path.display())));
+        }
+        Err(e) => {
+            return Err(user(format!(
+                "{} has a damaged GPT partition table: {}",
+                path.display(),
+                gpt_error(&e)
+            )));
+        }
+    };
+    for (number, e) in gpt.iter().filter(|(_, e)| e.is_used()) {
+        if let Err(err) = e.size() {
+            user_bail!(
+                "{} has a damaged GPT partition table: partition {number} is invalid ({})",
+                path.display(),
+                gpt_error(&err)
+            );
+        }
     }
+    Ok(gpt)
 }
 
 /// No GPT signature at all (or a file too short to hold one), at either copy.
@@ -435,11 +481,6 @@ fn describe_parts(layout: &Layout) -> String {
         .map(|p| format!("{} {}", p.number, guid_to_string(&p.type_guid)))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// "5368709120 bytes (5.00 GiB)".
-fn fmt_size(bytes: u64) -> String {
-    format!("{bytes} bytes ({:.2} GiB)", bytes as f64 / GIB as f64)
 }
 
 /// A random (version 4) GUID in on-disk byte order.

@@ -2,34 +2,134 @@
 
 use anyhow::{Context, Result};
 use std::fs::{File, OpenOptions};
+use std::io;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
-/// The data extents `(offset, len)` of `f`, found with SEEK_DATA/SEEK_HOLE.
-/// Falls back to one extent covering the file where the filesystem can't tell.
-pub fn data_extents(f: &File) -> std::io::Result<Vec<(u64, u64)>> {
-    let len = f.metadata()?.len();
-    let fd = f.as_raw_fd();
-    let mut out = Vec::new();
-    let mut pos: i64 = 0;
-    while (pos as u64) < len {
-        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-        if data < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::ENXIO) => break, // only a hole remains
-                Some(libc::EINVAL) if out.is_empty() => return Ok(vec![(0, len)]),
-                _ => return Err(e),
+/// A piece of a regular file, as reported by SEEK_DATA/SEEK_HOLE.
+#[derive(Debug, PartialEq)]
+pub enum Extent {
+    Data { start: u64, len: u64 },
+    Hole { len: u64 },
+}
+
+/// The data and hole extents of the first `size` bytes of a file, in order, found with
+/// `lseek(SEEK_DATA)` / `lseek(SEEK_HOLE)`. Where the filesystem does not support
+/// `SEEK_DATA` (`EINVAL`/`EOPNOTSUPP`), the rest of the file is one data extent. After an
+/// error the iteration ends.
+pub struct Extents<'a> {
+    file: &'a File,
+    pos: u64,
+    size: u64,
+    /// False once SEEK_DATA turned out to be unsupported: the rest is read as data.
+    walk: bool,
+}
+
+impl<'a> Extents<'a> {
+    /// The extents of the first `size` bytes of `file`.
+    pub fn new(file: &'a File, size: u64) -> Self {
+        Extents {
+            file,
+            pos: 0,
+            size,
+            walk: true,
+        }
+    }
+
+    /// One data extent over the first `size` bytes, as if the filesystem could not tell
+    /// holes (tests of the fallback).
+    pub fn all_data(file: &'a File, size: u64) -> Self {
+        Extents {
+            walk: false,
+            ..Extents::new(file, size)
+        }
+    }
+
+    fn next_extent(&mut self) -> io::Result<Option<Extent>> {
+        let start = self.pos;
+        if start >= self.size {
+            return Ok(None);
+        }
+        if self.walk {
+            match self.seek(libc::SEEK_DATA, start) {
+                Ok(data) if data > start => {
+                    // A hole up to the next data (or to the end, if the file grew).
+                    self.pos = data.min(self.size);
+                    return Ok(Some(Extent::Hole { len: self.pos - start }));
+                }
+                Ok(_) => {
+                    // Data from `start` to the next hole. There is always a hole at end
+                    // of file, so this is at most `size` unless the file grew; if it
+                    // shrank below `start`, read to `size` and let the read report it.
+                    let hole = self
+                        .seek(libc::SEEK_HOLE, start)
+                        .map_err(|e| lseek_error("SEEK_HOLE", start, e))?;
+                    self.pos = if hole > start { hole.min(self.size) } else { self.size };
+                    return Ok(Some(Extent::Data {
+                        start,
+                        len: self.pos - start,
+                    }));
+                }
+                // No data at or after `start`: the rest of the file is a hole.
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+                    self.pos = self.size;
+                    return Ok(Some(Extent::Hole { len: self.size - start }));
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                    tracing::debug!("SEEK_DATA unsupported ({e}); reading the whole file");
+                    self.walk = false;
+                }
+                Err(e) => return Err(lseek_error("SEEK_DATA", start, e)),
             }
         }
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        out.push((data as u64, (hole - data) as u64));
-        pos = hole;
+        self.pos = self.size;
+        Ok(Some(Extent::Data {
+            start,
+            len: self.size - start,
+        }))
     }
-    Ok(out)
+
+    fn seek(&self, whence: libc::c_int, offset: u64) -> io::Result<u64> {
+        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: lseek on a descriptor the borrowed File keeps open; it only moves the
+        // file offset, which nothing else uses (data is read with pread).
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as u64)
+        }
+    }
+}
+
+impl Iterator for Extents<'_> {
+    type Item = io::Result<Extent>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.next_extent() {
+            Ok(e) => e.map(Ok),
+            Err(e) => {
+                self.pos = self.size;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+fn lseek_error(whence: &str, offset: u64, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("lseek({whence}) at offset {offset}: {e}"))
+}
+
+/// The data extents `(offset, len)` of `f` (see [`Extents`]).
+pub fn data_extents(f: &File) -> io::Result<Vec<(u64, u64)>> {
+    let len = f.metadata()?.len();
+    Extents::new(f, len)
+        .filter_map(|e| match e {
+            Ok(Extent::Data { start, len }) => Some(Ok((start, len))),
+            Ok(Extent::Hole { .. }) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect()
 }
 
 /// Create (or truncate) `path` as a sparse file of `size` bytes, open for read and write.
@@ -92,6 +192,32 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64> {
 mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
+
+    #[test]
+    fn extents_skip_holes() {
+        const M: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("e");
+        let mut f = File::create(&p).unwrap();
+        f.set_len(12 * M).unwrap();
+        f.seek(SeekFrom::Start(4 * M)).unwrap();
+        f.write_all(&[1u8; 4096]).unwrap();
+        drop(f);
+        let f = File::open(&p).unwrap();
+        let got: Vec<Extent> = Extents::new(&f, 12 * M).map(Result::unwrap).collect();
+        let want = [
+            Extent::Hole { len: 4 * M },
+            Extent::Data {
+                start: 4 * M,
+                len: 4096,
+            },
+            Extent::Hole { len: 8 * M - 4096 },
+        ];
+        assert_eq!(got, want);
+        assert_eq!(data_extents(&f).unwrap(), [(4 * M, 4096)]);
+        let all: Vec<Extent> = Extents::all_data(&f, 12 * M).map(Result::unwrap).collect();
+        assert_eq!(all, [Extent::Data { start: 0, len: 12 * M }]);
+    }
 
     #[test]
     fn copy_keeps_data_and_holes() {

@@ -5,7 +5,6 @@
 //! command line, the exit status and the last lines of stderr.
 
 use anyhow::{Context, Result, bail};
-use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -17,8 +16,6 @@ pub const TAIL_LINES: usize = 20;
 pub struct Cmd {
     inner: Command,
     display: String,
-    /// Show the child's stdout/stderr live on kiln's stderr (apt progress, dkms).
-    passthrough: bool,
 }
 
 /// What a finished command printed.
@@ -40,7 +37,6 @@ impl Cmd {
         Cmd {
             inner: Command::new(p),
             display: p.to_string_lossy().into_owned(),
-            passthrough: false,
         }
     }
 
@@ -92,20 +88,21 @@ impl Cmd {
 
     /// Run to completion; error if it exits non-zero.
     pub fn run(self) -> Result<Output> {
-        self.run_inner(None)
+        self.run_inner()
     }
 
-    fn run_inner(mut self, input: Option<&[u8]>) -> Result<Output> {
+    fn run_inner(mut self) -> Result<Output> {
         tracing::info!(target: "kiln::cmd", "$ {}", self.display);
         if let Some(m) = crate::host::supervisor::session_marker() {
             self.inner.env(crate::host::supervisor::SESSION_ENV, m);
         }
         self.inner
-            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // A child never outlives kiln: if kiln dies (even by SIGKILL) the kernel kills it,
-        // which also lets kiln's private mount namespace and its loop devices go.
+        // A second line of defence behind the build's own PID namespace (see
+        // host/supervisor.rs), which is what guarantees that nothing outlives kiln; this
+        // also covers commands of `inspect`, `verify` and `boot-test`.
         unsafe {
             use std::os::unix::process::CommandExt;
             self.inner.pre_exec(|| {
@@ -124,27 +121,13 @@ impl Cmd {
             .inner
             .spawn()
             .with_context(|| format!("could not start `{}`", self.display))?;
-        if let Some(data) = input {
-            use std::io::Write;
-            let mut stdin = child.stdin.take().expect("piped stdin");
-            let data = data.to_vec();
-            std::thread::spawn(move || {
-                let _ = stdin.write_all(&data);
-            });
-        }
-        let passthrough = self.passthrough;
         let stderr = child.stderr.take().expect("piped stderr");
-        let err_thread = std::thread::spawn(move || collect_lines(stderr, passthrough, usize::MAX / 2));
+        let err_thread = std::thread::spawn(move || collect_lines(stderr));
         let mut stdout_pipe = child.stdout.take().expect("piped stdout");
-        // With passthrough, stdout is shown too and only its tail is kept.
         let out_thread = std::thread::spawn(move || {
-            if passthrough {
-                (Vec::new(), Some(collect_lines(stdout_pipe, true, TAIL_LINES)))
-            } else {
-                let mut v = Vec::new();
-                let _ = stdout_pipe.read_to_end(&mut v);
-                (v, None)
-            }
+            let mut v = Vec::new();
+            let _ = stdout_pipe.read_to_end(&mut v);
+            v
         });
         // Poll so that Ctrl-C / SIGTERM (which set the cancel flag) stop the child and
         // unwind kiln's guards instead of waiting for a long apt or dkms run.
@@ -171,15 +154,18 @@ impl Cmd {
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         };
-        let (mut stdout, out_tail) = out_thread.join().unwrap_or_default();
+        let stdout = out_thread.join().unwrap_or_default();
         let err_lines = err_thread.join().unwrap_or_default();
-        let stderr_text = err_lines.iter().cloned().collect::<Vec<_>>().join("\n");
+        let stderr_text = err_lines.join("\n");
+        // The whole stdout goes into the build log (debug level), after the command.
+        if tracing::enabled!(target: "kiln::cmd", tracing::Level::DEBUG) {
+            for line in String::from_utf8_lossy(&stdout).lines() {
+                tracing::debug!(target: "kiln::cmd", "  > {line}");
+            }
+        }
         if !status.success() {
-            let mut tail: Vec<String> = err_lines.into_iter().collect();
-            if let Some(out) = out_tail {
-                // apt and dkms print their real errors on stdout.
-                tail.extend(out);
-            } else if tail.is_empty() {
+            let mut tail = err_lines;
+            if tail.is_empty() {
                 tail = String::from_utf8_lossy(&stdout).lines().map(str::to_owned).collect();
             }
             let start = tail.len().saturating_sub(TAIL_LINES);
@@ -193,9 +179,6 @@ impl Cmd {
             }
             bail!("`{}` failed ({how}); last output:\n    {tail}", self.display);
         }
-        if let Some(out) = out_tail {
-            stdout = out.into_iter().collect::<Vec<_>>().join("\n").into_bytes();
-        }
         Ok(Output {
             stdout,
             stderr: stderr_text,
@@ -203,20 +186,14 @@ impl Cmd {
     }
 }
 
-fn collect_lines(r: impl Read, echo: bool, keep: usize) -> VecDeque<String> {
-    let mut lines = VecDeque::new();
+/// Read a stream line by line, logging each line (debug: the build log has them all).
+fn collect_lines(r: impl Read) -> Vec<String> {
+    let mut lines = Vec::new();
     for line in BufReader::new(r).split(b'\n') {
         let Ok(line) = line else { break };
         let line = String::from_utf8_lossy(&line).trim_end_matches('\r').to_string();
-        if echo {
-            eprintln!("    {line}");
-        } else {
-            tracing::debug!(target: "kiln::cmd", "  | {line}");
-        }
-        lines.push_back(line);
-        if lines.len() > keep {
-            lines.pop_front();
-        }
+        tracing::debug!(target: "kiln::cmd", "  | {line}");
+        lines.push(line);
     }
     lines
 }

@@ -11,7 +11,7 @@
 //! work directories and partial outputs — a directory is removed only once nothing is
 //! mounted in it.
 
-use crate::{host::state, host::supervisor};
+use crate::{host::mounts, host::state, host::supervisor};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -77,14 +77,9 @@ pub fn scan(dirs: &[PathBuf]) -> Result<Vec<Finding>> {
             }
         }
     }
-    let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    for l in mi.lines() {
-        if let Some(t) = l.split(' ').nth(4)
-            && t.contains("/.kiln-work-")
-        {
-            out.push(Finding::Mount {
-                target: PathBuf::from(t.replace("\\040", " ")),
-            });
+    for target in mounts::mount_points() {
+        if target.to_string_lossy().contains("/.kiln-work-") {
+            out.push(Finding::Mount { target });
         }
     }
     for d in dirs {
@@ -220,11 +215,11 @@ pub fn fix(findings: &[Finding]) -> Result<()> {
             println!("detached {}", device.display());
         }
     }
-    let still_mounted = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let still_mounted = mounts::mount_points();
     for f in findings {
         match f {
             Finding::WorkDir { path, .. } => {
-                if still_mounted.contains(&*path.to_string_lossy()) {
+                if still_mounted.iter().any(|m| m.starts_with(path)) {
                     anyhow::bail!("{} still has something mounted; not removing it", path.display());
                 }
                 std::fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))?;

@@ -3,9 +3,11 @@
 //! writes into an image root, progress reporting, and `doctor` for leftovers. Nothing
 //! here knows about images, definitions or build stages.
 
+pub mod buildlog;
 pub mod cancel;
 pub mod cmd;
 pub mod doctor;
+pub mod download;
 pub mod loopdev;
 pub mod mounts;
 pub mod progress;

@@ -6,11 +6,12 @@
 //! host, and everything it mounted vanishes with its process even after SIGKILL.
 //!
 //! A directory whose unmount failed is never deleted: [`MountStack::close`] reports the
-//! failure and [`MountStack::all_released`] tells the caller whether it may remove the
-//! work directory.
+//! failure, the mount stays in the build's state ledger (`host/state.rs`), and the
+//! pipeline removes its work directory only when the ledger holds nothing.
 
 use anyhow::{Context, Result};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 /// Unshare the mount namespace and make all mounts private (recursively).
@@ -40,7 +41,6 @@ struct Mounted {
 #[derive(Default)]
 pub struct MountStack {
     mounts: Vec<Mounted>,
-    failed: Vec<PathBuf>,
 }
 
 impl MountStack {
@@ -117,7 +117,6 @@ impl MountStack {
             if let Err(e) = res {
                 let e = e.context(format!("unmounting {} from {}", m.what, m.target.display()));
                 tracing::error!("{e:#}");
-                self.failed.push(m.target);
                 first_err.get_or_insert(e);
             }
         }
@@ -159,5 +158,66 @@ impl Drop for MountStack {
         if !self.mounts.is_empty() {
             let _ = self.unwind_to(0);
         }
+    }
+}
+
+/// The mount points of this mount namespace, from `/proc/self/mountinfo` (none if it
+/// cannot be read).
+pub fn mount_points() -> Vec<PathBuf> {
+    parse_mountinfo(&std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+}
+
+/// The mount points (field 5) of mountinfo text, with the kernel's octal escapes
+/// (`\040` for a space, `\011`, `\012`, `\134`) undone.
+pub fn parse_mountinfo(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|t| PathBuf::from(std::ffi::OsString::from_vec(unescape_octal(t))))
+        .collect()
+}
+
+/// Undo the `\NNN` octal escapes the kernel writes for space, tab, newline and backslash.
+fn unescape_octal(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let byte = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
+        match byte {
+            Some(c) => {
+                out.push(c);
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_fields_unescaped() {
+        let text = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+                    80 22 7:0 / /tmp/out\\040dir/.kiln-work-1/root rw - ext4 /dev/loop0 rw\n\
+                    81 22 0:5 / /a\\011b\\134c rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            parse_mountinfo(text),
+            [
+                PathBuf::from("/"),
+                PathBuf::from("/tmp/out dir/.kiln-work-1/root"),
+                PathBuf::from("/a\tb\\c"),
+            ]
+        );
+        assert_eq!(parse_mountinfo("1 1 0:1 / /x\\400 rw\n"), [PathBuf::from("/x\\400")]);
+        assert!(mount_points().contains(&PathBuf::from("/")));
     }
 }

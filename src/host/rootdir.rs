@@ -484,6 +484,17 @@ impl RootDir {
         Ok(self.lstat(path)?.is_some())
     }
 
+    /// Whether `path` is a directory (resolved in the root, following symlinks there);
+    /// false if nothing, or something else, is there.
+    pub fn is_dir(&self, path: impl AsRef<Path>) -> Result<bool> {
+        let path = path.as_ref();
+        match self.resolve(&components(path), OFlag::O_PATH | OFlag::O_DIRECTORY) {
+            Ok(_) => Ok(true),
+            Err(err) if is_absent(&err) => Ok(false),
+            Err(err) => Err(err).with_context(|| self.ctx("inspecting", path)),
+        }
+    }
+
     /// `lstat` of `path`: the entry itself, not what a symlink there points to.
     pub fn symlink_metadata(&self, path: impl AsRef<Path>) -> Result<Metadata> {
         let path = path.as_ref();
@@ -1465,15 +1476,7 @@ mod tests {
         // invisible to the rest of the system and vanishes with the thread.
         std::thread::spawn(|| {
             use nix::mount::{MsFlags, mount};
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )
-            .unwrap();
+            crate::host::mounts::enter_private_namespace().unwrap();
             let f = fixture();
             let mnt = f.root_path.join("d/mnt");
             std::fs::create_dir_all(&mnt).unwrap();

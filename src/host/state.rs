@@ -98,12 +98,9 @@ pub fn stale_resources(workdir: &Path) -> Result<Vec<Resource>> {
             out.push(Resource::Loop(dev, backing));
         }
     }
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mounted = crate::host::mounts::mount_points();
     for m in st.mounts {
-        if mountinfo
-            .lines()
-            .any(|l| l.split(' ').nth(4) == Some(&*m.to_string_lossy()))
-        {
+        if mounted.contains(&m) {
             out.push(Resource::Mount(m));
         }
     }

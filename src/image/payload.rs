@@ -2,44 +2,38 @@
 //! Schema"): exactly the spec's keys, in the spec's order, nothing else.
 //!
 //! What the definition decides (name, description, URI, virtualization, variant, GPU
-//! vendor and models) comes from [`PayloadInput`]; every fact that can be read from
+//! vendor and models) comes from [`PayloadInput`] (the definition's name, description
+//! and [`PayloadFacts`]); every fact that can be read from
 //! the image (architecture, OS, Kubernetes and driver versions) comes from the
 //! image's [`ImageFacts`], never from the definition, so the payload describes what
 //! was really built.
 
+use crate::definition::{ImageDef, PayloadFacts};
 use crate::error::user;
-use crate::image::inspect::{ImageFacts, is_key_package, upstream_version};
+use crate::image::dpkg::upstream_version;
+use crate::image::inspect::{ImageFacts, is_key_package};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
 /// What the image definition contributes to the payload.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct PayloadInput {
     pub name: String,
     pub description: String,
-    /// The image URI with a `{name}` placeholder for the image name.
-    pub uri_template: String,
-    /// `virtualized`, ...
-    pub virtualization: String,
-    /// The OS variant, `server`, ...
-    pub variant: String,
-    /// The installed package whose upstream version is the Kubernetes version
-    /// (`kubelet`).
-    pub kubernetes_package: String,
-    /// Present only for GPU images.
-    pub gpu: Option<GpuInput>,
+    /// The definition's `[payload]`: URI template, virtualization, variant, the
+    /// Kubernetes package and (only for GPU images) the GPU.
+    pub payload: PayloadFacts,
 }
 
-/// The GPU part of a definition's payload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GpuInput {
-    /// `NVIDIA`.
-    pub vendor: String,
-    /// Supported models, in the order given.
-    pub models: Vec<String>,
-    /// The installed package whose upstream version is the driver version
-    /// (`nvidia-driver-565-server`).
-    pub driver_package: String,
+impl PayloadInput {
+    /// The payload part of a definition.
+    pub fn of(def: &ImageDef) -> PayloadInput {
+        PayloadInput {
+            name: def.name.clone(),
+            description: def.description.clone(),
+            payload: def.payload.clone(),
+        }
+    }
 }
 
 // The payload's shape. Field order is the spec's key order; serde_json keeps it
@@ -134,10 +128,14 @@ pub fn build_payload(facts: &ImageFacts, input: &PayloadInput) -> Result<serde_j
 
     let kubernetes = format!(
         "v{}",
-        installed_upstream(facts, &input.kubernetes_package, "spec.softwareVersions.kubernetes")?
+        installed_upstream(
+            facts,
+            &input.payload.kubernetes_package,
+            "spec.softwareVersions.kubernetes"
+        )?
     );
 
-    let gpu = match &input.gpu {
+    let gpu = match &input.payload.gpu {
         None => None,
         Some(g) => Some(Gpu {
             vendor: &g.vendor,
@@ -152,14 +150,14 @@ pub fn build_payload(facts: &ImageFacts, input: &PayloadInput) -> Result<serde_j
             description: &input.description,
         },
         spec: Spec {
-            uri: input.uri_template.replace("{name}", &input.name),
+            uri: input.payload.uri_template.replace("{name}", &input.name),
             architecture,
-            virtualization: &input.virtualization,
+            virtualization: &input.payload.virtualization,
             os: Os {
                 kernel: "linux",
                 family,
                 distro,
-                variant: &input.variant,
+                variant: &input.payload.variant,
                 codename,
                 version,
             },
@@ -206,6 +204,7 @@ pub fn api_architecture(dpkg_arch: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::definition::GpuFacts;
     use crate::error::exit_code;
     use crate::image::inspect::test_images::images;
     use crate::image::inspect::{ImageFacts, inspect_image};
@@ -222,15 +221,17 @@ mod tests {
         PayloadInput {
             name: "ubuntu-2204-nvidia-565-firmware1".into(),
             description: "Ubuntu 22.04 with NVIDIA 565.x driver, NVreg_EnableGpuFirmware=1".into(),
-            uri_template: "https://bucket.s3.amazonaws.com/images/{name}.raw".into(),
-            virtualization: "virtualized".into(),
-            variant: "server".into(),
-            kubernetes_package: "kubelet".into(),
-            gpu: gpu.then(|| GpuInput {
-                vendor: "NVIDIA".into(),
-                models: vec!["A100".into(), "H100".into(), "H200".into()],
-                driver_package: "nvidia-driver-565-server".into(),
-            }),
+            payload: PayloadFacts {
+                uri_template: "https://bucket.s3.amazonaws.com/images/{name}.raw".into(),
+                virtualization: "virtualized".into(),
+                variant: "server".into(),
+                kubernetes_package: "kubelet".into(),
+                gpu: gpu.then(|| GpuFacts {
+                    vendor: "NVIDIA".into(),
+                    models: vec!["A100".into(), "H100".into(), "H200".into()],
+                    driver_package: "nvidia-driver-565-server".into(),
+                }),
+            },
         }
     }
 
@@ -384,7 +385,7 @@ mod tests {
         assert!(err(&f, &input(false)).contains("VERSION_CODENAME"));
 
         let mut i = input(true);
-        i.gpu.as_mut().unwrap().driver_package = "cuda-drivers".into();
+        i.payload.gpu.as_mut().unwrap().driver_package = "cuda-drivers".into();
         let e = build_payload(&facts(), &i).unwrap_err();
         assert!(format!("{e:#}").contains("cuda-drivers"), "{e:#}");
     }

@@ -2,21 +2,22 @@
 //! its definition and SPEC.md, offline — nothing is mounted and no root is needed.
 //!
 //! The image (raw, or qcow2 through a temporary raw copy) is read in place with
-//! [`RootFs`]. Every check is derived from the definition where it can be, so the same
-//! code verifies the GPU-ready image and the NVIDIA one:
+//! [`RootFs`]. Every check is derived from the definition, so the same code verifies
+//! the GPU-ready image and the NVIDIA one; the spec's facts are the definition's
+//! `[expect]` table ([`Expectations`]), which `boot-test` reads too:
 //!
-//! * the system: Ubuntu 22.04 on amd64, the disk as large as `disk_size`;
+//! * the system: `expect.os` and `expect.architecture`, the disk as large as `disk_size`;
 //! * every package of every stage installed, pinned ones at exactly their version, and
 //!   pinned and `hold`-listed ones on hold (`package NAME`);
 //! * the image kernels (`/boot/vmlinuz-K` with `/lib/modules/K`), their headers when a
 //!   stage asks for `kernel_headers`, and each `require_modules` module built for each
-//!   kernel (the `vermagic=` of its `.modinfo`), with `nvidia.ko` at the driver
-//!   version of `payload.gpu.driver_package`;
+//!   kernel (the `vermagic=` of its `.modinfo`), with `nvidia.ko` at
+//!   `expect.nvidia_driver_version`;
 //! * every overlay file in place with its content and mode;
-//! * the spec's configuration where it applies: nouveau blacklisted on GPU images, the
-//!   NVIDIA module options, and on Kubernetes nodes the modules, sysctls, containerd's
-//!   config (plus the nvidia runtime and RuntimeClass on GPU images), component
-//!   versions and swap off;
+//! * the expected configuration: modules blacklisted and module options in modprobe.d,
+//!   modules in modules-load.d, sysctls, containerd's config and runtimes, RuntimeClass
+//!   manifests, minimum and Kubernetes versions;
+//! * swap off, units masked and enabled (`/etc/systemd/system/*.wants/UNIT`);
 //! * the scrubbed identity of stage 7 (machine-id, SSH host keys, histories, passwords,
 //!   cloud-init, apt lists, build leftovers) and an initramfs per kernel;
 //! * each `[[repository]]` configured with the definition's URI and a signing key.
@@ -24,10 +25,12 @@
 //! [`verify_image`] only reads and returns [`Check`]s; [`cmd_verify`] prints them and
 //! fails when one did.
 
-use crate::definition::ImageDef;
-use crate::image::inspect::{
-    DpkgPackage, FileKind, RootFs, dpkg_version_cmp, parse_dpkg_status, parse_os_release, upstream_version,
-};
+use crate::definition::{Expectations, ImageDef};
+use crate::host::progress::exact_size;
+use crate::image::dpkg::{self, DpkgPackage, dpkg_version_cmp, upstream_version};
+use crate::image::kernels::bootable_kernels;
+use crate::image::open::{FileKind, RootFs};
+use crate::image::os_release::parse_os_release;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::cmp::Ordering;
@@ -36,36 +39,10 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 // ---------------------------------------------------------------------------------
-// What SPEC.md fixes, whatever the definition says
+// Where kiln and Ubuntu put things (what the image must hold is in `[expect]`)
 // ---------------------------------------------------------------------------------
 
-/// `ID` and `VERSION_ID` of os-release: Ubuntu 22.04.
-const SPEC_OS: (&str, &str) = ("ubuntu", "22.04");
-/// The dpkg architecture of x86_64.
-const SPEC_ARCH: &str = "amd64";
-/// Upstream version of kubelet, kubeadm and kubectl.
-const SPEC_KUBERNETES: &str = "1.30.0";
-const KUBERNETES_PACKAGES: [&str; 3] = ["kubelet", "kubeadm", "kubectl"];
-/// Minimum upstream versions of the container runtime.
-const SPEC_CONTAINERD_MIN: &str = "1.7";
-const SPEC_RUNC_MIN: &str = "1.1";
-const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
-const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
-const NVIDIA_RUNTIME_BINARY: &str = "/usr/bin/nvidia-container-runtime";
-/// Where the spec puts the NVIDIA module options, and which.
-const NVIDIA_CONF: &str = "/etc/modprobe.d/nvidia.conf";
-const NVIDIA_OPTIONS: [(&str, &str); 2] = [
-    ("NVreg_EnableGpuFirmware", "1"),
-    ("NVreg_PreserveVideoMemoryAllocations", "1"),
-];
-/// Kernel modules and sysctls Kubernetes networking needs.
-const K8S_MODULES: [&str; 2] = ["overlay", "br_netfilter"];
-const K8S_SYSCTLS: [&str; 3] = [
-    "net.bridge.bridge-nf-call-iptables",
-    "net.bridge.bridge-nf-call-ip6tables",
-    "net.ipv4.ip_forward",
-];
-/// Where the GPU RuntimeClass manifest is shipped.
+/// Where RuntimeClass manifests are shipped (overlays/*/usr/local/share/kubernetes).
 const MANIFEST_DIR: &str = "/usr/local/share/kubernetes";
 /// Ubuntu's resolv.conf: a symlink to systemd-resolved's stub file.
 const RESOLV_TARGET: &str = "../run/systemd/resolve/stub-resolv.conf";
@@ -76,6 +53,10 @@ const BUILD_LEFTOVERS: [&str; 2] = [
 ];
 const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 const INITRAMFS_CONF: &str = "/etc/initramfs-tools/update-initramfs.conf";
+/// containerd's socket when its config sets none.
+const DEFAULT_CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+/// Local unit configuration: enablement links in `*.wants`/`*.requires`, masks.
+const SYSTEMD_ETC: &str = "/etc/systemd/system";
 
 /// Configuration directories in precedence order: for a file name found in several,
 /// the first directory wins (modprobe.d(5), sysctl.d(5), modules-load.d(5)).
@@ -172,12 +153,9 @@ pub fn cmd_verify(image: &Path, def_path: &Path, json: bool) -> Result<()> {
 /// inside it is a failed [`Check`].
 pub fn verify_image(image: &Path, def: &ImageDef) -> Result<Vec<Check>> {
     let root = RootFs::open(image)?;
-    let size = virtual_size(image)?;
-    let status = match root.read_optional("/var/lib/dpkg/status")? {
-        Some(b) => parse_dpkg_status(&String::from_utf8_lossy(&b)),
-        None => Vec::new(),
-    };
-    let kernels = image_kernels(&root)?;
+    let size = root.disk().size();
+    let status = dpkg::read_status(&root)?;
+    let kernels = bootable_kernels(&root)?;
     let mut v = Verifier {
         root,
         def,
@@ -191,7 +169,7 @@ pub fn verify_image(image: &Path, def: &ImageDef) -> Result<Vec<Check>> {
     v.modules()?;
     v.overlays()?;
     v.spec_config()?;
-    v.swap()?;
+    v.units()?;
     v.identity()?;
     v.repositories()?;
     Ok(v.checks)
@@ -249,7 +227,7 @@ struct WantedPackage {
     hold: bool,
 }
 
-impl Verifier<'_> {
+impl<'a> Verifier<'a> {
     fn push(&mut self, name: impl Into<String>, ok: bool, found: impl Into<String>, expected: impl Into<String>) {
         self.checks.push(Check {
             name: name.into(),
@@ -261,35 +239,9 @@ impl Verifier<'_> {
 
     // --- facts of the definition -----------------------------------------------------
 
-    /// Whether a stage installs `name`.
-    fn lists(&self, name: &str) -> bool {
-        self.def
-            .stages
-            .iter()
-            .any(|s| s.packages.iter().any(|p| p.name == name))
-    }
-
-    /// A Kubernetes node: the definition installs kubelet/kubeadm/kubectl or containerd.
-    fn is_k8s_node(&self) -> bool {
-        KUBERNETES_PACKAGES
-            .iter()
-            .chain(&["containerd", "containerd.io"])
-            .any(|p| self.lists(p))
-    }
-
-    fn is_gpu(&self) -> bool {
-        self.def.payload.gpu.is_some()
-    }
-
-    /// Prepared for an NVIDIA driver (the spec's GPU prerequisites): a GPU payload,
-    /// required kernel modules, or kernel headers installed for DKMS.
-    fn is_gpu_ready(&self) -> bool {
-        self.is_gpu()
-            || self
-                .def
-                .stages
-                .iter()
-                .any(|s| s.kernel_headers || !s.require_modules.is_empty())
+    /// The definition's `[expect]`.
+    fn expect(&self) -> &'a Expectations {
+        &self.def.expect
     }
 
     /// Packages the definition installs or holds, in stage order; a pin makes a hold
@@ -393,39 +345,47 @@ impl Verifier<'_> {
     // --- 0. the system ------------------------------------------------------------
 
     fn system(&mut self, size: u64) -> Result<()> {
-        let os = match self.read_text("/etc/os-release")? {
-            Some(t) => Some(t),
-            None => self.read_text("/usr/lib/os-release")?,
-        };
-        let (found, ok) = match os.map(|t| parse_os_release(&t)) {
-            None => ("no /etc/os-release".to_string(), false),
-            Some(m) => {
-                let get = |k: &str| m.get(k).map_or("?", String::as_str).to_string();
-                let ok = get("ID") == SPEC_OS.0 && get("VERSION_ID") == SPEC_OS.1;
-                (
-                    format!("{} {} ({})", get("ID"), get("VERSION_ID"), get("VERSION_CODENAME")),
-                    ok,
-                )
-            }
-        };
-        self.push("os release", ok, found, format!("{} {} (jammy)", SPEC_OS.0, SPEC_OS.1));
+        if let Some(want) = &self.expect().os {
+            let os = match self.read_text("/etc/os-release")? {
+                Some(t) => Some(t),
+                None => self.read_text("/usr/lib/os-release")?,
+            };
+            let (found, ok) = match os.map(|t| parse_os_release(&t)) {
+                None => ("no /etc/os-release".to_string(), false),
+                Some(m) => {
+                    let get = |k: &str| m.get(k).map_or("?", String::as_str).to_string();
+                    let ok = get("ID") == want.id
+                        && get("VERSION_ID") == want.version_id
+                        && want.codename.as_ref().is_none_or(|c| &get("VERSION_CODENAME") == c);
+                    (
+                        format!("{} {} ({})", get("ID"), get("VERSION_ID"), get("VERSION_CODENAME")),
+                        ok,
+                    )
+                }
+            };
+            let expected = format!(
+                "{} {} ({})",
+                want.id,
+                want.version_id,
+                want.codename.as_deref().unwrap_or("any codename")
+            );
+            self.push("os release", ok, found, expected);
+        }
 
-        let arch = ["base-files", "dpkg"].iter().find_map(|n| {
-            self.installed(n)
-                .filter(|p| !p.arch.is_empty() && p.arch != "all")
-                .map(|p| p.arch.clone())
-        });
-        let arch = match arch {
-            Some(a) => Some(a),
-            None => self
-                .read_text("/var/lib/dpkg/arch")?
-                .and_then(|t| t.lines().map(str::trim).find(|l| !l.is_empty()).map(str::to_string)),
-        };
-        let ok = arch.as_deref() == Some(SPEC_ARCH);
-        self.push("architecture", ok, arch.unwrap_or_else(|| "unknown".into()), SPEC_ARCH);
+        if let Some(want) = &self.expect().architecture {
+            let arch_file = self.read_text("/var/lib/dpkg/arch")?;
+            let arch = dpkg::native_arch(&self.status, arch_file.as_deref());
+            let ok = arch.as_ref() == Some(want);
+            self.push(
+                "architecture",
+                ok,
+                arch.unwrap_or_else(|| "unknown".into()),
+                want.as_str(),
+            );
+        }
 
         let want = self.def.disk_size;
-        self.push("disk size", size == want, size_text(size), size_text(want));
+        self.push("disk size", size == want, exact_size(size), exact_size(want));
         Ok(())
     }
 
@@ -493,9 +453,16 @@ impl Verifier<'_> {
                 required.push(m.clone());
             }
         }
-        let driver = self.def.payload.gpu.as_ref().map(|g| {
-            let installed = self.installed(&g.driver_package).map(|p| p.version.clone());
-            (g.driver_package.clone(), installed)
+        // The expected driver version, and what the payload's driver package says (shown).
+        let driver = self.expect().nvidia_driver_version.clone().map(|want| {
+            let package = self.def.payload.gpu.as_ref().and_then(|g| {
+                self.installed(&g.driver_package)
+                    .map(|p| format!("{} {}", g.driver_package, p.version))
+            });
+            match package {
+                Some(p) => (want.clone(), format!("version={want} ({p})")),
+                None => (want.clone(), format!("version={want}")),
+            }
         });
         if required.is_empty() && driver.is_none() {
             return Ok(());
@@ -518,24 +485,14 @@ impl Verifier<'_> {
                     },
                 }
             }
-            if let Some((package, installed)) = &driver {
+            if let Some((want, expected)) = &driver {
                 let name = format!("nvidia.ko version ({k})");
-                let Some(installed) = installed else {
-                    self.push(
-                        name,
-                        false,
-                        "not checked",
-                        format!("the version of {package}, which is not installed"),
-                    );
-                    continue;
-                };
-                let want = upstream_version(installed).to_string();
-                let expected = format!("version={want} ({package} {installed})");
+                let expected = expected.clone();
                 match self.module_info(&k, &index, "nvidia", &mut infos)? {
                     None => self.push(name, false, format!("no nvidia.ko under /lib/modules/{k}"), expected),
                     Some((rel, ModInfo::Unreadable(why))) => self.push(name, false, format!("{rel}: {why}"), expected),
                     Some((rel, ModInfo::Read { version, .. })) => {
-                        let ok = version.as_deref() == Some(want.as_str());
+                        let ok = version.as_ref() == Some(want);
                         let found = match version {
                             Some(v) => format!("{rel}: version={v}"),
                             None => format!("{rel}: no version"),
@@ -671,136 +628,141 @@ impl Verifier<'_> {
         Ok(())
     }
 
-    // --- 5. the spec's configuration -----------------------------------------------
+    // --- 5. the expected configuration -----------------------------------------------
 
     fn spec_config(&mut self) -> Result<()> {
-        let modprobe = if self.is_gpu_ready() {
-            self.conf_files(&MODPROBE_DIRS)?
-        } else {
+        let e = self.expect();
+        let modprobe = if e.modprobe_blacklist.is_empty() && e.modprobe_options.is_empty() {
             Vec::new()
+        } else {
+            self.conf_files(&MODPROBE_DIRS)?
         };
-        if self.is_gpu_ready() {
-            let hit = modprobe
-                .iter()
-                .find(|(_, t)| config_lines(t).any(|l| words(l) == ["blacklist", "nouveau"]));
+        for m in &e.modprobe_blacklist {
+            let hit = modprobe.iter().find(|(_, t)| {
+                config_lines(t).any(|l| {
+                    let w = words(l);
+                    w.len() == 2 && w[0] == "blacklist" && normalize_module(w[1]) == normalize_module(m)
+                })
+            });
             let (ok, found) = match hit {
-                Some((p, _)) => (true, format!("blacklist nouveau in {p}")),
-                None => (false, "no `blacklist nouveau` in any modprobe.d/*.conf".to_string()),
+                Some((p, _)) => (true, format!("blacklist {m} in {p}")),
+                None => (false, format!("no `blacklist {m}` in any modprobe.d/*.conf")),
             };
             self.push(
-                "nouveau blacklisted",
+                format!("{m} blacklisted"),
                 ok,
                 found,
-                "a /etc/modprobe.d/*.conf with `blacklist nouveau`",
+                format!("a /etc/modprobe.d/*.conf with `blacklist {m}`"),
             );
         }
-        if self.is_gpu() {
-            for (param, want) in NVIDIA_OPTIONS {
-                let (ok, found) = nvidia_option(&modprobe, param, want);
+        for (module, params) in &e.modprobe_options {
+            let conf = format!("/etc/modprobe.d/{module}.conf");
+            for (param, want) in params {
+                let (ok, found) = modprobe_option(&modprobe, module, &conf, param, want);
                 self.push(
-                    format!("modprobe nvidia {param}"),
+                    format!("modprobe {module} {param}"),
                     ok,
                     found,
-                    format!("options nvidia {param}={want} in {NVIDIA_CONF}"),
+                    format!("options {module} {param}={want} in {conf}"),
                 );
             }
         }
-        if !self.is_k8s_node() {
-            return Ok(());
+
+        if !e.modules_load.is_empty() {
+            let loads = self.conf_files(&MODULES_LOAD_DIRS)?;
+            for m in &e.modules_load {
+                let hit = loads
+                    .iter()
+                    .find(|(_, t)| config_lines(t).any(|l| normalize_module(l) == normalize_module(m)));
+                let (ok, found) = match hit {
+                    Some((p, _)) => (true, format!("listed in {p}")),
+                    None => (false, "not in any modules-load.d/*.conf".to_string()),
+                };
+                self.push(
+                    format!("modules-load {m}"),
+                    ok,
+                    found,
+                    "listed in /etc/modules-load.d/*.conf",
+                );
+            }
         }
 
-        let loads = self.conf_files(&MODULES_LOAD_DIRS)?;
-        for m in K8S_MODULES {
-            let hit = loads
-                .iter()
-                .find(|(_, t)| config_lines(t).any(|l| normalize_module(l) == normalize_module(m)));
-            let (ok, found) = match hit {
-                Some((p, _)) => (true, format!("listed in {p}")),
-                None => (false, "not in any modules-load.d/*.conf".to_string()),
-            };
-            self.push(
-                format!("modules-load {m}"),
-                ok,
-                found,
-                "listed in /etc/modules-load.d/*.conf",
-            );
-        }
-
-        let values = sysctl_values(&self.conf_files(&SYSCTL_DIRS)?);
-        for key in K8S_SYSCTLS {
-            let (ok, found) = match values.get(key) {
-                Some((v, p)) => (v == "1", format!("{v} ({p})")),
-                None => (false, "not set".to_string()),
-            };
-            self.push(format!("sysctl {key}"), ok, found, "1 (in /etc/sysctl.d/*.conf)");
+        if !e.sysctl.is_empty() {
+            let values = sysctl_values(&self.conf_files(&SYSCTL_DIRS)?);
+            for (key, want) in &e.sysctl {
+                let (ok, found) = match values.get(key) {
+                    Some((v, p)) => (&words(v).join(" ") == want, format!("{v} ({p})")),
+                    None => (false, "not set".to_string()),
+                };
+                self.push(
+                    format!("sysctl {key}"),
+                    ok,
+                    found,
+                    format!("{want} (in /etc/sysctl.d/*.conf)"),
+                );
+            }
         }
 
         self.containerd_config()?;
-        if self.is_gpu() {
-            self.runtime_class()?;
-        }
+        self.runtime_classes()?;
 
-        self.min_version(
-            "containerd version",
-            &["containerd", "containerd.io"],
-            SPEC_CONTAINERD_MIN,
-        );
-        self.min_version("runc version", &["runc"], SPEC_RUNC_MIN);
-        for p in KUBERNETES_PACKAGES {
-            let (ok, found) = match self.installed(p) {
-                Some(i) => (upstream_version(&i.version) == SPEC_KUBERNETES, i.version.clone()),
-                None => (false, "not installed".to_string()),
-            };
-            self.push(
-                format!("{p} version"),
-                ok,
-                found,
-                format!("{SPEC_KUBERNETES} (upstream)"),
-            );
+        for (package, min) in &e.min_versions {
+            self.min_version(&format!("{package} version"), package, min);
+        }
+        if let Some(k) = &e.kubernetes {
+            for p in &k.packages {
+                let (ok, found) = match self.installed(p) {
+                    Some(i) => (upstream_version(&i.version) == k.version, i.version.clone()),
+                    None => (false, "not installed".to_string()),
+                };
+                self.push(format!("{p} version"), ok, found, format!("{} (upstream)", k.version));
+            }
         }
         Ok(())
     }
 
-    /// The first installed of `packages` at an upstream version of at least `min`.
-    fn min_version(&mut self, name: &str, packages: &[&str], min: &str) {
-        let (ok, found) = match packages.iter().find_map(|p| self.installed(p)) {
+    /// `package` installed at an upstream version of at least `min`.
+    fn min_version(&mut self, name: &str, package: &str, min: &str) {
+        let (ok, found) = match self.installed(package) {
             Some(p) => {
                 let ok = dpkg_version_cmp(upstream_version(&p.version), min) != Ordering::Less;
                 (ok, format!("{} {}", p.name, p.version))
             }
-            None => (false, format!("{} not installed", packages.join(" / "))),
+            None => (false, format!("{package} not installed")),
         };
         self.push(name, ok, found, format!(">= {min}"));
     }
 
-    /// containerd's config: runc with the systemd cgroup driver, the spec's socket and,
-    /// on GPU images, the nvidia runtime next to runc.
+    /// containerd's config (`expect.containerd`): runc with the expected cgroup driver,
+    /// the expected socket and each expected runtime next to runc.
     fn containerd_config(&mut self) -> Result<()> {
-        let names = [
-            "containerd SystemdCgroup",
-            "containerd socket",
-            "containerd nvidia runtime",
+        let Some(want) = &self.expect().containerd else {
+            return Ok(());
+        };
+        let cfg = want.config.as_str();
+        let socket = want.socket.as_str();
+        let mut names = vec!["containerd SystemdCgroup".to_string(), "containerd socket".to_string()];
+        let mut expected = vec![
+            format!("SystemdCgroup = {} for the runc runtime in {cfg}", want.systemd_cgroup),
+            format!("grpc address = \"{socket}\""),
         ];
-        let count = if self.is_gpu() { 3 } else { 2 };
-        let expected = [
-            format!("SystemdCgroup = true for the runc runtime in {CONTAINERD_CONFIG}"),
-            format!("grpc address = \"{CONTAINERD_SOCKET}\""),
-            format!("runtimes.nvidia with BinaryName = \"{NVIDIA_RUNTIME_BINARY}\", runtimes.runc kept"),
-        ];
-        let config = match self.read_text(CONTAINERD_CONFIG)? {
-            None => Err(format!("no {CONTAINERD_CONFIG}")),
-            Some(t) => t.parse::<toml::Table>().map_err(|e| {
-                format!(
-                    "{CONTAINERD_CONFIG} is not TOML: {}",
-                    e.to_string().lines().next().unwrap_or("")
-                )
-            }),
+        for (rt, binary) in &want.runtimes {
+            names.push(format!("containerd {rt} runtime"));
+            expected.push(format!(
+                "runtimes.{rt} with BinaryName = \"{binary}\", runtimes.runc kept"
+            ));
+        }
+        let config = match self.read_text(cfg)? {
+            None => Err(format!("no {cfg}")),
+            Some(t) => t
+                .parse::<toml::Table>()
+                .map_err(|e| format!("{cfg} is not TOML: {}", e.to_string().lines().next().unwrap_or(""))),
         };
         let config = match config {
             Ok(c) => c,
             Err(why) => {
-                for i in 0..count {
-                    self.push(names[i], false, why.clone(), expected[i].clone());
+                for (n, x) in names.into_iter().zip(expected) {
+                    self.push(n, false, why.clone(), x);
                 }
                 return Ok(());
             }
@@ -821,35 +783,34 @@ impl Verifier<'_> {
 
         let (ok, found) = match option("runc", "SystemdCgroup") {
             Some(v) => (
-                v.as_bool() == Some(true),
+                v.as_bool() == Some(want.systemd_cgroup),
                 format!("SystemdCgroup = {v} (runtimes.runc.options)"),
             ),
             None if runtime("runc").is_none() => (false, "no runc runtime".to_string()),
             None => (false, "SystemdCgroup not set for runc".to_string()),
         };
-        self.push(names[0], ok, found, expected[0].clone());
+        self.push(names[0].clone(), ok, found, expected[0].clone());
 
         let (ok, found) = match config.get("grpc").and_then(|g| g.get("address")) {
-            Some(toml::Value::String(a)) => (a == CONTAINERD_SOCKET, format!("address = \"{a}\"")),
+            Some(toml::Value::String(a)) => (a == socket, format!("address = \"{a}\"")),
             Some(v) => (false, format!("address = {v}")),
             None => (
-                true,
-                format!("grpc.address not set (containerd's default {CONTAINERD_SOCKET})"),
+                socket == DEFAULT_CONTAINERD_SOCKET,
+                format!("grpc.address not set (containerd's default {DEFAULT_CONTAINERD_SOCKET})"),
             ),
         };
-        self.push(names[1], ok, found, expected[1].clone());
+        self.push(names[1].clone(), ok, found, expected[1].clone());
 
-        if self.is_gpu() {
-            let binary = option("nvidia", "BinaryName");
-            let ok = binary.as_ref().and_then(toml::Value::as_str) == Some(NVIDIA_RUNTIME_BINARY)
-                && runtime("runc").is_some();
+        for (i, (rt, binary)) in want.runtimes.iter().enumerate() {
+            let have = option(rt, "BinaryName");
+            let ok = have.as_ref().and_then(toml::Value::as_str) == Some(binary.as_str()) && runtime("runc").is_some();
             let found = format!(
-                "nvidia BinaryName = {}, runc {}",
-                binary.map_or_else(
-                    || if runtime("nvidia").is_some() {
+                "{rt} BinaryName = {}, runc {}",
+                have.map_or_else(
+                    || if runtime(rt).is_some() {
                         "unset".into()
                     } else {
-                        "(no nvidia runtime)".into()
+                        format!("(no {rt} runtime)")
                     },
                     |b| b.to_string()
                 ),
@@ -859,13 +820,17 @@ impl Verifier<'_> {
                     "missing"
                 }
             );
-            self.push(names[2], ok, found, expected[2].clone());
+            self.push(names[2 + i].clone(), ok, found, expected[2 + i].clone());
         }
         Ok(())
     }
 
-    /// A RuntimeClass `nvidia` (handler `nvidia`) manifest under /usr/local/share/kubernetes.
-    fn runtime_class(&mut self) -> Result<()> {
+    /// For each expected RuntimeClass, a manifest of it (with the expected handler)
+    /// under /usr/local/share/kubernetes.
+    fn runtime_classes(&mut self) -> Result<()> {
+        if self.expect().runtime_classes.is_empty() {
+            return Ok(());
+        }
         let mut files = Vec::new();
         let mut dirs = vec![MANIFEST_DIR.to_string()];
         while let Some(d) = dirs.pop() {
@@ -879,56 +844,116 @@ impl Verifier<'_> {
             }
         }
         files.sort();
-        let mut found = format!("none among {} manifest(s) under {MANIFEST_DIR}", files.len());
-        let mut ok = false;
-        for p in files {
-            let text = self.read_text(&p)?.unwrap_or_default();
-            if let Some(handler) = runtime_class_handler(&text, "nvidia") {
-                ok = handler == "nvidia";
-                found = format!("{p} (handler {handler})");
-                if ok {
-                    break;
+        let mut texts = Vec::new();
+        for p in &files {
+            texts.push((p.clone(), self.read_text(p)?.unwrap_or_default()));
+        }
+        for (name, want) in &self.expect().runtime_classes {
+            let mut found = format!("none among {} manifest(s) under {MANIFEST_DIR}", files.len());
+            let mut ok = false;
+            for (p, text) in &texts {
+                if let Some(handler) = runtime_class_handler(text, name) {
+                    ok = &handler == want;
+                    found = format!("{p} (handler {handler})");
+                    if ok {
+                        break;
+                    }
                 }
             }
+            self.push(
+                format!("RuntimeClass {name}"),
+                ok,
+                found,
+                format!("a RuntimeClass named {name}, handler {want}, under {MANIFEST_DIR}"),
+            );
         }
-        self.push(
-            "RuntimeClass nvidia",
-            ok,
-            found,
-            format!("a RuntimeClass named nvidia, handler nvidia, under {MANIFEST_DIR}"),
-        );
         Ok(())
     }
 
-    // --- 6. swap ----------------------------------------------------------------------
+    // --- 6. swap and units ------------------------------------------------------------
 
-    fn swap(&mut self) -> Result<()> {
-        if !self.is_k8s_node() {
+    fn units(&mut self) -> Result<()> {
+        let e = self.expect();
+        if e.swap_off {
+            let (ok, found) = match self.read_text("/etc/fstab")? {
+                None => (true, "no /etc/fstab".to_string()),
+                Some(t) => {
+                    let swaps: Vec<&str> = config_lines(&t).filter(|l| words(l).get(2) == Some(&"swap")).collect();
+                    match swaps.first() {
+                        None => (true, "no swap entries".to_string()),
+                        Some(l) => (
+                            false,
+                            format!(
+                                "{} swap entr{}: {l}",
+                                swaps.len(),
+                                if swaps.len() == 1 { "y" } else { "ies" }
+                            ),
+                        ),
+                    }
+                }
+            };
+            self.push("fstab swap", ok, found, "no swap entries in /etc/fstab");
+        }
+
+        for unit in &e.masked_units {
+            let path = format!("{SYSTEMD_ETC}/{unit}");
+            let (ok, found) = self.symlink_check(&path, &["/dev/null"])?;
+            self.push(format!("{unit} masked"), ok, found, format!("{path} -> /dev/null"));
+        }
+
+        if e.enabled_units.is_empty() {
             return Ok(());
         }
-        let (ok, found) = match self.read_text("/etc/fstab")? {
-            None => (true, "no /etc/fstab".to_string()),
-            Some(t) => {
-                let swaps: Vec<&str> = config_lines(&t).filter(|l| words(l).get(2) == Some(&"swap")).collect();
-                match swaps.first() {
-                    None => (true, "no swap entries".to_string()),
-                    Some(l) => (
-                        false,
-                        format!(
-                            "{} swap entr{}: {l}",
-                            swaps.len(),
-                            if swaps.len() == 1 { "y" } else { "ies" }
-                        ),
-                    ),
+        // The *.wants and *.requires directories of /etc/systemd/system.
+        let link_dirs: Vec<String> = self
+            .list(SYSTEMD_ETC)?
+            .into_iter()
+            .filter(|n| n.ends_with(".wants") || n.ends_with(".requires"))
+            .map(|n| format!("{SYSTEMD_ETC}/{n}"))
+            .filter(|d| self.root.is_dir(d).unwrap_or(false))
+            .collect();
+        for unit in &e.enabled_units {
+            let (ok, found) = self.enabled_check(&link_dirs, unit)?;
+            self.push(
+                format!("{unit} enabled"),
+                ok,
+                found,
+                format!("a link in {SYSTEMD_ETC}/*.wants/ to the installed unit, not masked"),
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether `unit` is enabled as `systemctl enable` does it: a symlink named `unit`
+    /// in a `*.wants`/`*.requires` directory, leading to an existing unit file, and
+    /// the unit not masked. (ok, what was found).
+    fn enabled_check(&self, link_dirs: &[String], unit: &str) -> Result<(bool, String)> {
+        let mask = format!("{SYSTEMD_ETC}/{unit}");
+        if self.kind(&mask)? == Some(FileKind::Symlink) && self.root.read_link(&mask)? == "/dev/null" {
+            return Ok((false, format!("masked ({mask} -> /dev/null)")));
+        }
+        let mut dangling = None;
+        for d in link_dirs {
+            let link = format!("{d}/{unit}");
+            match self.kind(&link)? {
+                None => {}
+                Some(FileKind::Symlink) => {
+                    let target = self.root.read_link(&link)?;
+                    let dir = d.rsplit('/').next().unwrap_or(d);
+                    if self.root.exists(&link)? {
+                        return Ok((true, format!("{dir}/{unit} -> {target}")));
+                    }
+                    dangling.get_or_insert(format!("{dir}/{unit} -> {target}, which does not exist"));
+                }
+                Some(k) => {
+                    dangling.get_or_insert(format!("{link} is a {} (not a link)", format!("{k:?}").to_lowercase()));
                 }
             }
-        };
-        self.push("fstab swap", ok, found, "no swap entries in /etc/fstab");
-
-        let unit = "/etc/systemd/system/swap.target";
-        let (ok, found) = self.symlink_check(unit, &["/dev/null"])?;
-        self.push("swap.target masked", ok, found, format!("{unit} -> /dev/null"));
-        Ok(())
+        }
+        Ok((
+            false,
+            dangling.unwrap_or_else(|| format!("not enabled (no {SYSTEMD_ETC}/*.wants/{unit})")),
+        ))
     }
 
     /// Whether `path` is a symlink to one of `targets`, and what it is.
@@ -1167,51 +1192,6 @@ enum ModInfo {
     Unreadable(String),
 }
 
-/// Kernels the image boots: `/boot/vmlinuz-K` with a `/lib/modules/K` directory,
-/// newest first (the same rule as provisioning's `image_kernels`, on the unmounted
-/// image; RootFs resolves `/lib` → `usr/lib`).
-fn image_kernels(root: &RootFs) -> Result<Vec<String>> {
-    if !root.is_dir("/boot")? {
-        return Ok(Vec::new());
-    }
-    let mut kernels = Vec::new();
-    for name in root.read_dir("/boot")? {
-        if let Some(k) = name.strip_prefix("vmlinuz-").filter(|k| !k.is_empty())
-            && root.is_dir(&format!("/lib/modules/{k}"))?
-        {
-            kernels.push(k.to_string());
-        }
-    }
-    kernels.sort_by(|a, b| dpkg_version_cmp(b, a));
-    Ok(kernels)
-}
-
-/// Size of the disk: the file's length for raw, the header's virtual size for qcow2.
-fn virtual_size(image: &Path) -> Result<u64> {
-    let mut f = std::fs::File::open(image).with_context(|| format!("opening {}", image.display()))?;
-    let mut head = [0u8; 32];
-    let mut n = 0;
-    while n < head.len() {
-        match f.read(&mut head[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    if n == head.len() && &head[..4] == b"QFI\xfb" {
-        return Ok(u64::from_be_bytes(head[24..32].try_into().unwrap()));
-    }
-    Ok(f.metadata()?.len())
-}
-
-fn size_text(bytes: u64) -> String {
-    const GIB: u64 = 1 << 30;
-    if bytes.is_multiple_of(GIB) {
-        format!("{} GiB ({bytes} bytes)", bytes / GIB)
-    } else {
-        format!("{:.2} GiB ({bytes} bytes)", bytes as f64 / GIB as f64)
-    }
-}
-
 /// Up to five names, then a count.
 fn listing(names: &[String], empty: &str) -> String {
     match names.len() {
@@ -1337,23 +1317,23 @@ fn walk_overlay(top: &Path, dir: &Path, out: &mut BTreeMap<String, PathBuf>) -> 
     Ok(())
 }
 
-/// The effective value of `options nvidia PARAM=...` over the modprobe files (in the
+/// The effective value of `options MODULE PARAM=...` over the modprobe files (in the
 /// order modprobe reads them, the last setting winning), which must be `want` and set
-/// in the spec's /etc/modprobe.d/nvidia.conf. (ok, what was found).
-fn nvidia_option(files: &[(String, String)], param: &str, want: &str) -> (bool, String) {
+/// in `conf` (/etc/modprobe.d/MODULE.conf). (ok, what was found).
+fn modprobe_option(files: &[(String, String)], module: &str, conf: &str, param: &str, want: &str) -> (bool, String) {
     let mut effective: Option<(String, &str)> = None;
-    let mut in_nvidia_conf: Option<String> = None;
+    let mut in_conf: Option<String> = None;
     for (path, text) in files {
         for line in config_lines(text) {
             let w = words(line);
-            if w.len() < 3 || w[0] != "options" || normalize_module(w[1]) != "nvidia" {
+            if w.len() < 3 || w[0] != "options" || normalize_module(w[1]) != normalize_module(module) {
                 continue;
             }
             for (k, v) in w[2..].iter().filter_map(|t| t.split_once('=')) {
                 if k == param {
                     effective = Some((v.to_string(), path));
-                    if path == NVIDIA_CONF {
-                        in_nvidia_conf = Some(v.to_string());
+                    if path == conf {
+                        in_conf = Some(v.to_string());
                     }
                 }
             }
@@ -1362,14 +1342,14 @@ fn nvidia_option(files: &[(String, String)], param: &str, want: &str) -> (bool, 
     match effective {
         None => (
             false,
-            format!("{param} not set (no `options nvidia {param}=...` in modprobe.d)"),
+            format!("{param} not set (no `options {module} {param}=...` in modprobe.d)"),
         ),
         Some((v, path)) => {
-            let ok = v == want && in_nvidia_conf.as_deref() == Some(want);
-            let note = match &in_nvidia_conf {
-                Some(_) if path == NVIDIA_CONF => String::new(),
-                Some(n) => format!("; {NVIDIA_CONF} sets {n}"),
-                None => format!("; not in {NVIDIA_CONF}"),
+            let ok = v == want && in_conf.as_deref() == Some(want);
+            let note = match &in_conf {
+                Some(_) if path == conf => String::new(),
+                Some(n) => format!("; {conf} sets {n}"),
+                None => format!("; not in {conf}"),
             };
             (ok, format!("{param}={v} ({path}{note})"))
         }
@@ -1479,7 +1459,7 @@ fn parse_deb_line(line: &str) -> Option<DebLine> {
 mod tests {
     use super::*;
     use crate::host::cmd::Cmd;
-    use crate::image::inspect::test_images::{OS_RELEASE, tool};
+    use crate::image::inspect::test_images::{OS_RELEASE, to_qcow2, tool};
     use std::os::unix::fs::{PermissionsExt, symlink};
     use tempfile::TempDir;
 
@@ -1523,6 +1503,33 @@ repositories = ["kubernetes"]
 packages = ["container-runtime", "kubernetes"]
 hold = ["kubelet", "kubeadm", "kubectl"]
 overlays = ["kubernetes"]
+[expect]
+os = { id = "ubuntu", version_id = "22.04", codename = "jammy" }
+architecture = "amd64"
+enabled_units = ["containerd.service", "kubelet.service"]
+masked_units = ["swap.target"]
+swap_off = true
+modules_load = ["overlay", "br_netfilter"]
+modprobe_blacklist = ["nouveau"]
+nvidia_driver_version = "565.57.01"
+runtime_classes = { nvidia = "nvidia" }
+[expect.kubernetes]
+version = "1.30.0"
+packages = ["kubelet", "kubeadm", "kubectl"]
+[expect.min_versions]
+containerd = "1.7"
+runc = "1.1"
+[expect.sysctl]
+"net.bridge.bridge-nf-call-iptables" = "1"
+"net.bridge.bridge-nf-call-ip6tables" = 1
+"net.ipv4.ip_forward" = "1"
+[expect.modprobe_options]
+nvidia = "NVreg_EnableGpuFirmware=1 NVreg_PreserveVideoMemoryAllocations=1"
+[expect.containerd]
+config = "/etc/containerd/config.toml"
+socket = "/run/containerd/containerd.sock"
+systemd_cgroup = true
+runtimes = { nvidia = "/usr/bin/nvidia-container-runtime" }
 "#;
 
     const LISTS: [(&str, &str); 5] = [
@@ -1725,15 +1732,23 @@ version = 2
             copy_tree(dir, root);
         }
 
-        // What the hooks leave.
-        let k8s = def
-            .stages
-            .iter()
-            .flat_map(|s| &s.packages)
-            .any(|p| p.name == "kubelet" || p.name == "containerd");
-        if k8s {
-            w("etc/containerd/config.toml", &containerd_config(gpu.is_some()));
-            ln("/dev/null", "etc/systemd/system/swap.target");
+        // What the hooks leave: containerd's config, units masked and enabled (each
+        // unit installed by its package).
+        if let Some(c) = &def.expect.containerd {
+            w(&c.config[1..], &containerd_config(!c.runtimes.is_empty()));
+        }
+        for u in &def.expect.masked_units {
+            ln("/dev/null", &format!("etc/systemd/system/{u}"));
+        }
+        for u in &def.expect.enabled_units {
+            w(
+                &format!("usr/lib/systemd/system/{u}"),
+                "[Unit]\n[Install]\nWantedBy=multi-user.target\n",
+            );
+            ln(
+                &format!("/lib/systemd/system/{u}"),
+                &format!("etc/systemd/system/multi-user.target.wants/{u}"),
+            );
         }
         w(
             "etc/fstab",
@@ -1882,6 +1897,8 @@ version = 2
             "kubectl version",
             "fstab swap",
             "swap.target masked",
+            "containerd.service enabled",
+            "kubelet.service enabled",
             "machine-id empty",
             "dbus machine-id absent",
             "ssh host keys",
@@ -1935,12 +1952,7 @@ version = 2
         let f = Fixture::new();
         let raw = f.image();
         let qcow2 = f.dir.path().join("disk.qcow2");
-        Cmd::new(tool("qemu-img", "qemu-utils"))
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&qcow2)
-            .run()
-            .unwrap();
+        to_qcow2(&raw, &qcow2);
         let checks = verify_image(&qcow2, &f.def).unwrap();
         assert_eq!(failed(&checks), Vec::<&str>::new(), "\n{}", render_table(&checks));
     }
@@ -1995,6 +2007,119 @@ version = 2
                 write(&f.root().join("etc/modprobe.d/nvidia.conf"), text);
             },
             &["modprobe nvidia NVreg_EnableGpuFirmware"],
+        );
+    }
+
+    /// The checks are the definition's `[expect]`: a definition extending the test one
+    /// with another Kubernetes version, an extra sysctl and an extra unit makes verify
+    /// demand exactly those of the same image; one without `[expect]` demands none of
+    /// the spec's configuration.
+    #[test]
+    fn expectations_drive_the_checks() {
+        let f = Fixture::new();
+        let image = f.image();
+        let images = f.def.project_root.join("images");
+        write(
+            &images.join("y.toml"),
+            "extends = \"x.toml\"\n[expect]\nenabled_units = [\"nvidia-persistenced.service\"]\n\
+             [expect.kubernetes]\nversion = \"1.31.0\"\n[expect.sysctl]\n\"vm.max_map_count\" = 262144\n",
+        );
+        let y = crate::definition::load(&images.join("y.toml")).unwrap();
+        assert_eq!(
+            y.expect.kubernetes.as_ref().unwrap().packages,
+            ["kubelet", "kubeadm", "kubectl"]
+        );
+        let checks = verify_image(&image, &y).unwrap();
+        assert_eq!(
+            failed(&checks),
+            [
+                "sysctl vm.max_map_count",
+                "kubelet version",
+                "kubeadm version",
+                "kubectl version",
+                "nvidia-persistenced.service enabled",
+            ],
+            "\n{}",
+            render_table(&checks)
+        );
+        let find = |n: &str| checks.iter().find(|c| c.name == n).unwrap();
+        assert_eq!(
+            (
+                find("kubelet version").found.as_str(),
+                find("kubelet version").expected.as_str()
+            ),
+            ("1.30.0-1.1", "1.31.0 (upstream)")
+        );
+        assert_eq!(
+            find("sysctl vm.max_map_count").expected,
+            "262144 (in /etc/sysctl.d/*.conf)"
+        );
+        assert_eq!(
+            find("nvidia-persistenced.service enabled").found,
+            "not enabled (no /etc/systemd/system/*.wants/nvidia-persistenced.service)"
+        );
+        // The same image against the test definition passes.
+        assert_eq!(failed(&verify_image(&image, &f.def).unwrap()), Vec::<&str>::new());
+
+        // Without [expect]: packages, kernels, modules, overlays, identity — no spec checks.
+        let bare = X_TOML.split("[expect]").next().unwrap();
+        write(&images.join("bare.toml"), bare);
+        let bare = crate::definition::load(&images.join("bare.toml")).unwrap();
+        assert_eq!(bare.expect, crate::definition::Expectations::default());
+        let checks = verify_image(&image, &bare).unwrap();
+        assert_eq!(failed(&checks), Vec::<&str>::new(), "\n{}", render_table(&checks));
+        for c in &checks {
+            let spec = [
+                "os release",
+                "sysctl ",
+                "modprobe ",
+                "modules-load ",
+                "containerd",
+                "RuntimeClass",
+            ]
+            .iter()
+            .any(|p| c.name.starts_with(p))
+                || c.name.ends_with(" version")
+                || c.name.ends_with(" enabled")
+                || c.name.ends_with(" masked")
+                || c.name.ends_with(" blacklisted");
+            assert!(!spec, "{} checked without [expect]", c.name);
+        }
+        assert!(checks.iter().any(|c| c.name == "package kubelet"));
+    }
+
+    #[test]
+    fn units_not_enabled() {
+        let f = Fixture::new();
+        let wants = f.root().join("etc/systemd/system/multi-user.target.wants");
+        std::fs::remove_file(wants.join("kubelet.service")).unwrap();
+        std::fs::remove_file(f.root().join("usr/lib/systemd/system/containerd.service")).unwrap();
+        let checks = f.verify();
+        assert_eq!(
+            failed(&checks),
+            ["containerd.service enabled", "kubelet.service enabled"],
+            "\n{}",
+            render_table(&checks)
+        );
+        let find = |n: &str| checks.iter().find(|c| c.name == n).unwrap().found.clone();
+        assert_eq!(
+            find("containerd.service enabled"),
+            "multi-user.target.wants/containerd.service -> /lib/systemd/system/containerd.service, which does not exist"
+        );
+        assert_eq!(
+            find("kubelet.service enabled"),
+            "not enabled (no /etc/systemd/system/*.wants/kubelet.service)"
+        );
+
+        // Enabled but masked is not enabled.
+        let f = Fixture::new();
+        symlink("/dev/null", f.root().join("etc/systemd/system/kubelet.service")).unwrap();
+        let checks = f.verify();
+        assert_eq!(
+            failed(&checks),
+            ["kubelet.service enabled"],
+            "\n{}",
+            render_table(&checks)
         );
     }
 
@@ -2234,14 +2359,22 @@ version = 2
                 "options nvidia NVreg_EnableGpuFirmware=0\n".to_string(),
             ),
         ];
-        let (ok, found) = nvidia_option(&files, "NVreg_EnableGpuFirmware", "1");
+        let conf = "/etc/modprobe.d/nvidia.conf";
+        let (ok, found) = modprobe_option(&files, "nvidia", conf, "NVreg_EnableGpuFirmware", "1");
         assert!(!ok);
         assert_eq!(
             found,
             "NVreg_EnableGpuFirmware=0 (/lib/modprobe.d/zz.conf; /etc/modprobe.d/nvidia.conf sets 1)"
         );
-        assert!(nvidia_option(&files[..1], "NVreg_EnableGpuFirmware", "1").0);
-        assert!(!nvidia_option(&files[1..], "NVreg_X", "2").0);
+        assert!(modprobe_option(&files[..1], "nvidia", conf, "NVreg_EnableGpuFirmware", "1").0);
+        assert!(!modprobe_option(&files[1..], "nvidia", conf, "NVreg_X", "2").0);
+        // Another module's options don't count; `-` and `_` in module names are alike.
+        assert!(!modprobe_option(&files, "nvidia-drm", conf, "NVreg_X", "2").0);
+        let drm = [(
+            "/etc/modprobe.d/nvidia-drm.conf".to_string(),
+            "options nvidia_drm modeset=1\n".to_string(),
+        )];
+        assert!(modprobe_option(&drm, "nvidia-drm", "/etc/modprobe.d/nvidia-drm.conf", "modeset", "1").0);
 
         let s = sysctl_values(&[(
             "a".into(),

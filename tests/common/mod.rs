@@ -1,5 +1,5 @@
 //! Shared fixtures for the root integration tests: the kiln binary, the cached Ubuntu
-//! 22.04 base (mmdebstrap), its qcow2 "cloud image", the stand-in repositories, and a
+//! 22.04 base (`kiln bootstrap`), its qcow2 "cloud image", the stand-in repositories, and a
 //! small root tarball for disk-layer tests. Expensive fixtures are built once, under a
 //! file lock, in $KILN_TEST_CACHE (default /var/cache/kiln-tests) and reused across runs.
 #![allow(dead_code)]
@@ -75,16 +75,32 @@ fn run_ok(cmd: &mut Command) {
     assert!(st.success(), "{cmd:?} failed: {st}");
 }
 
-/// The cached Ubuntu 22.04 root tarball (tests/fixtures/make-base.sh), keyed by the
-/// script's content.
+/// What the base fixture is made from: `kiln bootstrap`'s source, its package list and
+/// the archive keyring (the fixture's cache key).
+pub const BASE_INPUTS: [&str; 3] = [
+    "src/build/bootstrap.rs",
+    "package-lists/jammy-cloudimg.list",
+    "keys/ubuntu-archive-keyring.gpg",
+];
+
+/// The cached Ubuntu 22.04 root tarball, made by `kiln bootstrap --suite jammy` and keyed
+/// by [`BASE_INPUTS`].
 pub fn base_tarball() -> PathBuf {
-    let p = cache().join(format!(
-        "base-jammy-{}.tar",
-        short_hash(&["tests/fixtures/make-base.sh"])
-    ));
+    let p = cache().join(format!("base-jammy-{}.tar", short_hash(&BASE_INPUTS)));
     let _l = lock("base");
     if !p.exists() {
-        run_ok(Command::new(project().join("tests/fixtures/make-base.sh")).arg(&p));
+        let started = std::time::Instant::now();
+        run_ok(
+            Command::new(kiln())
+                .args(["bootstrap", "--suite", "jammy", "--out"])
+                .arg(&p)
+                .current_dir(project()),
+        );
+        eprintln!(
+            "kiln bootstrap made {} in {:.0} s",
+            p.display(),
+            started.elapsed().as_secs_f64()
+        );
     }
     p
 }
@@ -92,10 +108,9 @@ pub fn base_tarball() -> PathBuf {
 /// The qcow2 "cloud image" made from the base tarball (tests/fixtures/make-cloud-image.sh).
 pub fn cloud_qcow2() -> PathBuf {
     let base = base_tarball();
-    let p = cache().join(format!(
-        "cloud-jammy-{}.qcow2",
-        short_hash(&["tests/fixtures/make-base.sh", "tests/fixtures/make-cloud-image.sh"])
-    ));
+    let mut inputs = BASE_INPUTS.to_vec();
+    inputs.push("tests/fixtures/make-cloud-image.sh");
+    let p = cache().join(format!("cloud-jammy-{}.qcow2", short_hash(&inputs)));
     let _l = lock("cloud");
     if !p.exists() {
         run_ok(
@@ -452,4 +467,17 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// Copy an image keeping it sparse (`cp --sparse=always`).
 pub fn copy_sparse(from: &Path, to: &Path) {
     sh("cp", &["--sparse=always", from.to_str().unwrap(), to.to_str().unwrap()]);
+}
+
+/// What a build left in its output directory besides its log (NAME.build.log, which
+/// every build that got as far as its output directory writes, failed or not).
+pub fn leftovers(out: &Path) -> Vec<String> {
+    std::fs::read_dir(out)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.ends_with(".build.log"))
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -599,7 +599,7 @@ fn fetched_bytes(text: &str) -> u64 {
 /// The Ubuntu archive mirror the image itself is configured with: the first `deb` line
 /// for the release's own suite in /etc/apt/sources.list (or a deb822 .sources file).
 pub fn archive_mirror(rd: &RootDir) -> Result<String> {
-    let codename = crate::image::inspect::parse_os_release(&rd.read_to_string("/etc/os-release")?)
+    let codename = crate::image::os_release::parse_os_release(&rd.read_to_string("/etc/os-release")?)
         .get("VERSION_CODENAME")
         .cloned()
         .unwrap_or_default();

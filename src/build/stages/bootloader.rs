@@ -100,7 +100,7 @@ pub fn install(
     mounts: &mut MountStack,
     timings: &mut Timings,
 ) -> Result<()> {
-    timings.begin("bootloader")?;
+    crate::build::boundary(timings, "bootloader")?;
     let esp = layout.esp().context("the disk has no EFI System Partition")?;
     let bios = layout.bios_boot().context("the disk has no BIOS boot partition")?;
     let root_part = layout.root().context("the disk has no root partition")?;
@@ -126,13 +126,13 @@ pub fn install(
             );
         }
     }
-    let kernels = crate::build::provision::image_kernels(rd)?;
+    let kernels = crate::image::kernels::bootable_kernels(rd)?;
     let newest = kernels
         .first()
         .context("the image has no kernel (no /boot/vmlinuz-* with a /lib/modules directory) to boot")?
         .clone();
 
-    let uuid = ext4_uuid(image, root_part.offset_bytes())?;
+    let uuid = crate::disk::probe::ext_uuid(image, root_part.offset_bytes())?;
     tracing::info!("root filesystem UUID {uuid}; kernel {newest}");
 
     rd.create_dir_all("/etc/default/grub.d", 0o755)?;
@@ -232,27 +232,6 @@ fn read_at(path: &Path, offset: u64, len: usize) -> Result<Vec<u8>> {
     f.read_exact_at(&mut buf, offset)
         .with_context(|| format!("reading {} at {offset}", path.display()))?;
     Ok(buf)
-}
-
-/// The UUID of the ext2/3/4 filesystem starting at `offset`, as blkid prints it.
-pub fn ext4_uuid(image: &Path, offset: u64) -> Result<String> {
-    let sb = read_at(image, offset + 1024, 1024)?;
-    if sb[0x38..0x3a] != [0x53, 0xEF] {
-        bail!("no ext4 filesystem at offset {offset} of {}", image.display());
-    }
-    Ok(format_uuid(&sb[0x68..0x78]))
-}
-
-fn format_uuid(b: &[u8]) -> String {
-    let h = hex::encode(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
 
 /// grub-install against a loop device over the whole image file.
@@ -420,11 +399,5 @@ mod tests {
             esp_grub_cfg(UUID),
             format!("search.fs_uuid {UUID} root\nset prefix=($root)'/boot/grub'\nconfigfile $prefix/grub.cfg\n")
         );
-    }
-
-    #[test]
-    fn uuid_format() {
-        let b: Vec<u8> = (0..16).collect();
-        assert_eq!(format_uuid(&b), "00010203-0405-0607-0809-0a0b0c0d0e0f");
     }
 }
