@@ -125,18 +125,10 @@ fn kill_cache() -> PathBuf {
     cache().join("kiln-cache-kill")
 }
 
+/// A build with the kill tests' own package cache.
 fn build(def: &Path, base: &Path, out: &Path) -> Command {
-    let mut c = Command::new(kiln());
-    c.args([
-        "build",
-        def.to_str().unwrap(),
-        "--base",
-        base.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .env("KILN_CACHE_DIR", kill_cache())
-    .env("RUST_BACKTRACE", "0");
+    let mut c = build_cmd(def, base, out);
+    c.env("KILN_CACHE_DIR", kill_cache());
     c
 }
 

@@ -72,21 +72,6 @@ fn finished_outputs(out: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn build_cmd(def: &Path, base: &Path, out: &Path) -> Command {
-    let mut c = Command::new(kiln());
-    c.args([
-        "build",
-        def.to_str().unwrap(),
-        "--base",
-        base.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .env("KILN_CACHE_DIR", cache().join("kiln-cache"))
-    .env("RUST_BACKTRACE", "0");
-    c
-}
-
 /// Fail (never skip) when kiln was built without the test-only fault injection.
 fn require_fault_injection() {
     let built_with = cfg!(feature = "fault-injection");

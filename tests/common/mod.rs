@@ -481,3 +481,17 @@ pub fn leftovers(out: &Path) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// `kiln build DEF --base BASE --out OUT` with the tests' shared package cache.
+pub fn build_cmd(def: &Path, base: &Path, out: &Path) -> Command {
+    let mut c = Command::new(kiln());
+    c.arg("build")
+        .arg(def)
+        .arg("--base")
+        .arg(base)
+        .arg("--out")
+        .arg(out)
+        .env("KILN_CACHE_DIR", cache().join("kiln-cache"))
+        .env("RUST_BACKTRACE", "0");
+    c
+}
