@@ -36,7 +36,7 @@ fn nvidia() -> &'static Built {
     B.get_or_init(|| built(nvidia_seed()))
 }
 
-fn verify(b: &Built, def: &str) -> serde_json::Value {
+fn verify(b: &Built, def: &str) -> kiln::image::verify::VerifyReport {
     let d = project().join("images").join(format!("{def}.toml"));
     let o = run_kiln(&[
         "verify",
@@ -45,16 +45,11 @@ fn verify(b: &Built, def: &str) -> serde_json::Value {
         d.to_str().unwrap(),
         "--json",
     ]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("verify --json output");
-    let failed: Vec<_> = v["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["ok"] != true)
-        .collect();
+    let v: kiln::image::verify::VerifyReport = serde_json::from_slice(&o.stdout).expect("verify --json output");
+    let failed: Vec<_> = v.checks.iter().filter(|c| !c.ok).collect();
     assert!(failed.is_empty(), "failed checks: {failed:#?}");
-    assert!(o.status.success());
-    assert!(v["checks"].as_array().unwrap().len() >= 20, "too few checks: {v}");
+    assert!(o.status.success() && v.passed);
+    assert!(v.checks.len() >= 20, "too few checks: {v:?}");
     v
 }
 
@@ -135,7 +130,13 @@ fn gpu_ready_image_matches_the_spec() {
     );
     let p = payload(b, name);
     assert!(p["spec"].get("gpu").is_none(), "no gpu section for the GPU-ready image");
-    verify(b, name);
+    let v = verify(b, name);
+    for unit in ["containerd.service enabled", "kubelet.service enabled"] {
+        assert!(
+            v.checks.iter().any(|c| c.name == unit && c.ok),
+            "no passing check {unit:?}: {v:?}"
+        );
+    }
 }
 
 #[test]

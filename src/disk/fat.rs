@@ -142,7 +142,6 @@ pub fn read_file(file: &File, offset: u64, len: u64, path: &str) -> Result<Vec<u
     Ok(data)
 }
 
-#[cfg(test)]
 /// The volume label of the FAT volume at `offset..offset+len`: the root directory's
 /// label entry if there is one (what blkid and Linux report), else the boot sector's.
 pub fn label(file: &File, offset: u64, len: u64) -> Result<String> {

@@ -163,7 +163,6 @@ impl Layout {
         self.partitions.iter().find(|p| p.kind() == PartKind::BiosBoot)
     }
 
-    #[cfg(test)]
     /// The partition with this number.
     pub fn part(&self, number: u32) -> Option<&Part> {
         self.partitions.iter().find(|p| p.number == number)
@@ -504,7 +503,6 @@ pub fn guid_to_string(g: &[u8; 16]) -> String {
     )
 }
 
-#[cfg(test)]
 /// Parse a GUID's text form (any case) into on-disk byte order.
 pub fn parse_guid(s: &str) -> Option<[u8; 16]> {
     let bytes = s.as_bytes();

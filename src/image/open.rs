@@ -349,13 +349,11 @@ impl RootFs {
         self.partition
     }
 
-    #[cfg(test)]
     /// Filesystem label.
     pub fn label(&self) -> String {
         self.fs.label().display().to_string()
     }
 
-    #[cfg(test)]
     /// Filesystem UUID, lower-case `8-4-4-4-12`.
     pub fn uuid(&self) -> String {
         self.fs.uuid().to_string()
@@ -374,7 +372,6 @@ impl RootFs {
         self.fs.read(path).map_err(|e| self.err("reading", path, e))
     }
 
-    #[cfg(test)]
     /// Whole contents of a file as UTF-8.
     pub fn read_to_string(&self, path: &str) -> Result<String> {
         self.fs.read_to_string(path).map_err(|e| self.err("reading", path, e))

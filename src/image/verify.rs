@@ -91,7 +91,7 @@ const MODULE_SUFFIXES: [&str; 4] = [".ko", ".ko.xz", ".ko.gz", ".ko.zst"];
 /// The outcome of one check. Names are stable (`package kubelet`,
 /// `module nvidia (5.15.0-91-generic)`, `machine-id empty`, ...); `found` and
 /// `expected` are one line each.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Check {
     pub name: String,
     pub ok: bool,
@@ -107,6 +107,14 @@ struct Report<'a> {
     image: String,
     checks: &'a [Check],
     passed: bool,
+}
+
+/// `kiln verify --json` output, as a reader (tests, other tools) gets it back.
+#[derive(Debug, serde::Deserialize)]
+pub struct VerifyReport {
+    pub image: String,
+    pub checks: Vec<Check>,
+    pub passed: bool,
 }
 
 /// `kiln verify IMAGE --def DEF [--json]`: print the checks (a table, or JSON) and fail
