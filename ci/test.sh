@@ -22,5 +22,13 @@ if grep -q -a KILN_FAULT target/release/kiln; then
 fi
 echo "ci/test.sh: the release binary has no fault-injection code"
 
+# The CI workflow and the Kubernetes Job against their schemas, offline (the venv is
+# .ci/run's; tests/container.rs checks the same and more).
+venv=$KILN_TEST_CACHE/venv
+if [ -x "$venv/bin/check-jsonschema" ]; then
+  unshare -n "$venv/bin/check-jsonschema" --builtin-schema vendor.github-workflows ci/github/build-images.yml
+  unshare -n "$venv/bin/kubernetes-validate" --quiet --strict -k 1.30.0 ci/k8s/build-images.yaml
+fi
+
 # The tests run with it (tests/safety.rs injects faults at every stage boundary).
 cargo test --release --features fault-injection -- --test-threads=2

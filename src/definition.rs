@@ -67,6 +67,11 @@ struct RawExpect {
     min_versions: Option<BTreeMap<String, String>>,
     enabled_units: Option<Vec<String>>,
     masked_units: Option<Vec<String>>,
+    disabled_units: Option<Vec<String>>,
+    active_units: Option<Vec<String>>,
+    fail_soft_units: Option<Vec<String>>,
+    exec_start: Option<BTreeMap<String, String>>,
+    commands: Option<Vec<String>>,
     swap_off: Option<bool>,
     modules_load: Option<Vec<String>>,
     modprobe_blacklist: Option<Vec<String>>,
@@ -214,6 +219,22 @@ pub struct Expectations {
     pub enabled_units: Vec<String>,
     /// Units linked to /dev/null in /etc/systemd/system.
     pub masked_units: Vec<String>,
+    /// Units with no enablement link (disabled or masked), not running at boot. A unit
+    /// an extending definition lists in `enabled_units` leaves this list, and the other
+    /// way round: the extending definition opts back in (or out).
+    pub disabled_units: Vec<String>,
+    /// Units running once the guest has booted (`boot-test` only; `verify` cannot see
+    /// a running system — list them in `enabled_units` too).
+    pub active_units: Vec<String>,
+    /// Units whose hardware may be absent (the NVIDIA ones on a machine without a GPU
+    /// or NVSwitch): installed, and never `failed` at boot — `boot-test`, which has no
+    /// GPU, reports each one's state.
+    pub fail_soft_units: Vec<String>,
+    /// Unit → words its effective `ExecStart=` must hold (unit file and drop-ins); a
+    /// word written `!--flag` must be absent.
+    pub exec_start: Vec<(String, Vec<String>)>,
+    /// Commands on the default PATH (`unpigz`).
+    pub commands: Vec<String>,
     /// No swap in /etc/fstab, none on at boot.
     pub swap_off: bool,
     /// Modules listed in modules-load.d (loaded at boot).
@@ -627,8 +648,20 @@ impl RawExpect {
             join(&mut d.packages, &k.packages);
         }
         merge_map(&mut self.min_versions, &other.min_versions);
-        join(&mut self.enabled_units, &other.enabled_units);
         join(&mut self.masked_units, &other.masked_units);
+        // Enabled and disabled exclude each other: the extending definition's word wins.
+        if let (Some(d), Some(en)) = (&mut self.disabled_units, &other.enabled_units) {
+            d.retain(|u| !en.contains(u));
+        }
+        if let (Some(en), Some(d)) = (&mut self.enabled_units, &other.disabled_units) {
+            en.retain(|u| !d.contains(u));
+        }
+        join(&mut self.enabled_units, &other.enabled_units);
+        join(&mut self.disabled_units, &other.disabled_units);
+        join(&mut self.active_units, &other.active_units);
+        join(&mut self.fail_soft_units, &other.fail_soft_units);
+        merge_map(&mut self.exec_start, &other.exec_start);
+        join(&mut self.commands, &other.commands);
         replace(&mut self.swap_off, &other.swap_off);
         join(&mut self.modules_load, &other.modules_load);
         join(&mut self.modprobe_blacklist, &other.modprobe_blacklist);
@@ -795,6 +828,35 @@ impl RawExpect {
                 })
             }
         };
+        let disabled_units = units("disabled_units", self.disabled_units)?;
+        if let Some(u) = disabled_units
+            .iter()
+            .find(|u| self.enabled_units.as_ref().is_some_and(|e| e.contains(u)))
+        {
+            return Err(bad("disabled_units", u, "is also in enabled_units"));
+        }
+        let mut exec_start = Vec::new();
+        for (u, args) in self.exec_start.unwrap_or_default() {
+            let key = format!("exec_start.\"{u}\"");
+            unit("exec_start", &u)?;
+            let words: Vec<String> = args.split_whitespace().map(str::to_string).collect();
+            let plain = |w: &str| word(w.trim_start_matches('!'), "._,:=/+@-");
+            if words.is_empty() || !words.iter().all(|w| plain(w)) {
+                return Err(bad(
+                    &key,
+                    &args,
+                    "is not a list of command-line words (`!word`: absent)",
+                ));
+            }
+            exec_start.push((u, words));
+        }
+        let mut commands = Vec::new();
+        for c in self.commands.unwrap_or_default() {
+            if !word(&c, "._+-") {
+                return Err(bad("commands", &c, "is not a command name"));
+            }
+            commands.push(c);
+        }
         let mut runtime_classes = Vec::new();
         for (name, handler) in self.runtime_classes.unwrap_or_default() {
             if !word(&name, ".-") || !word(&handler, "_.-") {
@@ -813,6 +875,11 @@ impl RawExpect {
             min_versions,
             enabled_units: units("enabled_units", self.enabled_units)?,
             masked_units: units("masked_units", self.masked_units)?,
+            disabled_units,
+            active_units: units("active_units", self.active_units)?,
+            fail_soft_units: units("fail_soft_units", self.fail_soft_units)?,
+            exec_start,
+            commands,
             swap_off: self.swap_off.unwrap_or(false),
             modules_load: modules("modules_load", self.modules_load)?,
             modprobe_blacklist: modules("modprobe_blacklist", self.modprobe_blacklist)?,
@@ -891,9 +958,62 @@ impl ImageDef {
     }
 }
 
+/// One definition as `kiln list` shows it: what a CI matrix needs to build it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Listing {
+    pub name: String,
+    /// The definition file, as `dir` joined with its file name (`images/NAME.toml`).
+    pub file: PathBuf,
+    /// The name of the definition it extends, if any.
+    pub extends: Option<String>,
+    /// The disk size in bytes (rounded up to a MiB, as built).
+    pub disk_size: u64,
+}
+
+/// Every definition (`*.toml`) in `dir`, loaded and validated like a build loads it,
+/// sorted by file name.
+pub fn list(dir: &Path) -> Result<Vec<Listing>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| user(format!("cannot read {}: {e}", dir.display())))?;
+    let mut files: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for file in files {
+        let def = load(&file)?;
+        let extends = match read_raw(&file)?.extends {
+            Some(parent) => Some(load(&file.parent().unwrap_or(dir).join(parent))?.name),
+            None => None,
+        };
+        out.push(Listing {
+            name: def.name,
+            file,
+            extends,
+            disk_size: def.disk_size,
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_shows_every_shipped_definition_with_its_parent() {
+        let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("images");
+        let l = list(&images).unwrap();
+        assert!(l.len() >= 2, "{l:?}");
+        let gpu = l.iter().find(|x| x.name == "ubuntu-2204-gpu-ready-nodriver").unwrap();
+        assert_eq!(gpu.extends, None);
+        assert_eq!(gpu.disk_size, 20 << 30);
+        assert_eq!(gpu.file, images.join("ubuntu-2204-gpu-ready-nodriver.toml"));
+        let nv = l.iter().find(|x| x.name == "ubuntu-2204-nvidia-565-firmware1").unwrap();
+        assert_eq!(nv.extends.as_deref(), Some("ubuntu-2204-gpu-ready-nodriver"));
+        assert_eq!(nv.disk_size, 25 << 30);
+    }
 
     fn project() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
@@ -1087,6 +1207,66 @@ hooks = ["k8s"]
                 "[expect.containerd]\nconfig = \"etc/c.toml\"\nsocket = \"/s\"\n",
                 "expect.containerd.config",
             ),
+        ] {
+            let e = err_of(&format!("{BASE}{bad}"));
+            assert!(e.contains("x.toml") && e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    /// Issue #17's kinds: disabled units (an extending definition opts back in through
+    /// enabled_units), active, fail-soft units, ExecStart words, commands.
+    #[test]
+    fn node_expectations() {
+        let d = project();
+        std::fs::write(
+            d.path().join("images/base.toml"),
+            format!(
+                "{BASE}[expect]\nenabled_units = [\"auditd.service\"]\n\
+                 disabled_units = [\"apt-daily.timer\", \"apt-daily-upgrade.timer\"]\n\
+                 active_units = [\"auditd.service\"]\ncommands = [\"unpigz\"]\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join("images/gpu.toml"),
+            "extends = \"base.toml\"\nname = \"gpu\"\n[expect]\nenabled_units = [\"apt-daily.timer\"]\n\
+             fail_soft_units = [\"nvidia-fabricmanager.service\"]\n\
+             [expect.exec_start]\n\"nvidia-persistenced.service\" = \"--persistence-mode  !--no-persistence-mode\"\n",
+        )
+        .unwrap();
+        let base = load(&d.path().join("images/base.toml")).unwrap().expect;
+        assert_eq!(base.disabled_units, ["apt-daily.timer", "apt-daily-upgrade.timer"]);
+        assert_eq!(
+            (base.active_units.len(), base.commands.as_slice()),
+            (1, ["unpigz".to_string()].as_slice())
+        );
+        let e = load(&d.path().join("images/gpu.toml")).unwrap().expect;
+        assert_eq!(e.disabled_units, ["apt-daily-upgrade.timer"]);
+        assert_eq!(e.enabled_units, ["auditd.service", "apt-daily.timer"]);
+        assert_eq!(e.fail_soft_units, ["nvidia-fabricmanager.service"]);
+        assert_eq!(
+            e.exec_start,
+            [(
+                "nvidia-persistenced.service".to_string(),
+                vec!["--persistence-mode".to_string(), "!--no-persistence-mode".to_string()]
+            )]
+        );
+        for (bad, want) in [
+            ("[expect]\ndisabled_units = [\"apt-daily\"]\n", "expect.disabled_units"),
+            (
+                "[expect]\nenabled_units = [\"a.timer\"]\ndisabled_units = [\"a.timer\"]\n",
+                "also in enabled_units",
+            ),
+            (
+                "[expect]\nfail_soft_units = [\"x y.service\"]\n",
+                "expect.fail_soft_units",
+            ),
+            ("[expect]\ncommands = [\"rm -rf\"]\n", "expect.commands"),
+            (
+                "[expect.exec_start]\n\"a.service\" = \"$(reboot)\"\n",
+                "expect.exec_start",
+            ),
+            ("[expect.exec_start]\n\"a\" = \"--x\"\n", "expect.exec_start"),
         ] {
             let e = err_of(&format!("{BASE}{bad}"));
             assert!(e.contains("x.toml") && e.contains(want), "{bad}: {e}");

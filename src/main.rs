@@ -129,6 +129,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the image definitions in a directory: name, file, the definition each
+    /// extends, disk size (the input of a CI matrix).
+    List {
+        /// Directory of definitions.
+        #[arg(default_value = "images")]
+        dir: PathBuf,
+        /// Machine-readable output: a JSON array of {name, file, extends, disk_size}.
+        #[arg(long)]
+        json: bool,
+    },
     /// For host hooks: write stdin to PATH inside an image root, resolving PATH inside
     /// the root so a symlink in the image can never redirect the write onto the host.
     #[command(hide = true)]
@@ -280,6 +290,23 @@ fn run(cli: Cli) -> Result<()> {
             force,
         }),
         Command::Doctor { dirs, fix, json } => doctor::cmd_doctor(&dirs, fix, json),
+        Command::List { dir, json } => {
+            let defs = kiln::definition::list(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string(&defs)?);
+            } else {
+                for d in &defs {
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        d.name,
+                        d.file.display(),
+                        d.extends.as_deref().unwrap_or("-"),
+                        kiln::host::progress::human_size(d.disk_size)
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::RootWrite { root, path, mode } => {
             let mode = u32::from_str_radix(&mode, 8)
                 .map_err(|_| error::user(format!("--mode {mode} is not an octal mode")))?;

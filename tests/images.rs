@@ -281,6 +281,8 @@ fn apt_failures_are_clear() {
         err.contains("apt-get update in the image failed") && err.contains("network"),
         "{err}"
     );
-    assert!(std::fs::read_dir(&out).map(|r| r.count()).unwrap_or(0) == 0);
+    assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
+    let log = std::fs::read_to_string(out.join("offline.build.log")).unwrap();
+    assert!(log.contains("apt-get update in the image failed"), "{log}");
     assert_no_leaks(d.path());
 }

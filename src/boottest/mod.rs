@@ -50,6 +50,10 @@ pub const TAIL_LINES: usize = 30;
 /// The user cloud-init creates in the guest.
 pub const TEST_USER: &str = "kiln-test";
 
+/// The host name the seed's meta-data gives the guest (`local-hostname`): the guest
+/// must run under it, set by cloud-init, not under a name the image carried.
+const GUEST_HOSTNAME: &str = "kiln-boottest";
+
 /// What kiln looks for (firmware code, variables template) for UEFI boots.
 const OVMF: [(&str, &str); 3] = [
     ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
@@ -197,6 +201,22 @@ impl Expect {
         for u in &x.enabled_units {
             v.push((format!("{u} enabled"), "enabled".into()));
         }
+        v.push((
+            "hostname".into(),
+            format!("{GUEST_HOSTNAME} (cloud-init's, from the seed; not the image's)"),
+        ));
+        for u in &x.disabled_units {
+            v.push((format!("{u} disabled"), "disabled or masked, not active".into()));
+        }
+        for u in &x.active_units {
+            v.push((format!("{u} active"), "active".into()));
+        }
+        for c in &x.commands {
+            v.push((format!("command {c}"), "on PATH".into()));
+        }
+        for (u, want) in &x.exec_start {
+            v.push((format!("{u} ExecStart"), want.join(" ")));
+        }
         if let Some(c) = &x.containerd {
             v.push(("containerd".into(), "active".into()));
             v.push((
@@ -216,6 +236,12 @@ impl Expect {
         for (m, params) in &x.modprobe_options {
             let opts: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
             v.push((format!("modprobe {m} options"), opts.join(" ")));
+        }
+        for u in &x.fail_soft_units {
+            v.push((
+                format!("{u} state"),
+                "not failed, boot not held up (no GPU here: skipped or never started)".into(),
+            ));
         }
         v.push(("systemd".into(), "running (no failed units)".into()));
         v
@@ -448,7 +474,7 @@ fn boot(ctx: &Ctx, fw: Firmware, run: u32) -> Result<Boot> {
     let seed = dir.join("seed.img");
     let instance = format!("kiln-boottest-{}-{run}-{}", fw.name(), std::process::id());
     let user_data = user_data(&ctx.expect);
-    let meta_data = format!("instance-id: {instance}\nlocal-hostname: kiln-boottest\n");
+    let meta_data = format!("instance-id: {instance}\nlocal-hostname: {GUEST_HOSTNAME}\n");
     crate::disk::fat::make_cidata(
         &seed,
         &[("user-data", user_data.as_bytes()), ("meta-data", meta_data.as_bytes())],
@@ -979,6 +1005,55 @@ check ssh_host_keys "$([ -n "$keys" ] && [ -n "$fp" ] && echo 1 || echo 0)" "${k
             ));
         }
     }
+    s.push_str(&format!(
+        "h=$(hostname 2>&1)\ncheck hostname \"$(is \"$h\" {})\" \"$h (/etc/hostname: $(cat /etc/hostname 2>&1))\"\n",
+        sh_quote(GUEST_HOSTNAME)
+    ));
+    for u in &x.disabled_units {
+        s.push_str(&format!(
+            r#"a=$(systemctl is-enabled {q} 2>&1); b=$(systemctl is-active {q} 2>&1)
+if {{ [ "$a" = disabled ] || [ "$a" = masked ]; }} && [ "$b" != active ]; then ok=1; else ok=0; fi
+check {t} "$ok" "$a, $b"
+"#,
+            q = sh_quote(u),
+            t = tag(&format!("{u} disabled"))
+        ));
+    }
+    for u in &x.active_units {
+        s.push_str(&format!(
+            r#"for i in $(seq 60); do systemctl is-active -q {q} && break; sleep 1; done
+a=$(systemctl is-active {q} 2>&1)
+check {t} "$(is "$a" active)" "$a"
+"#,
+            q = sh_quote(u),
+            t = tag(&format!("{u} active"))
+        ));
+    }
+    for c in &x.commands {
+        s.push_str(&format!(
+            "p=$(command -v {q} 2>/dev/null)\nif [ -n \"$p\" ]; then check {t} 1 \"$p\"; else check {t} 0 \"not on PATH\"; fi\n",
+            q = sh_quote(c),
+            t = tag(&format!("command {c}"))
+        ));
+    }
+    for (u, want) in &x.exec_start {
+        let mut conds = Vec::new();
+        for w in want {
+            match w.strip_prefix('!') {
+                Some(absent) => conds.push(format!("[ \"$(has_word \"$x\" {})\" = 0 ]", sh_quote(absent))),
+                None => conds.push(format!("[ \"$(has_word \"$x\" {})\" = 1 ]", sh_quote(w))),
+            }
+        }
+        s.push_str(&format!(
+            r#"x=$(systemctl show -p ExecStart --value {q} 2>&1 | tr ';' '\n' | sed -n 's/^ *argv\[\]=//p' | tr '\n' ' ')
+if {conds}; then ok=1; else ok=0; fi
+check {t} "$ok" "${{x:-no ExecStart}}"
+"#,
+            q = sh_quote(u),
+            conds = conds.join(" && "),
+            t = tag(&format!("{u} ExecStart"))
+        ));
+    }
     if let Some(c) = &x.containerd {
         s.push_str(
             r#"for i in $(seq 90); do systemctl is-active -q containerd && break; sleep 1; done
@@ -1039,9 +1114,20 @@ check {t} "$ok" "${{o:-no options for {m} in modprobe -c}}"
             t = tag(&format!("modprobe {m} options")),
         ));
     }
+    s.push_str("ss=$(timeout 60 systemctl is-system-running --wait 2>&1)\n");
+    // Units whose hardware is absent here: their state once boot is over.
+    for u in &x.fail_soft_units {
+        s.push_str(&format!(
+            r#"st=$(systemctl show -p ActiveState --value {q} 2>&1); sub=$(systemctl show -p SubState --value {q} 2>&1); res=$(systemctl show -p Result --value {q} 2>&1)
+if [ "$st" = active ] || [ "$st" = inactive ]; then ok=1; else ok=0; fi
+check {t} "$ok" "$st/$sub result=$res $(systemctl is-enabled {q} 2>&1)"
+"#,
+            q = sh_quote(u),
+            t = tag(&format!("{u} state"))
+        ));
+    }
     s.push_str(
-        r#"ss=$(timeout 60 systemctl is-system-running --wait 2>&1)
-failed=$(systemctl list-units --state=failed --no-legend --plain 2>/dev/null | awk '{print $1}' | tr '\n' ' ')
+        r#"failed=$(systemctl list-units --state=failed --no-legend --plain 2>/dev/null | awk '{print $1}' | tr '\n' ' ')
 check systemd "$(is "$ss" running)" "$ss ${failed}"
 emit DONE
 sync
@@ -1436,11 +1522,75 @@ mod tests {
                 "kernel",
                 "machine-id",
                 "ssh host keys",
+                "hostname",
                 "systemd"
             ]
         );
         assert_eq!(sh_quote("it's"), "'it'\\''s'");
         assert_eq!(tag("sysctl net.ipv4.ip_forward"), "'sysctl_net.ipv4.ip%uforward'");
+    }
+
+    /// Issue #17 in the guest: the sysctls' live values, the apt timers disabled and
+    /// inactive, the host name cloud-init's, unpigz, auditd active, and the NVIDIA
+    /// units' state without a GPU (not failed) and persistenced's command line. Each
+    /// expectation kind makes its check; without it, none.
+    #[test]
+    fn node_readiness_in_the_guest() {
+        let gpu = expect(true);
+        let names: Vec<String> = gpu.checks().into_iter().map(|(n, _)| n).collect();
+        for want in [
+            "sysctl vm.overcommit_memory",
+            "sysctl kernel.panic",
+            "sysctl kernel.panic_on_oops",
+            "sysctl net.ipv6.conf.all.forwarding",
+            "apt-daily.timer disabled",
+            "apt-daily-upgrade.timer disabled",
+            "hostname",
+            "command unpigz",
+            "auditd.service enabled",
+            "auditd.service active",
+            "nvidia-fabricmanager.service enabled",
+            "nvidia-fabricmanager.service state",
+            "nvidia-persistenced.service state",
+            "nvidia-persistenced.service ExecStart",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+        }
+        // The fail-soft states are read once boot is over, before the systemd check.
+        let pos = |n: &str| names.iter().position(|x| x == n).unwrap();
+        assert!(pos("nvidia-fabricmanager.service state") < pos("systemd"));
+        let script = check_script(&gpu);
+        assert!(script.contains("systemctl show -p ActiveState --value 'nvidia-fabricmanager.service'"));
+        assert!(
+            script.contains("[ \"$(has_word \"$x\" '--persistence-mode')\" = 1 ] && [ \"$(has_word \"$x\" '--no-persistence-mode')\" = 0 ]"),
+            "{script}"
+        );
+        assert!(script.contains("systemctl is-enabled 'apt-daily.timer'"), "{script}");
+        assert!(script.contains("command -v 'unpigz'"), "{script}");
+        assert!(
+            script.contains("check hostname \"$(is \"$h\" 'kiln-boottest')\""),
+            "{script}"
+        );
+        let ss = script
+            .find("ss=$(timeout 60 systemctl is-system-running --wait")
+            .unwrap();
+        assert!(ss < script.find("check 'nvidia-persistenced.service_state'").unwrap());
+        // The ExecStart extraction and the state test work in a shell.
+        let out = std::process::Command::new("bash")
+            .args([
+                "-c",
+                r#"x=$(printf '%s' '{ path=/usr/bin/nvidia-persistenced ; argv[]=/usr/bin/nvidia-persistenced --user nvidia-persistenced --persistence-mode --verbose ; ignore_errors=no ; start_time=[n/a] }' | tr ';' '\n' | sed -n 's/^ *argv\[\]=//p' | tr '\n' ' '); printf '%s' "$x""#,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "/usr/bin/nvidia-persistenced --user nvidia-persistenced --persistence-mode --verbose"
+        );
+        // The GPU-ready image: the node checks, none of the NVIDIA units.
+        let plain: Vec<String> = expect(false).checks().into_iter().map(|(n, _)| n).collect();
+        assert!(plain.iter().any(|n| n == "auditd.service active"));
+        assert!(!plain.iter().any(|n| n.contains("nvidia")), "{plain:?}");
     }
 
     #[test]

@@ -263,6 +263,13 @@ fn finalize(
 /// A work directory left by a crashed kiln may still hold mounts or loop devices: refuse
 /// to reuse it until `kiln doctor --fix` has released them.
 fn prepare_workdir(work: &Path) -> Result<()> {
+    if crate::host::state::build_alive(work) == Some(true) {
+        user_bail!(
+            "another kiln build is running in {} (it holds {}); wait for it to finish or choose another --out",
+            work.display(),
+            work.join(crate::host::state::LOCK_FILE).display()
+        );
+    }
     if crate::host::state::holds_anything(work) {
         user_bail!(
             "work directory {} holds resources of an earlier kiln run (see {}); run `kiln doctor --fix {}` to release them",

@@ -66,10 +66,13 @@ pub fn scan(dirs: &[PathBuf]) -> Result<Vec<Finding>> {
         }
         let dev = PathBuf::from(format!("/dev/{name}"));
         if let Some(b) = state::loop_backing(&dev) {
-            let s = b.to_string_lossy();
-            let s = s.trim_end_matches(" (deleted)");
-            let running = b.parent().is_some_and(dirs_running);
-            if (s.ends_with(".raw.partial") || s.contains("/.kiln-work-")) && !running {
+            // The backing path is the one the attaching process saw: for a build in a
+            // container it is the container's path (/work/out/x.raw.partial), which may
+            // not exist here. So kiln's are recognised by name, and a running build by
+            // its work directory (when the path resolves here) or by a live process
+            // holding the device open (kiln holds every device it attached).
+            let running = b.parent().is_some_and(dirs_running) || held_open(&name);
+            if is_kiln_backing(&b) && !running {
                 out.push(Finding::Loop {
                     device: dev,
                     backing: b,
@@ -89,7 +92,7 @@ pub fn scan(dirs: &[PathBuf]) -> Result<Vec<Finding>> {
             let p = e.path();
             if n.starts_with(".kiln-work-") && p.is_dir() {
                 let pid = state::read(&p).ok().flatten().map(|s| s.pid);
-                if pid.is_some_and(pid_alive) {
+                if workdir_alive(&p) {
                     continue; // a running build
                 }
                 out.push(Finding::WorkDir { path: p, pid });
@@ -102,6 +105,44 @@ pub fn scan(dirs: &[PathBuf]) -> Result<Vec<Finding>> {
         }
     }
     Ok(out)
+}
+
+/// Is `backing` (a loop device's backing file as sysfs shows it) one of kiln's: a
+/// partial output (`NAME.raw.partial`) or a file in a work directory (`.kiln-work-*`)?
+/// By name only, since the path may be a container's.
+pub fn is_kiln_backing(backing: &Path) -> bool {
+    let s = backing.to_string_lossy();
+    let s = s.trim_end_matches(" (deleted)");
+    s.ends_with(".raw.partial") || s.contains("/.kiln-work-")
+}
+
+/// Does a process this /proc shows hold block device `name` (`loop3`) open? By device
+/// number, so it works whatever path the process opened it by (a container's /dev).
+/// A doctor in a separate PID namespace (a new container) sees only its own processes;
+/// detaching a device that is still in use is safe all the same: the kernel only marks
+/// a busy device for autoclear, which kiln's devices already are.
+fn held_open(name: &str) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok((major, minor)) = crate::host::loopdev::sysfs_devnum(name) else {
+        return false;
+    };
+    let want = libc::makedev(major, minor);
+    let me = std::process::id().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        let pid = p.file_name();
+        let pid = pid.to_string_lossy();
+        if pid == me || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            return false;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            return false;
+        };
+        fds.flatten()
+            .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == want))
+    })
 }
 
 /// Processes marked as part of a build session whose build is no longer running. By
@@ -175,14 +216,18 @@ fn end_processes(findings: &[Finding]) -> Result<()> {
     Ok(())
 }
 
+/// Is the build of work directory `w` running? By its lock (works across PID
+/// namespaces: a build in a container), else by the pid it recorded.
+fn workdir_alive(w: &Path) -> bool {
+    state::build_alive(w).unwrap_or_else(|| state::read(w).ok().flatten().is_some_and(|s| pid_alive(s.pid)))
+}
+
 /// Is a kiln build running in output directory `d`?
 fn dirs_running(d: &Path) -> bool {
     std::fs::read_dir(d)
         .map(|rd| {
-            rd.flatten().any(|e| {
-                e.file_name().to_string_lossy().starts_with(".kiln-work-")
-                    && state::read(&e.path()).ok().flatten().is_some_and(|s| pid_alive(s.pid))
-            })
+            rd.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".kiln-work-") && workdir_alive(&e.path()))
         })
         .unwrap_or(false)
 }
@@ -209,6 +254,15 @@ pub fn fix(findings: &[Finding]) -> Result<()> {
     }
     for f in findings {
         if let Finding::Loop { device, .. } = f {
+            // In a new container the device may have no node yet.
+            let n = device
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("loop"))
+                .and_then(|n| n.parse::<u32>().ok());
+            if let Some(n) = n {
+                crate::host::loopdev::ensure_node(n)?;
+            }
             loopdev::LoopDevice::open(device)
                 .and_then(|d| d.detach())
                 .with_context(|| format!("detaching {}", device.display()))?;
@@ -281,4 +335,19 @@ pub fn cmd_doctor(dirs: &[PathBuf], do_fix: bool, json: bool) -> Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kiln_backings_are_recognised_by_name_whatever_the_path() {
+        // A container's paths, which need not exist on the host.
+        assert!(is_kiln_backing(Path::new("/work/out/gpu.raw.partial")));
+        assert!(is_kiln_backing(Path::new("/work/out/gpu.raw.partial (deleted)")));
+        assert!(is_kiln_backing(Path::new("/out/.kiln-work-1234/base.raw")));
+        assert!(!is_kiln_backing(Path::new("/var/lib/images/gpu.raw")));
+        assert!(!is_kiln_backing(Path::new("/home/u/disk.img")));
+    }
 }

@@ -20,8 +20,34 @@ pub struct State {
 
 static CURRENT: Mutex<Option<(PathBuf, State)>> = Mutex::new(None);
 
+/// `workdir/kiln.lock`, held (flock) by the build for as long as it runs. A pid alone
+/// cannot say whether a build is alive once builds run in containers (the pid is the
+/// one in the build's PID namespace); a lock on the shared file can, from the host or
+/// any container, and the kernel drops it when the build dies, by any signal.
+pub const LOCK_FILE: &str = "kiln.lock";
+static LOCK: Mutex<Option<std::fs::File>> = Mutex::new(None);
+
+/// Is the build of `workdir` running? `None` when it has no lock file (an older kiln).
+pub fn build_alive(workdir: &Path) -> Option<bool> {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::File::open(workdir.join(LOCK_FILE)).ok()?;
+    // SAFETY: flock on an open descriptor.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    Some(r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK))
+}
+
 /// Start recording into `workdir/kiln-state.json`.
 pub fn start(workdir: &Path) -> Result<()> {
+    {
+        use std::os::unix::io::AsRawFd;
+        let lock = workdir.join(LOCK_FILE);
+        let f = std::fs::File::create(&lock).with_context(|| format!("creating {}", lock.display()))?;
+        // SAFETY: flock on an open descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            anyhow::bail!("{} is locked: another build uses this work directory", lock.display());
+        }
+        *LOCK.lock().unwrap() = Some(f);
+    }
     let path = workdir.join(STATE_FILE);
     let st = State {
         pid: crate::host::supervisor::host_pid(),
@@ -37,6 +63,7 @@ pub fn finish() {
     if let Some((path, _)) = CURRENT.lock().unwrap().take() {
         let _ = std::fs::remove_file(path);
     }
+    LOCK.lock().unwrap().take();
 }
 
 pub fn read(workdir: &Path) -> Result<Option<State>> {

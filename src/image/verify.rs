@@ -57,6 +57,25 @@ const INITRAMFS_CONF: &str = "/etc/initramfs-tools/update-initramfs.conf";
 const DEFAULT_CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 /// Local unit configuration: enablement links in `*.wants`/`*.requires`, masks.
 const SYSTEMD_ETC: &str = "/etc/systemd/system";
+/// Where systemd finds unit files and their `UNIT.d/` drop-ins, in precedence order.
+const UNIT_DIRS: [&str; 4] = [
+    "/etc/systemd/system",
+    "/run/systemd/system",
+    "/lib/systemd/system",
+    "/usr/lib/systemd/system",
+];
+/// The default PATH's directories, where `expect.commands` must be found.
+const PATH_DIRS: [&str; 6] = [
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+];
+/// Host names that name no machine: what /etc/hostname may hold in an image
+/// (cloud-init sets the real one at boot).
+const NEUTRAL_HOSTNAMES: [&str; 2] = ["localhost", "localhost.localdomain"];
 
 /// Configuration directories in precedence order: for a file name found in several,
 /// the first directory wins (modprobe.d(5), sysctl.d(5), modules-load.d(5)).
@@ -726,6 +745,26 @@ impl<'a> Verifier<'a> {
                 self.push(format!("{p} version"), ok, found, format!("{} (upstream)", k.version));
             }
         }
+        for c in &e.commands {
+            let mut found = None;
+            for d in PATH_DIRS {
+                let p = format!("{d}/{c}");
+                if self.root.exists(&p)? {
+                    let md = self.root.metadata(&p)?;
+                    if md.kind == FileKind::Regular && md.mode & 0o111 != 0 {
+                        found = Some(p);
+                        break;
+                    }
+                }
+            }
+            let ok = found.is_some();
+            self.push(
+                format!("command {c}"),
+                ok,
+                found.unwrap_or_else(|| "not found".to_string()),
+                format!("an executable {c} in {}", PATH_DIRS.join(":")),
+            );
+        }
         Ok(())
     }
 
@@ -909,9 +948,6 @@ impl<'a> Verifier<'a> {
             self.push(format!("{unit} masked"), ok, found, format!("{path} -> /dev/null"));
         }
 
-        if e.enabled_units.is_empty() {
-            return Ok(());
-        }
         // The *.wants and *.requires directories of /etc/systemd/system.
         let link_dirs: Vec<String> = self
             .list(SYSTEMD_ETC)?
@@ -929,7 +965,122 @@ impl<'a> Verifier<'a> {
                 format!("a link in {SYSTEMD_ETC}/*.wants/ to the installed unit, not masked"),
             );
         }
+        for unit in &e.disabled_units {
+            let mut links = Vec::new();
+            for d in &link_dirs {
+                let link = format!("{d}/{unit}");
+                if self.lexists(&link)? {
+                    links.push(link.trim_start_matches(&format!("{SYSTEMD_ETC}/")).to_string());
+                }
+            }
+            let mask = format!("{SYSTEMD_ETC}/{unit}");
+            let masked = self.kind(&mask)? == Some(FileKind::Symlink) && self.root.read_link(&mask)? == "/dev/null";
+            let found = if !links.is_empty() {
+                format!("enabled ({})", listing(&links, ""))
+            } else if masked {
+                "masked".to_string()
+            } else {
+                "disabled".to_string()
+            };
+            self.push(
+                format!("{unit} disabled"),
+                links.is_empty(),
+                found,
+                format!("no link in {SYSTEMD_ETC}/*.wants/ (disabled or masked)"),
+            );
+        }
+        for unit in &e.fail_soft_units {
+            let (ok, found) = match self.unit_file(unit)? {
+                Some(p) => (true, p),
+                None => (false, "no unit file".to_string()),
+            };
+            self.push(
+                format!("{unit} installed"),
+                ok,
+                found,
+                "a unit file (it must not fail where its hardware is absent: boot-test)",
+            );
+        }
+        for (unit, want) in &e.exec_start {
+            let (ok, found) = match self.exec_start_of(unit)? {
+                None => (false, "no unit file".to_string()),
+                Some((cmd, from)) => {
+                    let have = words(&cmd);
+                    let ok = want.iter().all(|w| match w.strip_prefix('!') {
+                        Some(absent) => !have.contains(&absent),
+                        None => have.contains(&w.as_str()),
+                    });
+                    (ok, format!("{cmd} ({from})"))
+                }
+            };
+            self.push(
+                format!("{unit} ExecStart"),
+                ok,
+                found,
+                format!("ExecStart= with {} (unit file and drop-ins)", want.join(" ")),
+            );
+        }
         Ok(())
+    }
+
+    /// The unit file systemd loads for `unit`: the first of the unit directories that
+    /// has it as a regular file (a mask reads as none).
+    fn unit_file(&self, unit: &str) -> Result<Option<String>> {
+        for d in UNIT_DIRS {
+            let p = format!("{d}/{unit}");
+            if self.read_regular(&p)?.is_some() {
+                return Ok(Some(p));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The effective `ExecStart=` of `unit` as systemd reads it: the unit file, then the
+    /// `*.conf` drop-ins of `unit.d/` in every unit directory, sorted by file name (the
+    /// first directory winning a name); an empty assignment resets the list. Returns
+    /// the command lines joined with ` ; ` and the files that set them.
+    fn exec_start_of(&self, unit: &str) -> Result<Option<(String, String)>> {
+        let Some(main) = self.unit_file(unit)? else {
+            return Ok(None);
+        };
+        let dropin_dirs: Vec<String> = UNIT_DIRS.iter().map(|d| format!("{d}/{unit}.d")).collect();
+        let dropin_refs: Vec<&str> = dropin_dirs.iter().map(String::as_str).collect();
+        let mut files = vec![(main.clone(), self.read_text(&main)?.unwrap_or_default())];
+        files.extend(self.conf_files(&dropin_refs)?);
+        let mut cmds: Vec<String> = Vec::new();
+        let mut from: Vec<String> = Vec::new();
+        for (path, text) in &files {
+            let mut section = String::new();
+            // Backslash-newline continues a line.
+            let joined = text.replace("\\\n", " ");
+            for l in config_lines(&joined) {
+                if l.starts_with('[') {
+                    section = l.to_string();
+                    continue;
+                }
+                if section != "[Service]" {
+                    continue;
+                }
+                if let Some((k, v)) = l.split_once('=')
+                    && k.trim() == "ExecStart"
+                {
+                    let v = v.trim();
+                    if v.is_empty() {
+                        cmds.clear();
+                        from.clear();
+                    } else {
+                        cmds.push(v.trim_start_matches(['-', '@', ':', '+', '!']).to_string());
+                        if !from.contains(path) {
+                            from.push(path.clone());
+                        }
+                    }
+                }
+            }
+        }
+        if cmds.is_empty() {
+            return Ok(Some(("no ExecStart".to_string(), main)));
+        }
+        Ok(Some((cmds.join(" ; "), from.join(", "))))
     }
 
     /// Whether `unit` is enabled as `systemctl enable` does it: a symlink named `unit`
@@ -988,6 +1139,65 @@ impl<'a> Verifier<'a> {
             Some(k) => (false, format!("{k:?}").to_lowercase()),
         };
         self.push("machine-id empty", ok, found, "/etc/machine-id present, 0 bytes");
+
+        // The host name: cloud-init sets it at boot; the image names no machine (the
+        // base's builder, say). Absent, empty or `localhost`.
+        let (ok, found) = match self.kind("/etc/hostname")? {
+            None => (true, "absent".to_string()),
+            Some(FileKind::Regular) => {
+                let t = self.read_text("/etc/hostname")?.unwrap_or_default();
+                let name = t.trim();
+                (
+                    name.is_empty() || NEUTRAL_HOSTNAMES.contains(&name),
+                    if name.is_empty() {
+                        "empty".to_string()
+                    } else {
+                        name.to_string()
+                    },
+                )
+            }
+            Some(k) => (false, format!("{k:?}").to_lowercase()),
+        };
+        self.push(
+            "hostname neutral",
+            ok,
+            found,
+            format!("/etc/hostname empty, absent or one of {}", NEUTRAL_HOSTNAMES.join(", ")),
+        );
+
+        // /etc/hosts: no entry for the machine's own name (127.0.1.1, Debian's
+        // convention, which cloud-init writes at boot when it manages the file), and
+        // only loopback names on loopback addresses.
+        let (ok, found) = match self.read_text("/etc/hosts")? {
+            None => (true, "no /etc/hosts".to_string()),
+            Some(t) => {
+                let own: Vec<&str> = config_lines(&t)
+                    .filter(|l| {
+                        let w = words(l);
+                        w.first().is_some_and(|a| a.starts_with("127.") && *a != "127.0.0.1")
+                            || (w.first() == Some(&"127.0.0.1") && w[1..].iter().any(|n| !n.starts_with("localhost")))
+                    })
+                    .collect();
+                match own.first() {
+                    None => (true, "loopback names only".to_string()),
+                    Some(l) => (false, (*l).to_string()),
+                }
+            }
+        };
+        self.push(
+            "hosts names no host",
+            ok,
+            found,
+            "no 127.0.1.1 (or other host) entry in /etc/hosts",
+        );
+
+        let present = self.lexists("/etc/mailname")?;
+        let found = match self.read_text("/etc/mailname")? {
+            Some(t) => format!("present: {}", t.trim()),
+            None if present => "present".to_string(),
+            None => "absent".to_string(),
+        };
+        self.push("mailname absent", !present, found, "no /etc/mailname");
 
         let p = "/var/lib/dbus/machine-id";
         let present = self.lexists(p)?;
@@ -1521,6 +1731,11 @@ modules_load = ["overlay", "br_netfilter"]
 modprobe_blacklist = ["nouveau"]
 nvidia_driver_version = "565.57.01"
 runtime_classes = { nvidia = "nvidia" }
+disabled_units = ["apt-daily.timer"]
+fail_soft_units = ["nvidia-persistenced.service"]
+commands = ["unpigz"]
+[expect.exec_start]
+"nvidia-persistenced.service" = "--persistence-mode !--no-persistence-mode"
 [expect.kubernetes]
 version = "1.30.0"
 packages = ["kubelet", "kubeadm", "kubectl"]
@@ -1531,6 +1746,8 @@ runc = "1.1"
 "net.bridge.bridge-nf-call-iptables" = "1"
 "net.bridge.bridge-nf-call-ip6tables" = 1
 "net.ipv4.ip_forward" = "1"
+"vm.overcommit_memory" = "1"
+"kernel.panic" = 10
 [expect.modprobe_options]
 nvidia = "NVreg_EnableGpuFirmware=1 NVreg_PreserveVideoMemoryAllocations=1"
 [expect.containerd]
@@ -1791,6 +2008,27 @@ version = 2
             "# update-initramfs\nupdate_initramfs=yes\nbackup_initramfs=no\n",
         );
         w("etc/apt/apt.conf.d/20auto-upgrades", "");
+        w("etc/hostname", "");
+        w(
+            "etc/hosts",
+            "127.0.0.1 localhost\n\n::1 ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\n",
+        );
+        // Disabled units are installed, with no link; fail-soft units installed (their
+        // ExecStart= as the package has it, the overlays' drop-ins on top); commands.
+        for u in def.expect.disabled_units.iter().chain(&def.expect.fail_soft_units) {
+            w(
+                &format!("usr/lib/systemd/system/{u}"),
+                "[Unit]\n[Service]\nExecStart=/usr/bin/x --no-persistence-mode\n[Install]\nWantedBy=timers.target\n",
+            );
+        }
+        for c in &def.expect.commands {
+            w(&format!("usr/bin/{c}"), "#!/bin/sh\n");
+            std::fs::set_permissions(
+                root.join(format!("usr/bin/{c}")),
+                std::fs::Permissions::from_mode(0o755),
+            )
+            .unwrap();
+        }
 
         for r in &def.repositories {
             let key = std::fs::read_to_string(def.project_root.join(&r.key)).unwrap();
@@ -1907,7 +2145,16 @@ version = 2
             "swap.target masked",
             "containerd.service enabled",
             "kubelet.service enabled",
+            "apt-daily.timer disabled",
+            "nvidia-persistenced.service installed",
+            "nvidia-persistenced.service ExecStart",
+            "command unpigz",
+            "sysctl vm.overcommit_memory",
+            "sysctl kernel.panic",
             "machine-id empty",
+            "hostname neutral",
+            "hosts names no host",
+            "mailname absent",
             "dbus machine-id absent",
             "ssh host keys",
             "shell history",
@@ -1940,7 +2187,7 @@ version = 2
         }
         // Packages: each once, in the order of the definition.
         assert_eq!(names.iter().filter(|n| n.starts_with("package ")).count(), 12);
-        assert_eq!(names.iter().filter(|n| n.starts_with("overlay ")).count(), 5);
+        assert_eq!(names.iter().filter(|n| n.starts_with("overlay ")).count(), 8);
         let find = |n: &str| checks.iter().find(|c| c.name == n).unwrap();
         assert_eq!(
             find(&format!("module nvidia-drm ({K_NEW})")).found,
@@ -1970,6 +2217,83 @@ version = 2
         assert_only_fails(
             |f| write(&f.root().join("etc/machine-id"), "0123456789abcdef0123456789abcdef\n"),
             &["machine-id empty"],
+        );
+    }
+
+    /// Issue #17: each node-readiness defect fails its own check.
+    #[test]
+    fn node_readiness_defects() {
+        let persistenced = "etc/systemd/system/nvidia-persistenced.service.d/10-kiln-persistence-mode.conf";
+        type Edit = Box<dyn Fn(&Fixture)>;
+        let cases: Vec<(Edit, Vec<&str>)> = vec![
+            (
+                Box::new(|f| write(&f.root().join("etc/hostname"), "vm\n")),
+                vec!["hostname neutral"],
+            ),
+            (
+                Box::new(|f| write(&f.root().join("etc/hosts"), "127.0.0.1 localhost\n127.0.1.1 vm\n")),
+                vec!["hosts names no host"],
+            ),
+            (
+                Box::new(|f| write(&f.root().join("etc/mailname"), "vm.example\n")),
+                vec!["mailname absent"],
+            ),
+            (
+                Box::new(|f| {
+                    let d = f.root().join("etc/systemd/system/timers.target.wants");
+                    std::fs::create_dir_all(&d).unwrap();
+                    symlink("/lib/systemd/system/apt-daily.timer", d.join("apt-daily.timer")).unwrap();
+                }),
+                vec!["apt-daily.timer disabled"],
+            ),
+            (
+                Box::new(|f| std::fs::remove_file(f.root().join("usr/bin/unpigz")).unwrap()),
+                vec!["command unpigz"],
+            ),
+            (
+                Box::new(|f| {
+                    write(
+                        &f.root().join("etc/sysctl.d/99-kubernetes-cri.conf"),
+                        "net.bridge.bridge-nf-call-iptables = 1\nnet.bridge.bridge-nf-call-ip6tables = 1\nnet.ipv4.ip_forward = 1\nkernel.panic = 10\n",
+                    )
+                }),
+                vec![
+                    "overlay /etc/sysctl.d/99-kubernetes-cri.conf",
+                    "sysctl vm.overcommit_memory",
+                ],
+            ),
+            (
+                Box::new(move |f| std::fs::remove_file(f.root().join(persistenced)).unwrap()),
+                vec![
+                    "overlay /etc/systemd/system/nvidia-persistenced.service.d/10-kiln-persistence-mode.conf",
+                    "nvidia-persistenced.service ExecStart",
+                ],
+            ),
+            (
+                Box::new(|f| {
+                    std::fs::remove_file(f.root().join("usr/lib/systemd/system/nvidia-persistenced.service")).unwrap()
+                }),
+                vec![
+                    "nvidia-persistenced.service installed",
+                    "nvidia-persistenced.service ExecStart",
+                ],
+            ),
+        ];
+        for (edit, want) in cases {
+            assert_only_fails(edit, &want);
+        }
+        // What the checks say of a good image.
+        let f = Fixture::new();
+        let checks = f.verify();
+        let find = |n: &str| checks.iter().find(|c| c.name == n).unwrap().found.clone();
+        assert_eq!(find("hostname neutral"), "empty");
+        assert_eq!(find("apt-daily.timer disabled"), "disabled");
+        assert_eq!(find("command unpigz"), "/usr/bin/unpigz");
+        assert_eq!(
+            find("nvidia-persistenced.service ExecStart"),
+            format!(
+                "/usr/bin/nvidia-persistenced --user nvidia-persistenced --persistence-mode --verbose (/{persistenced})"
+            )
         );
     }
 

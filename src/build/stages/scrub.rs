@@ -16,6 +16,11 @@ pub fn scrub(rd: &RootDir) -> Result<()> {
     remove_if_exists(rd, "/var/lib/systemd/random-seed")?;
     remove_if_exists(rd, "/var/lib/systemd/credential.secret")?;
 
+    // The host's names: cloud-init sets the host name at boot (and the 127.0.1.1 line
+    // of /etc/hosts when it manages the file). The base's /etc/hostname holds whatever
+    // machine made it (`vm`, the builder of a root tarball); /etc/mailname the same.
+    scrub_host_names(rd)?;
+
     // SSH host keys are regenerated on first boot (cloud-init / ssh's sshd-keygen).
     remove_matching(rd, "/etc/ssh", |n| n.starts_with("ssh_host_"))?;
 
@@ -62,6 +67,93 @@ pub fn scrub(rd: &RootDir) -> Result<()> {
 
     lock_passwords(rd)?;
     Ok(())
+}
+
+/// Empty /etc/hostname, drop /etc/mailname, and take the names they held and the build
+/// host's own name out of /etc/hosts (with any 127.0.1.1-style own-name line).
+fn scrub_host_names(rd: &RootDir) -> Result<()> {
+    let mut names: Vec<String> = Vec::new();
+    let mut add = |n: &str| {
+        let n = n.trim();
+        if !n.is_empty() && !is_loopback_name(n) && !names.iter().any(|x| x == n) {
+            names.push(n.to_string());
+            // The short name of a FQDN too.
+            if let Some((short, _)) = n.split_once('.')
+                && !short.is_empty()
+                && !is_loopback_name(short)
+            {
+                names.push(short.to_string());
+            }
+        }
+    };
+    for f in ["/etc/hostname", "/etc/mailname"] {
+        if rd.exists(f)? && rd.symlink_metadata(f)?.is_file() {
+            add(&rd.read_to_string(f)?);
+        }
+    }
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        add(&h);
+    }
+    if rd.exists("/etc/hostname")? {
+        let md = rd.symlink_metadata("/etc/hostname")?;
+        if md.is_file() && !md.is_empty() {
+            rd.write_file("/etc/hostname", b"", md.mode() & 0o7777)?;
+        }
+    }
+    remove_if_exists(rd, "/etc/mailname")?;
+    if rd.exists("/etc/hosts")? && rd.symlink_metadata("/etc/hosts")?.is_file() {
+        let text = rd.read_to_string("/etc/hosts")?;
+        let out = scrub_hosts(&text, &names);
+        if out != text {
+            tracing::info!("removed the build host's names from /etc/hosts");
+            let md = rd.symlink_metadata("/etc/hosts")?;
+            rd.write_file("/etc/hosts", out.as_bytes(), md.mode() & 0o7777)?;
+        }
+    }
+    Ok(())
+}
+
+fn is_loopback_name(n: &str) -> bool {
+    n.starts_with("localhost") || n.starts_with("ip6-")
+}
+
+/// /etc/hosts without `names` (a line left with no name goes) and without own-name
+/// lines (`127.0.1.1 host`: any 127.* address but 127.0.0.1).
+pub fn scrub_hosts(text: &str, names: &[String]) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let (body, comment) = match line.find('#') {
+            Some(i) => (&line[..i], &line[i..]),
+            None => (line, ""),
+        };
+        let w: Vec<&str> = body.split_whitespace().collect();
+        if w.is_empty() {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        }
+        if w[0].starts_with("127.") && w[0] != "127.0.0.1" {
+            continue;
+        }
+        let kept: Vec<&str> = w[1..]
+            .iter()
+            .copied()
+            .filter(|n| !names.iter().any(|x| x == n))
+            .collect();
+        if kept.len() == w.len() - 1 {
+            out.push_str(line);
+        } else if kept.is_empty() {
+            continue;
+        } else {
+            out.push_str(&format!("{}\t{}", w[0], kept.join(" ")));
+            if !comment.is_empty() {
+                out.push(' ');
+                out.push_str(comment);
+            }
+        }
+        out.push('\n');
+    }
+    out
 }
 
 fn remove_if_exists(rd: &RootDir, path: &str) -> Result<()> {
@@ -181,6 +273,20 @@ mod tests {
             out,
             "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\nubuntu:*:19000::::::\nsys:!:1::::::\n"
         );
+    }
+
+    #[test]
+    fn hosts_scrubbing() {
+        let hosts = "127.0.0.1 localhost\n127.0.1.1 vm.example vm\n10.0.0.5 vm db # lab\n\n# The following lines are desirable for IPv6 capable hosts\n::1 ip6-localhost ip6-loopback\n";
+        let names = ["vm".to_string(), "vm.example".to_string()];
+        assert_eq!(
+            scrub_hosts(hosts, &names),
+            "127.0.0.1 localhost\n10.0.0.5\tdb # lab\n\n# The following lines are desirable for IPv6 capable hosts\n::1 ip6-localhost ip6-loopback\n"
+        );
+        // The cloud image's file is left as it is.
+        let cloud = "127.0.0.1 localhost\n\n::1 ip6-localhost ip6-loopback\nfe00::0 ip6-localnet\n";
+        assert_eq!(scrub_hosts(cloud, &names), cloud);
+        assert!(is_loopback_name("localhost.localdomain") && !is_loopback_name("vm"));
     }
 
     #[test]

@@ -1,0 +1,601 @@
+//! kiln in a container: the image of `ci/Containerfile` (its `runtime-prebuilt` target,
+//! with the kiln these tests were built with) run with Podman, `--privileged`, as the
+//! README's "In a container" says. No registry is reachable from the test machines, so the
+//! base image is the test base root (`kiln bootstrap`, Ubuntu 22.04) imported with
+//! `podman import`; the runtime tools are apt-installed into it from the Ubuntu archive.
+//! The container image is cached by a hash of the Containerfile, the kiln binary and the
+//! base. Debian's Podman 4.3 needs `--runtime runc` (crun refuses this host's hybrid
+//! cgroups) and explicit ulimits (its defaults exceed the hard limits).
+//!
+//! The project is mounted at a different path in the container (/project) than on the
+//! host, so loop devices' backing paths as the kernel records them are the container's.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const ULIMITS: [&str; 4] = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"];
+
+fn podman() -> Command {
+    let mut c = Command::new("podman");
+    c.args(["--runtime", "runc"]);
+    c
+}
+
+fn out_text(o: &Output) -> String {
+    format!(
+        "--- stdout\n{}--- stderr\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn podman_ok(args: &[&str]) -> String {
+    let o = podman()
+        .args(args)
+        .output()
+        .expect("running podman (is it installed? .ci/run installs it)");
+    assert!(o.status.success(), "podman {args:?} failed:\n{}", out_text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn image_exists(tag: &str) -> bool {
+    podman()
+        .args(["image", "exists", tag])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn hash_files(files: &[&Path]) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        std::fs::read(f).unwrap().hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
+}
+
+/// The container image: `ci/Containerfile --target runtime-prebuilt` FROM the imported
+/// test base, with this kiln binary. Built once per Containerfile + binary + base.
+fn container_image() -> String {
+    let _l = lock("container-image");
+    let base = base_tarball();
+    let base_tag = format!(
+        "localhost/kiln-test-base:{}",
+        base.file_stem().unwrap().to_string_lossy().rsplit('-').next().unwrap()
+    );
+    let containerfile = project().join("ci/Containerfile");
+    let tag = format!("localhost/kiln-test:{}", hash_files(&[&containerfile, &kiln(), &base]));
+    if image_exists(&tag) {
+        return tag;
+    }
+    let started = Instant::now();
+    if !image_exists(&base_tag) {
+        podman_ok(&["import", base.to_str().unwrap(), &base_tag]);
+        eprintln!("podman import of the base: {:.1} s", started.elapsed().as_secs_f64());
+    }
+    // A small build context: the Containerfile and the host-built binary only.
+    let ctx = scratch("container-ctx");
+    std::fs::create_dir_all(ctx.path().join("target/release")).unwrap();
+    std::fs::copy(kiln(), ctx.path().join("target/release/kiln")).unwrap();
+    let build_started = Instant::now();
+    let mut args = vec!["build"];
+    args.extend(ULIMITS);
+    let base_arg = format!("BASE_IMAGE={base_tag}");
+    args.extend([
+        "--network",
+        "host",
+        "-f",
+        containerfile.to_str().unwrap(),
+        "--target",
+        "runtime-prebuilt",
+        "--build-arg",
+        &base_arg,
+        "-t",
+        &tag,
+        ctx.path().to_str().unwrap(),
+    ]);
+    podman_ok(&args);
+    eprintln!("podman build of {tag}: {:.1} s", build_started.elapsed().as_secs_f64());
+    // Older test images go (their base stays: it is keyed by the base).
+    for line in podman_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}", "localhost/kiln-test"]).lines() {
+        if line.starts_with("localhost/kiln-test:") && line != tag {
+            let _ = podman().args(["rmi", "-f", line]).output();
+        }
+    }
+    let size = podman_ok(&["image", "inspect", "--format", "{{.Size}}", &tag]);
+    eprintln!(
+        "container image {tag}: {} MB",
+        size.trim().parse::<u64>().unwrap_or(0) / 1_000_000
+    );
+    tag
+}
+
+/// `podman run --privileged` arguments: the test's kiln cache at the container's
+/// /var/cache/kiln, `project` at /project, `bases` read-only at /bases.
+fn run_args(name: &str, project_dir: &Path, bases: &Path) -> Vec<String> {
+    let mut a: Vec<String> = ["run", "--privileged", "--network", "host", "--name", name]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend(ULIMITS.iter().map(|s| s.to_string()));
+    a.extend([
+        "-v".into(),
+        format!("{}:/var/cache/kiln", cache().join("kiln-cache").display()),
+        "-v".into(),
+        format!("{}:/project", project_dir.display()),
+        "-v".into(),
+        format!("{}:/bases:ro", bases.display()),
+        "-e".into(),
+        "RUST_BACKTRACE=0".into(),
+    ]);
+    a
+}
+
+/// A project with one stage that has an overlay and a host hook (no apt: small and
+/// fast), and one with an apt stage installing a real package from the Ubuntu archive.
+fn test_project(dir: &Path, hook: &str) {
+    for sub in [
+        "images",
+        "overlays/ovl/etc/modprobe.d",
+        "hooks/hk",
+        "package-lists",
+        "out",
+        "planted",
+    ] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    std::fs::write(
+        dir.join("overlays/ovl/etc/modprobe.d/blacklist-nouveau.conf"),
+        "blacklist nouveau\n",
+    )
+    .unwrap();
+    let h = dir.join("hooks/hk/10-hook.host");
+    std::fs::write(&h, format!("#!/bin/sh\nset -e\n{hook}\n")).unwrap();
+    sh("chmod", &["755", h.to_str().unwrap()]);
+    std::fs::write(
+        dir.join("images/small.toml"),
+        "name = \"small\"\ndescription = \"container test\"\ndisk_size = \"1G\"\nbootloader = false\n\
+         [payload]\nuri = \"https://x/{name}.raw\"\n[[stage]]\nname = \"custom\"\noverlays = [\"ovl\"]\nhooks = [\"hk\"]\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("package-lists/tools.list"), "htop\n").unwrap();
+    std::fs::write(
+        dir.join("images/apt.toml"),
+        "name = \"apt\"\ndescription = \"container apt test\"\ndisk_size = \"4G\"\nbootloader = false\n\
+         [payload]\nuri = \"https://x/{name}.raw\"\nkubernetes_package = \"linux-image-virtual\"\n[[stage]]\nname = \"tools\"\npackages = [\"tools\"]\n",
+    )
+    .unwrap();
+}
+
+fn root_file(raw: &Path, path: &str) -> String {
+    let (offset, _) = partition(raw, 1);
+    let fs = format!("{}?offset={offset}", raw.display());
+    sh("debugfs", &["-R", &format!("cat {path}"), &fs])
+}
+
+/// The outputs of a finished build, checked from the host: SHA256SUMS matches the
+/// image, `kiln inspect` reads it, the payload is there.
+fn check_outputs(out: &Path, name: &str) -> PathBuf {
+    let raw = out.join(format!("{name}.raw"));
+    assert!(raw.is_file(), "no {}: {:?}", raw.display(), leftovers(out));
+    assert!(out.join(format!("{name}.json")).is_file());
+    let sums = std::fs::read_to_string(out.join("SHA256SUMS")).unwrap();
+    let digest = sh("sha256sum", &[raw.to_str().unwrap()]);
+    let digest = digest.split_whitespace().next().unwrap();
+    assert!(sums.contains(digest), "SHA256SUMS {sums} lacks {digest}");
+    let o = run_kiln(&["inspect", "--json", raw.to_str().unwrap()]);
+    assert!(o.status.success(), "kiln inspect failed");
+    raw
+}
+
+fn container_loop_nodes(name: &str) -> Vec<String> {
+    podman_ok(&["exec", name, "ls", "/dev"])
+        .lines()
+        .filter(|l| l.strip_prefix("loop").is_some_and(|n| n.parse::<u32>().is_ok()))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Loop devices held on the host for the length of a test (detached on drop).
+struct HeldLoops(Vec<String>);
+impl Drop for HeldLoops {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = Command::new("losetup").args(["-d", d]).status();
+        }
+    }
+}
+
+fn remove_container(name: &str) {
+    let _ = podman().args(["rm", "-f", "-t", "0", name]).output();
+}
+
+/// (a) Builds inside `podman run --privileged`: a small definition (overlay and host
+/// hook on a small root tarball) and one with an apt stage installing a real package
+/// on the Ubuntu 22.04 base; the outputs checked from the host.
+#[test]
+fn builds_in_a_privileged_container() {
+    require_root!();
+    let t0 = Instant::now();
+    let image = container_image();
+    eprintln!("container image ready: {:.1} s", t0.elapsed().as_secs_f64());
+    let d = scratch("container-build");
+    test_project(d.path(), "echo in-container | \"$KILN\" root-write /etc/kiln-hook-ran");
+    let bases = d.path().join("bases");
+    std::fs::create_dir_all(&bases).unwrap();
+    small_tarball(&bases, false);
+    let base = base_tarball();
+    let name = format!("kiln-test-build-{}", std::process::id());
+    remove_container(&name);
+
+    let t = Instant::now();
+    let mut a = run_args(&name, d.path(), &bases);
+    a.extend(
+        [
+            "--rm",
+            &image,
+            "build",
+            "/project/images/small.toml",
+            "--base",
+            "/bases/small-root.tar",
+            "--out",
+            "/project/out",
+        ]
+        .map(String::from),
+    );
+    let o = podman().args(&a).output().unwrap();
+    assert!(
+        o.status.success(),
+        "small build in the container failed:\n{}",
+        out_text(&o)
+    );
+    eprintln!("small build in the container: {:.1} s", t.elapsed().as_secs_f64());
+    let raw = check_outputs(&d.path().join("out"), "small");
+    assert_eq!(root_file(&raw, "/etc/kiln-hook-ran"), "in-container\n");
+    assert_eq!(
+        root_file(&raw, "/etc/modprobe.d/blacklist-nouveau.conf"),
+        "blacklist nouveau\n"
+    );
+    assert_no_leaks(d.path());
+
+    // The apt stage: the real base, a real package from the archive, the shared cache.
+    let base_dir = base.parent().unwrap();
+    let t = Instant::now();
+    let mut a = run_args(&name, d.path(), base_dir);
+    a.extend(
+        [
+            "--rm",
+            &image,
+            "build",
+            "/project/images/apt.toml",
+            "--base",
+            &format!("/bases/{}", base.file_name().unwrap().to_string_lossy()),
+            "--out",
+            "/project/out",
+            "--timings",
+        ]
+        .map(String::from),
+    );
+    let o = podman().args(&a).output().unwrap();
+    assert!(
+        o.status.success(),
+        "apt build in the container failed:\n{}",
+        out_text(&o)
+    );
+    eprintln!(
+        "apt build (htop on Ubuntu 22.04) in the container: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let raw = check_outputs(&d.path().join("out"), "apt");
+    let status = root_file(&raw, "/var/lib/dpkg/status");
+    assert!(
+        status.contains("Package: htop\nStatus: install ok installed"),
+        "htop not installed in the image"
+    );
+    let o = run_kiln(&[
+        "verify",
+        raw.to_str().unwrap(),
+        "--def",
+        d.path().join("images/apt.toml").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "kiln verify failed on the container-built image");
+    assert_no_leaks(d.path());
+    eprintln!("builds_in_a_privileged_container: {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// (b) The container starts, then every loop device its /dev has a node for is taken
+/// on the host, so the devices the kernel hands kiln are newer than the container's
+/// /dev: kiln makes their nodes (mknod from sysfs) and the build succeeds.
+#[test]
+fn builds_when_the_free_loop_device_has_no_node() {
+    require_root!();
+    let t0 = Instant::now();
+    let image = container_image();
+    let d = scratch("container-nonode");
+    test_project(d.path(), "echo in-container | \"$KILN\" root-write /etc/kiln-hook-ran");
+    let bases = d.path().join("bases");
+    std::fs::create_dir_all(&bases).unwrap();
+    small_tarball(&bases, false);
+    let name = format!("kiln-test-nonode-{}", std::process::id());
+    remove_container(&name);
+    let mut a = run_args(&name, d.path(), &bases);
+    a.extend(["-d", "--entrypoint", "sleep", &image, "infinity"].map(String::from));
+    podman_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    struct Container(String);
+    impl Drop for Container {
+        fn drop(&mut self) {
+            remove_container(&self.0);
+        }
+    }
+    let _c = Container(name.clone());
+
+    let nodes = container_loop_nodes(&name);
+    eprintln!("loop nodes in the container's /dev at start: {nodes:?}");
+    // Take every free device the container has a node for (on the host, whose devtmpfs
+    // gets the nodes of devices the kernel adds; the container's /dev does not).
+    let mut held = HeldLoops(Vec::new());
+    let filler = d.path().join("filler.img");
+    std::fs::write(&filler, vec![0u8; 1 << 20]).unwrap();
+    let next = loop {
+        let next = sh("losetup", &["-f"]).trim().to_string();
+        let short = next.trim_start_matches("/dev/").to_string();
+        if !nodes.contains(&short) {
+            break short;
+        }
+        let o = Command::new("losetup")
+            .args([&next, filler.to_str().unwrap()])
+            .output()
+            .unwrap();
+        if o.status.success() {
+            held.0.push(next);
+        } // else: someone else took it meanwhile; ask again.
+        assert!(held.0.len() < 256, "cannot exhaust the container's loop nodes");
+    };
+    let listing = podman_ok(&["exec", &name, "sh", "-c", "ls -l /dev | grep ' loop' || true"]);
+    eprintln!("next free loop device {next}; the container's /dev before the build:\n{listing}");
+    assert!(
+        !container_loop_nodes(&name).contains(&next),
+        "/dev/{next} exists in the container already"
+    );
+
+    let t = Instant::now();
+    let o = podman()
+        .args(["exec", &name, "kiln", "build", "/project/images/small.toml"])
+        .args(["--base", "/bases/small-root.tar", "--out", "/project/out"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "build without loop nodes failed:\n{}", out_text(&o));
+    eprintln!(
+        "small build with missing loop nodes: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    // Another build (another test) may have been handed `next` meanwhile: what counts
+    // is that every device kiln used had no node in the container's /dev, and kiln made it.
+    let log = std::fs::read_to_string(d.path().join("out/small.build.log")).unwrap();
+    let made: Vec<String> = log
+        .lines()
+        .filter_map(|l| l.split("made /dev/").nth(1))
+        .filter_map(|r| r.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    assert!(
+        !made.is_empty(),
+        "the build log does not say kiln made a loop node:\n{log}"
+    );
+    for m in &made {
+        assert!(!nodes.contains(m), "{m} was in the container's /dev already");
+    }
+    eprintln!("kiln made {made:?} in the container's /dev");
+    let after = container_loop_nodes(&name);
+    assert!(made.iter().all(|m| after.contains(m)), "{after:?}");
+    let raw = check_outputs(&d.path().join("out"), "small");
+    assert_eq!(root_file(&raw, "/etc/kiln-hook-ran"), "in-container\n");
+    drop(held);
+    assert_no_leaks(d.path());
+    eprintln!(
+        "builds_when_the_free_loop_device_has_no_node: {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// (c) A container SIGKILLed mid-build (`podman kill -s KILL`), with, besides kiln's own
+/// devices, one left attached without autoclear from inside the container (what a kill
+/// between LOOP_SET_FD and LOOP_SET_STATUS leaves) whose backing path is the container's
+/// (/project/planted/...; it does not exist on the host): `kiln doctor --fix` on the host
+/// releases it, and no loop device or mount of the build is left.
+#[test]
+fn doctor_on_the_host_cleans_up_after_a_killed_container() {
+    require_root!();
+    let t0 = Instant::now();
+    let image = container_image();
+    let d = scratch("container-kill");
+    test_project(d.path(), "echo hook-started\nsleep 120");
+    let bases = d.path().join("bases");
+    std::fs::create_dir_all(&bases).unwrap();
+    small_tarball(&bases, false);
+    std::fs::write(d.path().join("planted/leftover.raw.partial"), vec![0u8; 1 << 20]).unwrap();
+    let name = format!("kiln-test-kill-{}", std::process::id());
+    remove_container(&name);
+    let mut a = run_args(&name, d.path(), &bases);
+    a.extend(
+        [
+            "-d",
+            &image,
+            "build",
+            "/project/images/small.toml",
+            "--base",
+            "/bases/small-root.tar",
+            "--out",
+            "/project/out",
+        ]
+        .map(String::from),
+    );
+    podman_ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    // Mid-build: the hook is running (the image's loop devices are attached and mounted).
+    let log = d.path().join("out/small.build.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("hook hk/10-hook.host")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the build never reached its hook:\n{}",
+            podman_ok(&["logs", &name])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // losetup makes no node either: make it as kiln does, from sysfs.
+    let planted = podman_ok(&[
+        "exec",
+        &name,
+        "sh",
+        "-c",
+        "set -e; d=$(losetup -f); n=${d#/dev/loop}; [ -e \"$d\" ] || mknod \"$d\" b $(tr : ' ' < /sys/block/loop$n/dev); \
+         losetup \"$d\" /project/planted/leftover.raw.partial; echo \"$d\"",
+    ]);
+    let planted = planted.trim().to_string();
+    eprintln!("planted {planted} without autoclear from inside the container");
+    let t = Instant::now();
+    podman_ok(&["kill", "-s", "KILL", &name]);
+    let _ = podman().args(["wait", &name]).output();
+    remove_container(&name);
+    eprintln!("container killed and removed: {:.1} s", t.elapsed().as_secs_f64());
+    // The kernel shows the backing path relative to the (now detached) bind mount the
+    // container saw: neither the host's path nor the container's.
+    let before = sh("losetup", &["-a"]);
+    let planted_line = before
+        .lines()
+        .find(|l| l.starts_with(&format!("{planted}:")))
+        .unwrap_or_else(|| panic!("{planted} is not attached any more:\n{before}"));
+    eprintln!("on the host: {planted_line}");
+    assert!(planted_line.contains("leftover.raw.partial"), "{planted_line}");
+
+    let o = run_kiln(&["doctor", "--fix", d.path().join("out").to_str().unwrap()]);
+    assert!(o.status.success(), "kiln doctor --fix failed");
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains(&format!("detached {planted}")), "{said}");
+    // Nothing of the build or the container left: autoclear takes kiln's own devices once
+    // the container's namespaces are gone, doctor the rest.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let loops = sh("losetup", &["-a"]);
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let leftover = |s: &str| {
+            s.lines().any(|l| {
+                l.contains("/project/") || l.contains(&*d.path().to_string_lossy()) || l.contains(".kiln-work-")
+            })
+        };
+        if !leftover(&loops) && !leftover(&mi) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind:\n{loops}\n{mi}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = run_kiln(&["doctor", d.path().join("out").to_str().unwrap()]);
+    assert!(o.status.success(), "kiln doctor still finds something");
+    assert!(
+        leftovers(&d.path().join("out")).is_empty(),
+        "{:?}",
+        leftovers(&d.path().join("out"))
+    );
+    eprintln!(
+        "doctor_on_the_host_cleans_up_after_a_killed_container: {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// The CI workflow and the Kubernetes Job validate offline against their published
+/// schemas (check-jsonschema's vendored GitHub workflow schema, kubernetes-validate's
+/// bundled Kubernetes schemas), with the tools from the venv `.ci/run` makes.
+#[test]
+fn ci_manifests_validate_against_their_schemas() {
+    let venv = PathBuf::from(
+        std::env::var("KILN_CI_VENV").unwrap_or_else(|_| cache().join("venv").to_string_lossy().into_owned()),
+    );
+    let bin = venv.join("bin");
+    assert!(
+        bin.join("check-jsonschema").is_file() && bin.join("kubernetes-validate").is_file(),
+        "{} lacks check-jsonschema and kubernetes-validate: run .ci/run (it makes the venv)",
+        venv.display()
+    );
+    let t = Instant::now();
+    // No network: the schemas must be the bundled ones.
+    let run = |prog: &str, args: &[&str]| {
+        let o = Command::new("unshare")
+            .arg("-n")
+            .arg(bin.join(prog))
+            .args(args)
+            .current_dir(project())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{prog} {args:?}:\n{}", out_text(&o));
+        eprint!("{}", String::from_utf8_lossy(&o.stdout));
+    };
+    run(
+        "check-jsonschema",
+        &[
+            "--builtin-schema",
+            "vendor.github-workflows",
+            "ci/github/build-images.yml",
+        ],
+    );
+    run(
+        "kubernetes-validate",
+        &[
+            "--strict",
+            "--kubernetes-version",
+            K8S_SCHEMA_VERSION,
+            "ci/k8s/build-images.yaml",
+        ],
+    );
+    eprintln!("schema checks: {:.1} s", t.elapsed().as_secs_f64());
+    // kiln list --json is what the matrix reads.
+    let o = run_kiln(&["list", "--json", project().join("images").to_str().unwrap()]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&GPU_READY) && names.contains(&NVIDIA), "{names:?}");
+    // The Job's ConfigMap lists exactly those definitions, one pod each.
+    let job = std::fs::read_to_string(project().join("ci/k8s/build-images.yaml")).unwrap();
+    let files: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let f = PathBuf::from(d["file"].as_str().unwrap());
+            format!("images/{}", f.file_name().unwrap().to_string_lossy())
+        })
+        .collect();
+    let listed: Vec<&str> = job
+        .split("definitions: |\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .take_while(|l| l.starts_with("    "))
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        listed, files,
+        "ci/k8s/build-images.yaml's ConfigMap is out of date (kiln list --json)"
+    );
+    assert!(
+        job.contains(&format!("completions: {}\n", files.len())),
+        "completions != {}",
+        files.len()
+    );
+    assert!(job.contains(&format!("parallelism: {}\n", files.len())));
+}
+
+/// The Kubernetes version whose schemas kubernetes-validate checks the Job against
+/// (one it bundles).
+const K8S_SCHEMA_VERSION: &str = "1.30.0";
