@@ -230,27 +230,25 @@ fn lock(path: &Path) -> Result<Lock> {
 /// replaces the host (see [`mirror_url`]); the checks are the same.
 pub fn ensure(spec: &BaseSpec, cache_dir: &Path, mirror: Option<&str>, policy: &Policy) -> Result<Fetched> {
     let dest = cached(cache_dir, &spec.sha256);
-    if dest.is_file() {
+    let from_cache = |dest: PathBuf| -> Result<Fetched> {
         tracing::info!("using the cached base {} ({})", dest.display(), file_name(&spec.url));
         let bytes = dest.metadata()?.len();
-        return Ok(Fetched {
+        Ok(Fetched {
             path: dest,
             sha256: spec.sha256.clone(),
             downloaded: false,
             bytes,
-        });
+        })
+    };
+    if dest.is_file() {
+        return from_cache(dest);
     }
     let dir = dest.parent().unwrap();
     std::fs::create_dir_all(dir).with_context(|| format!("creating cache directory {}", dir.display()))?;
     let _lock = lock(dir)?;
+    // Another build may have fetched it while we waited for the lock.
     if dest.is_file() {
-        let bytes = dest.metadata()?.len();
-        return Ok(Fetched {
-            path: dest,
-            sha256: spec.sha256.clone(),
-            downloaded: false,
-            bytes,
-        });
+        return from_cache(dest);
     }
     let part = partial(cache_dir, &spec.sha256);
     let key = load_key(&spec.key, &spec.fingerprint)?;

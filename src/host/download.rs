@@ -262,18 +262,23 @@ fn with_retries<T>(
     }
 }
 
+/// A `file://` mirror's error, reported like its HTTP equivalent (a missing file is 404).
+fn local_error(url: &str, e: std::io::Error) -> DownloadError {
+    DownloadError {
+        url: url.to_string(),
+        failure: if e.kind() == std::io::ErrorKind::NotFound {
+            Failure::Status(404)
+        } else {
+            Failure::Io(e.to_string())
+        },
+        attempts: 1,
+    }
+}
+
 /// Fetch a small file (a checksum list, a signature) into memory, at most `limit` bytes.
 pub fn fetch_bytes(url: &str, p: &Policy, limit: u64) -> Result<Vec<u8>, DownloadError> {
     if let Some(path) = file_path(url) {
-        return std::fs::read(path).map_err(|e| DownloadError {
-            url: url.to_string(),
-            failure: if e.kind() == std::io::ErrorKind::NotFound {
-                Failure::Status(404)
-            } else {
-                Failure::Io(e.to_string())
-            },
-            attempts: 1,
-        });
+        return std::fs::read(path).map_err(|e| local_error(url, e));
     }
     let agent = agent(p);
     with_retries(url, p, || {
@@ -307,15 +312,7 @@ pub fn fetch_to_file(url: &str, partial: &Path, p: &Policy, label: &str) -> Resu
         attempts: 1,
     };
     if let Some(src) = file_path(url) {
-        return std::fs::copy(src, partial).map_err(|e| DownloadError {
-            url: url.to_string(),
-            failure: if e.kind() == std::io::ErrorKind::NotFound {
-                Failure::Status(404)
-            } else {
-                Failure::Io(e.to_string())
-            },
-            attempts: 1,
-        });
+        return std::fs::copy(src, partial).map_err(|e| local_error(url, e));
     }
     let mut file = OpenOptions::new()
         .create(true)
