@@ -114,9 +114,9 @@ fn container_image() -> String {
     tag
 }
 
-/// `podman run --privileged` arguments: the test's kiln cache at the container's
-/// /var/cache/kiln, `project` at /project, `bases` read-only at /bases.
-fn run_args(name: &str, project_dir: &Path, bases: &Path) -> Vec<String> {
+/// `podman run --privileged` arguments with the test's kiln cache (the host tests'
+/// `kiln-cache`, shared with them) at the container's /var/cache/kiln.
+fn privileged_run_args(name: &str) -> Vec<String> {
     let mut a: Vec<String> = ["run", "--privileged", "--network", "host", "--name", name]
         .iter()
         .map(|s| s.to_string())
@@ -125,12 +125,21 @@ fn run_args(name: &str, project_dir: &Path, bases: &Path) -> Vec<String> {
     a.extend([
         "-v".into(),
         format!("{}:/var/cache/kiln", cache().join("kiln-cache").display()),
+        "-e".into(),
+        "RUST_BACKTRACE=0".into(),
+    ]);
+    a
+}
+
+/// `podman run --privileged` arguments: the test's kiln cache at the container's
+/// /var/cache/kiln, `project` at /project, `bases` read-only at /bases.
+fn run_args(name: &str, project_dir: &Path, bases: &Path) -> Vec<String> {
+    let mut a = privileged_run_args(name);
+    a.extend([
         "-v".into(),
         format!("{}:/project", project_dir.display()),
         "-v".into(),
         format!("{}:/bases:ro", bases.display()),
-        "-e".into(),
-        "RUST_BACKTRACE=0".into(),
     ]);
     a
 }
@@ -507,6 +516,222 @@ fn doctor_on_the_host_cleans_up_after_a_killed_container() {
         "doctor_on_the_host_cleans_up_after_a_killed_container: {:.1} s",
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// (d) The real GPU-ready build end to end inside `podman run --privileged`:
+/// `images/ubuntu-2204-gpu-ready-nodriver.toml` on the Ubuntu 22.04 test base with the
+/// stand-in Kubernetes repository, the project, the stand-ins, the base and the output
+/// directory bind-mounted at their host paths (so the definition's and `--repo-override`'s
+/// paths are the same inside), the package cache shared with the host tests (its .debs
+/// reused; kiln waits, bounded, while another build holds it). The output is checked from
+/// the host: `sha256sum -c SHA256SUMS` and every `kiln verify` check. The build's time goes
+/// to $KILN_TEST_CACHE/reports/container-build.txt, next to the host build of the same
+/// definition (the GPU-ready seed of tests/images.rs) when its log is in the cache.
+#[test]
+fn gpu_ready_image_builds_in_a_container() {
+    require_root!();
+    let t0 = Instant::now();
+    let image = container_image();
+    let base = base_tarball();
+    let standin = standin_repos();
+    let def = project().join("images").join(format!("{GPU_READY}.toml"));
+    let d = scratch("container-gpu-ready");
+    let out = d.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let name = format!("kiln-test-gpu-ready-{}", std::process::id());
+    remove_container(&name);
+    eprintln!(
+        "container image, base and stand-ins ready: {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+
+    let same = |p: &Path, opts: &str| format!("{0}:{0}{opts}", p.display());
+    let mut a = privileged_run_args(&name);
+    a.extend([
+        "-v".into(),
+        same(&project(), ":ro"),
+        "-v".into(),
+        same(&standin, ":ro"),
+        "-v".into(),
+        same(&base, ":ro"),
+        "-v".into(),
+        same(d.path(), ""),
+        "--rm".into(),
+        image.clone(),
+        "build".into(),
+        def.to_string_lossy().into_owned(),
+        "--base".into(),
+        base.to_string_lossy().into_owned(),
+        "--out".into(),
+        out.to_string_lossy().into_owned(),
+        "--timings".into(),
+    ]);
+    a.extend(standin_overrides(&["kubernetes"]));
+    let t = Instant::now();
+    let o = podman().args(&a).output().unwrap();
+    let wall = t.elapsed().as_secs_f64();
+    let log_path = out.join(format!("{GPU_READY}.build.log"));
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        o.status.success(),
+        "the GPU-ready build in the container failed after {wall:.1} s:\n{}",
+        out_text(&o)
+    );
+    eprintln!("GPU-ready build in the container: {wall:.1} s");
+
+    // From the host: the sums, then every check of kiln verify.
+    let raw = out.join(format!("{GPU_READY}.raw"));
+    assert!(raw.is_file(), "no {}: {:?}", raw.display(), leftovers(&out));
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 20 << 30);
+    let sums = Command::new("sha256sum")
+        .args(["-c", "SHA256SUMS"])
+        .current_dir(&out)
+        .output()
+        .unwrap();
+    assert!(
+        sums.status.success(),
+        "sha256sum -c SHA256SUMS failed:\n{}",
+        out_text(&sums)
+    );
+    let checked = String::from_utf8_lossy(&sums.stdout);
+    assert!(checked.contains(&format!("{GPU_READY}.raw: OK")), "{checked}");
+    let o = run_kiln(&[
+        "verify",
+        raw.to_str().unwrap(),
+        "--def",
+        def.to_str().unwrap(),
+        "--json",
+    ]);
+    let v: kiln::image::verify::VerifyReport = serde_json::from_slice(&o.stdout).expect("verify --json output");
+    let failed: Vec<_> = v.checks.iter().filter(|c| !c.ok).collect();
+    assert!(failed.is_empty(), "failed checks: {failed:#?}");
+    assert!(o.status.success() && v.passed, "kiln verify failed");
+    assert!(v.checks.len() >= 20, "too few checks: {v:?}");
+    for unit in ["containerd.service enabled", "kubelet.service enabled"] {
+        assert!(
+            v.checks.iter().any(|c| c.name == unit && c.ok),
+            "no passing check {unit:?}"
+        );
+    }
+    assert_no_leaks(d.path());
+
+    // The times: this build, and the host's seed build of the same definition if cached.
+    let here = LogTimes::parse(&log);
+    let mut report = format!(
+        "GPU-ready build ({GPU_READY}, Ubuntu 22.04 test base, stand-in Kubernetes repository, shared package cache)\n\
+         container (podman run --privileged --runtime runc): {wall:.1} s from podman run to exit, {:.1} s in the build log\n",
+        here.span
+    );
+    let host = seed_build_log().map(|p| (LogTimes::parse(&std::fs::read_to_string(&p).unwrap_or_default()), p));
+    match &host {
+        Some((h, p)) => report.push_str(&format!(
+            "host (the GPU-ready seed of tests/images.rs, {}, built {}): {:.1} s in the build log\n",
+            p.display(),
+            h.started,
+            h.span
+        )),
+        None => report.push_str("host: no GPU-ready seed build log in the cache (tests/images.rs builds it)\n"),
+    }
+    report.push_str(&format!(
+        "{:<20} {:>10} {:>10}  {}\n",
+        "stage", "container", "host", "downloaded (container)"
+    ));
+    for (stage, secs, downloaded) in &here.stages {
+        let h = host
+            .as_ref()
+            .and_then(|(h, _)| h.stages.iter().find(|(s, _, _)| s == stage))
+            .map_or("-".to_string(), |(_, s, _)| format!("{s:.1} s"));
+        report.push_str(&format!(
+            "{stage:<20} {:>10} {h:>10}  {downloaded}\n",
+            format!("{secs:.1} s")
+        ));
+    }
+    for w in &here.waits {
+        report.push_str(&format!("waited (container build): {w}\n"));
+    }
+    eprint!("{report}");
+    let reports = cache().join("reports");
+    std::fs::create_dir_all(&reports).unwrap();
+    std::fs::write(reports.join("container-build.txt"), &report).unwrap();
+    eprintln!(
+        "gpu_ready_image_builds_in_a_container: {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// The build log of the newest cached GPU-ready seed build (tests/common's `seed_image`)
+/// that finished (its image is there), without building one.
+fn seed_build_log() -> Option<PathBuf> {
+    let prefix = format!("{GPU_READY}-");
+    std::fs::read_dir(cache().join("images"))
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .filter(|dir| dir.join(format!("{GPU_READY}.raw")).is_file())
+        .map(|dir| dir.join(format!("{GPU_READY}.build.log")))
+        .filter(|log| log.is_file())
+        .max_by_key(|log| log.metadata().and_then(|m| m.modified()).ok())
+}
+
+/// What a build log says about time: from its first line to its last, and each stage's
+/// "stage NAME done in N s" (the log has no line for the process's start and exit).
+struct LogTimes {
+    started: String,
+    span: f64,
+    /// (stage, seconds, what it downloaded)
+    stages: Vec<(String, f64, String)>,
+    /// Lines where the build waited for the shared package cache.
+    waits: Vec<String>,
+}
+
+impl LogTimes {
+    fn parse(log: &str) -> LogTimes {
+        let times: Vec<f64> = log.lines().filter_map(log_time).collect();
+        let stages = log
+            .lines()
+            .filter_map(|l| l.split_once(" INFO stage ")?.1.split_once(" done in "))
+            .filter_map(|(stage, rest)| {
+                let downloaded = rest.split("downloaded ").nth(1)?.split(',').next()?;
+                Some((
+                    stage.to_string(),
+                    rest.split('s').next()?.parse().ok()?,
+                    downloaded.to_string(),
+                ))
+            })
+            .collect();
+        LogTimes {
+            started: log.split_whitespace().next().unwrap_or("?").to_string(),
+            span: match (times.first(), times.last()) {
+                (Some(a), Some(b)) => b - a,
+                _ => 0.0,
+            },
+            stages,
+            waits: log
+                .lines()
+                .filter(|l| {
+                    (l.contains("package cache") && l.contains("waiting")) || l.contains("a build that is ending")
+                })
+                .map(str::to_string)
+                .collect(),
+        }
+    }
+}
+
+/// Seconds since the epoch of a build log line's timestamp (`2026-11-30T15:03:39.008270Z`).
+fn log_time(line: &str) -> Option<f64> {
+    let (date, time) = line.split_whitespace().next()?.strip_suffix('Z')?.split_once('T')?;
+    let mut ymd = date.split('-').map(|n| n.parse::<i64>().ok());
+    let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
+    let mut hms = time.split(':').map(|n| n.parse::<f64>().ok());
+    let (h, mi, s) = (hms.next()??, hms.next()??, hms.next()??);
+    // Days from the civil date (H. Hinnant's days_from_civil).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    Some(days as f64 * 86_400.0 + h * 3600.0 + mi * 60.0 + s)
 }
 
 /// The CI workflow and the Kubernetes Job validate offline against their published
