@@ -469,6 +469,21 @@ fn doctor_on_the_host_cleans_up_after_a_killed_container() {
     ]);
     let planted = planted.trim().to_string();
     eprintln!("planted {planted} without autoclear from inside the container");
+    // While the container's build runs, doctor on the host must not take its session
+    // processes for leftovers (their KILN_SESSION path is the container's): it resolves
+    // the work directory through the process's root and asks the build's lock.
+    let o = Command::new(kiln()).args(["doctor", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let procs: Vec<_> = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["kind"] == "process")
+        .collect();
+    assert!(
+        procs.is_empty(),
+        "doctor took a running container build's processes for leftovers: {procs:?}"
+    );
     let t = Instant::now();
     podman_ok(&["kill", "-s", "KILL", &name]);
     let _ = podman().args(["wait", &name]).output();

@@ -173,8 +173,7 @@ fn session_processes() -> Vec<Finding> {
         else {
             continue;
         };
-        let build_alive = state::read(&session).ok().flatten().is_some_and(|s| pid_alive(s.pid));
-        if build_alive {
+        if session_build_alive(pid, &session) {
             continue;
         }
         let command = std::fs::read(e.path().join("cmdline"))
@@ -183,6 +182,39 @@ fn session_processes() -> Vec<Finding> {
         out.push(Finding::Process { pid, session, command });
     }
     out
+}
+
+/// Is the build that `session` (a work directory, as the session's processes see it)
+/// names still running? The path is resolved through the root (`/proc/PID/root`) of the
+/// process or of its nearest ancestor in whose root it exists: commands in the image
+/// are chrooted, but their parents (`unshare`, the build itself) see the build's
+/// filesystem, a container's included. The answer comes from the build's lock on its work
+/// directory, which holds across PID and mount namespaces. No ancestor that sees the work
+/// directory means the build is gone (an orphan is re-parented outside it). In doubt (no
+/// lock file: an older kiln), alive: doctor never kills what may be a running build.
+fn session_build_alive(pid: u32, session: &Path) -> bool {
+    let rel = session.strip_prefix("/").unwrap_or(session);
+    let mut p = pid;
+    for _ in 0..64 {
+        let work = Path::new("/proc").join(p.to_string()).join("root").join(rel);
+        if work.is_dir() {
+            return match state::build_alive(&work) {
+                Some(alive) => alive,
+                None => state::read(&work).ok().flatten().is_none_or(|s| pid_alive(s.pid)),
+            };
+        }
+        match parent_pid(p) {
+            Some(pp) if pp > 1 => p = pp,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// The parent of `pid`, from /proc/PID/stat ("pid (comm) state ppid ...").
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// SIGKILL leftover session processes and wait (10 s at most) until they are gone.
