@@ -1,10 +1,10 @@
 //! Provisioning: the image definition's stages (system update, GPU prerequisites,
 //! NVIDIA driver, Kubernetes tools, ...) run in one chroot session, each timed.
 //!
-//! A stage, in order: configure its repositories → apt update (when repositories
-//! changed or it upgrades) → full-upgrade → install its packages → kernel headers for
-//! every image kernel → holds → overlays → hooks → required kernel modules checked for
-//! every image kernel.
+//! All the definition's repositories are configured before the first stage, so a build
+//! runs one apt update. A stage, in order: apt update (only the first stage that uses
+//! apt) → full-upgrade → install its packages → kernel headers for every image kernel →
+//! holds → overlays → hooks → required kernel modules checked for every image kernel.
 
 use crate::build::stages::apt::{Apt, RepoOverride};
 use crate::build::stages::chroot::Session;
@@ -67,6 +67,13 @@ pub fn provision(
             // repositories: an overridden one must be redirected before the first
             // apt update, or that update goes to the unreachable original.
             a.redirect_present_overrides(def)?;
+            // Every repository a stage names is configured before the first apt update:
+            // one update per build, not one per stage that adds a repository. Packages
+            // come only from the stage that names them, so an early list changes nothing
+            // else (the base's packages are not in the third-party repositories).
+            for id in def.stages.iter().flat_map(|s| &s.repositories) {
+                a.add_repository(def, def.repository(id).unwrap())?;
+            }
         }
         let mut updated = false;
         for stage in &def.stages {
@@ -105,8 +112,7 @@ fn run_stage(
     let apt = apt.expect("apt is set up when a stage uses it");
     let mut repos_changed = false;
     for id in &stage.repositories {
-        apt.add_repository(def, def.repository(id).unwrap())?;
-        repos_changed = true;
+        repos_changed |= apt.add_repository(def, def.repository(id).unwrap())?;
     }
     let needs_apt = stage.full_upgrade || !stage.packages.is_empty() || stage.kernel_headers;
     if needs_apt && (!*updated || repos_changed) {

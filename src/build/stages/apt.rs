@@ -155,10 +155,11 @@ impl<'a> Apt<'a> {
         Ok(text)
     }
 
-    /// Configure a repository (overridden for this build if asked).
-    pub fn add_repository(&mut self, def: &ImageDef, repo: &Repository) -> Result<()> {
+    /// Configure a repository (overridden for this build if asked); false when it was
+    /// configured already.
+    pub fn add_repository(&mut self, def: &ImageDef, repo: &Repository) -> Result<bool> {
         if self.configured.iter().any(|r| r.id == repo.id) {
-            return Ok(());
+            return Ok(false);
         }
         let ov = self.overrides.iter().find(|o| o.id == repo.id);
         let (uri, key) = match ov {
@@ -180,7 +181,7 @@ impl<'a> Apt<'a> {
         };
         self.write_repo(repo, &uri, &key)?;
         self.configured.push(repo.clone());
-        Ok(())
+        Ok(true)
     }
 
     /// Overridden repositories whose list the image already has (it was built from an
