@@ -71,6 +71,11 @@ struct BuildArgs {
     /// example DKMS's make.log inside the image); `kiln doctor --fix OUT` removes them.
     #[arg(long)]
     keep_on_error: bool,
+    /// Compile every DKMS module instead of taking it from the DKMS build cache
+    /// (<cache-dir>/dkms, keyed by module source, kernel, headers, compiler and signing
+    /// certificate); the cache is still not written.
+    #[arg(long)]
+    no_dkms_cache: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -252,6 +257,7 @@ fn run(cli: Cli) -> Result<()> {
                 provision: provision::ProvisionOpts {
                     cache_dir: a.cache_dir,
                     repo_overrides: a.repo_override,
+                    dkms_cache: !a.no_dkms_cache,
                 },
             };
             let mut t = timings::Timings::default();

@@ -8,6 +8,7 @@
 
 use crate::build::stages::apt::{Apt, RepoOverride};
 use crate::build::stages::chroot::Session;
+use crate::build::stages::dkms::{self, Cache, Hidden};
 use crate::build::timings::Timings;
 use crate::definition::{ImageDef, PackageSpec};
 use crate::host::mounts::MountStack;
@@ -20,6 +21,9 @@ use std::path::{Path, PathBuf};
 pub struct ProvisionOpts {
     pub cache_dir: PathBuf,
     pub repo_overrides: Vec<RepoOverride>,
+    /// Take DKMS modules from (and store them in) the DKMS build cache
+    /// (`build/stages/dkms.rs`); off: package scripts compile them as on any machine.
+    pub dkms_cache: bool,
 }
 
 /// `--repo-override` may only name repositories the definition has (checked before
@@ -76,11 +80,20 @@ pub fn provision(
             }
         }
         let mut updated = false;
+        let dkms_cache = opts.dkms_cache.then(|| Cache::new(&opts.cache_dir));
         for stage in &def.stages {
             crate::build::boundary(timings, &stage.name)?;
             let before = apt.as_ref().map_or(0, |a| a.downloaded);
-            run_stage(def, stage, apt.as_mut(), &session, rd, &mut updated)
-                .with_context(|| format!("stage {} of {}", stage.name, def.name))?;
+            run_stage(
+                def,
+                stage,
+                apt.as_mut(),
+                &session,
+                rd,
+                dkms_cache.as_ref(),
+                &mut updated,
+            )
+            .with_context(|| format!("stage {} of {}", stage.name, def.name))?;
             timings.downloaded = apt.as_ref().map_or(0, |a| a.downloaded) - before;
         }
         crate::build::boundary(timings, "initramfs")?;
@@ -104,6 +117,7 @@ fn run_stage(
     apt: Option<&mut Apt>,
     session: &Session,
     rd: &RootDir,
+    dkms_cache: Option<&Cache>,
     updated: &mut bool,
 ) -> Result<()> {
     if !stage_uses_apt(stage) {
@@ -119,6 +133,12 @@ fn run_stage(
         apt.update()?;
         *updated = true;
     }
+    // With the DKMS cache, no package script compiles a module: the headers are hidden
+    // while packages install, and build_modules below builds or fetches every module.
+    let mut hidden = Hidden::hide(
+        rd,
+        dkms_cache.is_some() && (stage.full_upgrade || !stage.packages.is_empty()),
+    )?;
     if stage.full_upgrade {
         apt.full_upgrade()?;
     }
@@ -139,6 +159,16 @@ fn run_stage(
             .collect();
         tracing::info!("kernel headers for {}", kernels.join(", "));
         apt.install(&headers)?;
+    }
+    hidden.restore_headers()?;
+    let built = dkms::build_modules(session, rd, dkms_cache)?;
+    hidden.restore()?;
+    if !built.hits.is_empty() || !built.compiled.is_empty() {
+        tracing::info!(
+            "DKMS modules: {} from the build cache, {} compiled",
+            built.hits.len(),
+            built.compiled.len()
+        );
     }
     let pins: Vec<&PackageSpec> = stage.packages.iter().filter(|p| p.version.is_some()).collect();
     let mut hold = stage.hold.clone();

@@ -442,6 +442,12 @@ impl RootDir {
         .with_context(|| self.ctx("reading", path))
     }
 
+    /// Open regular file `path` for streaming reads (see [`RootDir::read`]).
+    pub fn open_file(&self, path: impl AsRef<Path>) -> Result<File> {
+        let path = path.as_ref();
+        self.open_regular(path).with_context(|| self.ctx("opening", path))
+    }
+
     /// Open a regular file for reading. Checks the type through an `O_PATH` descriptor
     /// first, so a device node or FIFO is never opened (opening one has side effects or
     /// blocks), then checks the opened file is the same inode.
@@ -524,7 +530,6 @@ impl RootDir {
         }
     }
 
-    #[cfg(test)]
     /// Target of symlink `path`, verbatim.
     pub fn read_link(&self, path: impl AsRef<Path>) -> Result<PathBuf> {
         let path = path.as_ref();
@@ -628,6 +633,22 @@ impl RootDir {
     /// Create hard link `new` to the entry `existing` (both resolved in the root; neither
     /// final component is followed, so linking a symlink links the symlink). An existing
     /// non-directory entry at `new` is replaced.
+    /// Rename `from` to `to` within the image (`renameat`, never following a symlink in
+    /// the last component of either; `to` must not exist).
+    pub fn rename(&self, from: impl AsRef<Path>, to: impl AsRef<Path>) -> Result<()> {
+        let (from, to) = (from.as_ref(), to.as_ref());
+        (|| {
+            let old = self.named_entry(from)?;
+            let new = self.named_entry(to)?;
+            if lstat_at(&new.dir, &new.name).is_ok() {
+                return Err(io::Error::new(io::ErrorKind::AlreadyExists, "the target exists"));
+            }
+            nix::fcntl::renameat(&old.dir, old.name.as_c_str(), &new.dir, new.name.as_c_str())?;
+            Ok::<_, io::Error>(())
+        })()
+        .with_context(|| format!("renaming {} to {}", self.describe(from), self.describe(to)))
+    }
+
     pub fn hard_link(&self, existing: impl AsRef<Path>, new: impl AsRef<Path>) -> Result<()> {
         let (existing, new) = (existing.as_ref(), new.as_ref());
         (|| {

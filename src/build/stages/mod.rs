@@ -3,6 +3,7 @@
 pub mod apt;
 pub mod bootloader;
 pub mod chroot;
+pub mod dkms;
 pub mod hooks;
 pub mod overlays;
 pub mod scrub;

@@ -1,0 +1,198 @@
+//! The DKMS build cache (src/build/stages/dkms.rs): an NVIDIA image whose modules come
+//! from the cache is the image a compile produces. Real builds of the NVIDIA seed
+//! definition on the GPU-ready seed (qcow2), with the real 565.57.01 DKMS package and
+//! real kernel headers; only the Kubernetes and container-toolkit repositories are the
+//! tests' stand-ins. The key's invalidation (kernel, driver version, compiler, ...) and
+//! damaged entries are covered by the unit tests of the module.
+
+mod common;
+use common::*;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const MODULES: [&str; 5] = ["nvidia", "nvidia-modeset", "nvidia-drm", "nvidia-uvm", "nvidia-peermem"];
+
+/// Build the NVIDIA image on the GPU-ready seed's qcow2 into `out`; returns the raw
+/// image and the build log.
+fn build_nvidia(out: &Path, extra: &[&str]) -> (PathBuf, String) {
+    let def = project().join(format!("images/{NVIDIA}.toml"));
+    let base = gpu_ready_qcow2();
+    let mut args: Vec<String> = vec![
+        "build".into(),
+        def.to_string_lossy().into(),
+        "--base".into(),
+        base.to_string_lossy().into(),
+        "--out".into(),
+        out.to_string_lossy().into(),
+        "--timings".into(),
+    ];
+    args.extend(standin_overrides(&["kubernetes", "nvidia-container-toolkit"]));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run_kiln(&argv);
+    assert!(o.status.success(), "NVIDIA build into {} failed", out.display());
+    let log = std::fs::read_to_string(out.join(format!("{NVIDIA}.build.log"))).unwrap();
+    (out.join(format!("{NVIDIA}.raw")), log)
+}
+
+#[derive(Debug, PartialEq)]
+struct Module {
+    vermagic: String,
+    version: String,
+    srcversion: String,
+}
+
+/// Per kernel and module: the installed module's modinfo, and its sha256 (installed
+/// copy and DKMS tree copy, which must agree).
+fn modules(raw: &Path) -> BTreeMap<(String, String), (Module, String)> {
+    let root = kiln::image::open::RootFs::open(raw).unwrap();
+    let kernels = kiln::image::kernels::bootable_kernels(&root).unwrap();
+    assert!(!kernels.is_empty());
+    let mut out = BTreeMap::new();
+    for k in &kernels {
+        for m in MODULES {
+            let ko = root
+                .read(&format!("/usr/lib/modules/{k}/updates/dkms/{m}.ko"))
+                .unwrap_or_else(|e| panic!("{}: {m}.ko for {k}: {e:#}", raw.display()));
+            let field = |f: &str| kiln::image::verify::modinfo_field(&ko, f).unwrap_or_default();
+            let module = Module {
+                vermagic: field("vermagic"),
+                version: field("version"),
+                srcversion: field("srcversion"),
+            };
+            assert!(
+                module.vermagic.starts_with(&format!("{k} ")),
+                "{m}.ko for {k}: vermagic {}",
+                module.vermagic
+            );
+            assert_eq!(module.version, "565.57.01", "{m}.ko version");
+            assert!(!module.srcversion.is_empty(), "{m}.ko has a srcversion");
+            let sha = hex(&ko);
+            let tree = root
+                .read(&format!("/var/lib/dkms/nvidia-srv/565.57.01/{k}/x86_64/module/{m}.ko"))
+                .unwrap();
+            assert_eq!(
+                hex(&tree),
+                sha,
+                "{m}.ko for {k}: installed copy differs from DKMS's tree"
+            );
+            out.insert((k.clone(), m.to_string()), (module, sha));
+        }
+    }
+    out
+}
+
+fn hex(data: &[u8]) -> String {
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The module sha256s stored in the shared cache's entries, by kernel and module.
+fn cache_entries() -> BTreeMap<(String, String), String> {
+    let mut out = BTreeMap::new();
+    let dir = cache().join("kiln-cache/dkms");
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let Ok(text) = std::fs::read(e.path().join("manifest.json")) else {
+            continue;
+        };
+        let m: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        let kernel = m["inputs"]["kernel"].as_str().unwrap().to_string();
+        for (f, v) in m["files"].as_object().unwrap() {
+            if let Some(name) = f.strip_prefix("module/").and_then(|n| n.strip_suffix(".ko")) {
+                out.insert(
+                    (kernel.clone(), name.to_string()),
+                    v["sha256"].as_str().unwrap().to_string(),
+                );
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn modules_from_the_cache_are_the_compiled_ones() {
+    require_root!();
+    let tmp = scratch("dkms");
+    // Compiled by the package's own postinst, the cache neither read nor written.
+    let (compiled_raw, compiled_log) = build_nvidia(&tmp.path().join("compiled"), &["--no-dkms-cache"]);
+    assert!(
+        !compiled_log.contains("from the build cache"),
+        "--no-dkms-cache used the cache"
+    );
+    // The NVIDIA seed build used the shared cache: it compiled and stored the modules,
+    // or found them there from an earlier run. Either way this build must hit.
+    let _ = nvidia_seed();
+    let (cached_raw, cached_log) = build_nvidia(&tmp.path().join("cached"), &[]);
+    assert!(
+        cached_log.contains("installed from the build cache"),
+        "the second cached build did not take its modules from the cache"
+    );
+    assert!(
+        !cached_log.contains(": compiling"),
+        "a module was compiled despite a cache entry"
+    );
+    assert!(
+        !cached_log.contains("Building initial module"),
+        "a package script compiled a module while the headers were hidden"
+    );
+
+    let compiled = modules(&compiled_raw);
+    let cached = modules(&cached_raw);
+    assert_eq!(compiled.keys().collect::<Vec<_>>(), cached.keys().collect::<Vec<_>>());
+    let entries = cache_entries();
+    for (key, (c_mod, _)) in &compiled {
+        let (h_mod, h_sha) = &cached[key];
+        assert_eq!(
+            c_mod, h_mod,
+            "{key:?}: modinfo of the cached module differs from the compiled one"
+        );
+        assert_eq!(
+            entries.get(key),
+            Some(h_sha),
+            "{key:?}: the installed module is not the cache entry's"
+        );
+    }
+    // The image passes the same checks as a compiled one (module checks included).
+    let def = project().join(format!("images/{NVIDIA}.toml"));
+    for raw in [&cached_raw, &compiled_raw] {
+        let o = run_kiln(&[
+            "verify",
+            raw.to_str().unwrap(),
+            "--def",
+            def.to_str().unwrap(),
+            "--json",
+        ]);
+        let v: kiln::image::verify::VerifyReport = serde_json::from_slice(&o.stdout).expect("verify --json");
+        let failed: Vec<_> = v.checks.iter().filter(|c| !c.ok).collect();
+        assert!(
+            o.status.success() && failed.is_empty(),
+            "{}: {failed:#?}",
+            raw.display()
+        );
+        assert!(
+            v.checks.iter().any(|c| c.name.contains("vermagic") && c.ok),
+            "no vermagic check"
+        );
+    }
+    // DKMS itself sees the cached build as installed.
+    let status = dkms_status(&cached_raw);
+    assert!(
+        status.contains("installed"),
+        "dkms status in the cached image: {status}"
+    );
+}
+
+/// `dkms status` run in a read-only mount of the image's root.
+fn dkms_status(raw: &Path) -> String {
+    let (off, size) = partition(raw, 1);
+    let l = TestLoop::new(raw, off, size);
+    let mnt = scratch("dkms-mnt");
+    sh("mount", &["-o", "ro,noload", &l.0, mnt.path().to_str().unwrap()]);
+    let out = std::process::Command::new("chroot")
+        .arg(mnt.path())
+        .args(["dkms", "status"])
+        .output()
+        .unwrap();
+    sh("umount", &[mnt.path().to_str().unwrap()]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
