@@ -1220,6 +1220,18 @@ impl<'a> Verifier<'a> {
             "no /etc/ssh/ssh_host_*",
         );
 
+        // A Machine Owner Key's private half signs kernel modules that Secure Boot then
+        // trusts; whoever has the image would have the key. DKMS generates one when it
+        // builds a module and none exists (kiln keeps it from doing so).
+        let p = "/var/lib/shim-signed/mok/MOK.priv";
+        let present = self.lexists(p)?;
+        self.push(
+            "no module signing key",
+            !present,
+            if present { "present" } else { "absent" },
+            format!("no {p}"),
+        );
+
         let mut homes = vec!["/root".to_string()];
         homes.extend(self.list("/home")?.into_iter().map(|n| format!("/home/{n}")));
         let mut histories = Vec::new();
@@ -1501,7 +1513,7 @@ fn elf_section<'d>(data: &'d [u8], want: &str) -> Option<&'d [u8]> {
 /// A `key=value` field of a module's modinfo (`vermagic`, `version`, ...): searched in
 /// the ELF `.modinfo` section (the whole file if there is none) as `key=` not preceded
 /// by a name character — so `version` is never `srcversion` — and read up to the NUL.
-fn modinfo_field(module: &[u8], key: &str) -> Option<String> {
+pub fn modinfo_field(module: &[u8], key: &str) -> Option<String> {
     let area = elf_section(module, ".modinfo").unwrap_or(module);
     let needle = format!("{key}=");
     let needle = needle.as_bytes();
@@ -2302,6 +2314,14 @@ version = 2
         assert_only_fails(
             |f| write(&f.root().join("etc/ssh/ssh_host_ed25519_key"), "secret"),
             &["ssh host keys"],
+        );
+    }
+
+    #[test]
+    fn module_signing_key_present() {
+        assert_only_fails(
+            |f| write(&f.root().join("var/lib/shim-signed/mok/MOK.priv"), "secret"),
+            &["no module signing key"],
         );
     }
 
