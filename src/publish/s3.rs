@@ -50,6 +50,9 @@ const MIN_PART_SIZE: u64 = 5 << 20;
 const MAX_PART_SIZE: u64 = 5 << 30;
 /// S3's most parts in one upload.
 const MAX_PARTS: u64 = 10_000;
+/// How long CompleteMultipartUpload may take to answer (S3 can take minutes for a
+/// large object).
+const COMPLETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15 * 60);
 /// Object metadata (`x-amz-meta-kiln-sha256`) holding the file's SHA-256, so a rerun can
 /// tell a file is already published.
 const SHA_META: &str = "kiln-sha256";
@@ -57,6 +60,7 @@ const SHA_META: &str = "kiln-sha256";
 /// A connection to one bucket.
 pub struct Store {
     client: Client,
+    policy: Policy,
     pub bucket: String,
     pub region: String,
     pub endpoint: Option<String>,
@@ -127,6 +131,7 @@ impl Store {
             .build();
         Ok(Store {
             client: Client::from_conf(conf),
+            policy: policy.clone(),
             bucket: bucket.to_string(),
             region,
             endpoint: endpoint.map(|e| e.trim_end_matches('/').to_string()),
@@ -307,15 +312,33 @@ impl Store {
         }
 
         parts.sort_by_key(|p| p.part_number());
-        self.client
+        // Assembling a large object takes the store a while before it answers.
+        let patient = aws_sdk_s3::config::Builder::default().timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .connect_timeout(self.policy.connect_timeout)
+                .read_timeout(self.policy.read_timeout.max(COMPLETE_TIMEOUT))
+                .build(),
+        );
+        let completed = self
+            .client
             .complete_multipart_upload()
             .bucket(&self.bucket)
             .key(key)
             .upload_id(&upload_id)
             .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
+            .customize()
+            .config_override(patient)
             .send()
-            .await
-            .map_err(self.fail("completing the upload of", key))?;
+            .await;
+        match completed {
+            Ok(_) => {}
+            // A retried completion whose first attempt went through: the check below
+            // decides.
+            Err(e) if e.code() == Some("NoSuchUpload") => {
+                tracing::warn!("{key}: the upload is no longer there to complete; checking the stored object")
+            }
+            Err(e) => return Err(self.fail("completing the upload of", key)(e)),
+        }
 
         self.check_stored(key, size, &read).await?;
         Ok(Uploaded {
