@@ -9,6 +9,7 @@
 //! - [`definition`]: image definitions (`images/*.toml`) and what they expect of an image;
 //! - [`image`]: reading a finished image without mounting it (inspect, payload, verify);
 //! - [`build`]: the pipeline and its stages;
+//! - [`publish`]: uploading a finished image to S3 and registering its payload;
 //! - [`boottest`]: booting a throwaway copy in QEMU and checking it from inside.
 
 pub mod boottest;
@@ -18,3 +19,4 @@ pub mod disk;
 pub mod error;
 pub mod host;
 pub mod image;
+pub mod publish;

@@ -9,6 +9,7 @@ use kiln::disk::checksum;
 use kiln::error;
 use kiln::host::{buildlog, cancel, doctor, mounts, rootdir, supervisor};
 use kiln::image::{inspect, verify};
+use kiln::publish;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -76,6 +77,37 @@ struct BuildArgs {
     /// certificate); the cache is still not written.
     #[arg(long)]
     no_dkms_cache: bool,
+}
+
+#[derive(clap::Args)]
+struct PublishArgs {
+    /// The build's output prefix: out/NAME (NAME.raw, NAME.json and SHA256SUMS in out/).
+    image: PathBuf,
+    /// Destination: s3://BUCKET/PREFIX (objects are PREFIX/NAME.raw, ...). Credentials
+    /// and region come from the standard AWS chain (AWS_* variables, ~/.aws, SSO,
+    /// instance roles).
+    #[arg(long, value_name = "s3://BUCKET/PREFIX")]
+    to: String,
+    /// An S3-compatible endpoint instead of AWS (path-style requests).
+    #[arg(long, value_name = "URL", env = "KILN_S3_ENDPOINT")]
+    endpoint: Option<String>,
+    /// Form of the image URL written into the payload's spec.uri: virtual-hosted,
+    /// path-style, or a template with {key} and optionally {bucket}, {region}, {endpoint}
+    /// (a CDN: https://images.example.com/{key}) [default: virtual-hosted on AWS,
+    /// path-style with --endpoint].
+    #[arg(long, value_name = "STYLE|TEMPLATE", env = "KILN_PUBLISH_URL")]
+    url: Option<publish::url::UrlTemplate>,
+    /// Multipart part size in MiB (raised to what S3's 5 MiB minimum and 10 000-part
+    /// limit need; a resumed upload keeps its own).
+    #[arg(long, value_name = "MIB", default_value_t = publish::s3::DEFAULT_PART_SIZE >> 20)]
+    part_size_mib: u64,
+    /// Parts in memory at once (read, queued or being sent); memory is bounded by
+    /// jobs x part size.
+    #[arg(long, default_value_t = publish::s3::DEFAULT_JOBS as u64, value_parser = clap::value_parser!(u64).range(1..=64))]
+    jobs: u64,
+    /// Print what was published as JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
@@ -183,6 +215,25 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Upload a built image to S3 or an S3-compatible store (multipart, resumable,
+    /// checked against SHA256SUMS and after upload), with SHA256SUMS, the SBOM and lock
+    /// when present, and the payload, whose spec.uri becomes the image's URL.
+    Publish(PublishArgs),
+    /// Validate a registration payload against the spec's schema and POST it to the
+    /// platform's API (token from --token-file or $KILN_API_TOKEN).
+    Register {
+        /// The payload (out/NAME.json).
+        payload: PathBuf,
+        /// The API URL the payload is POSTed to; a 409 is checked with GET URL/NAME.
+        #[arg(long, value_name = "URL")]
+        api: String,
+        /// File whose first line is the API token [default: $KILN_API_TOKEN].
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Print the request (token redacted) instead of sending it.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Boot a throwaway copy of an image in QEMU through UEFI (OVMF) and/or BIOS
     /// (SeaBIOS) and check it from inside against its definition's `[expect]`; exits 1
@@ -327,6 +378,28 @@ fn run(cli: Cli) -> Result<()> {
         Command::Checksum { files } => checksum::cmd_checksum(&files),
         Command::Inspect { image, json } => inspect::cmd_inspect(&image, json),
         Command::Verify { image, def, json } => verify::cmd_verify(&image, &def, json),
+        Command::Publish(a) => publish::cmd_publish(&publish::PublishOpts {
+            image: a.image,
+            to: a.to,
+            endpoint: a.endpoint,
+            url: a.url,
+            tuning: publish::s3::Tuning {
+                part_size: a.part_size_mib << 20,
+                jobs: a.jobs as usize,
+            },
+            json: a.json,
+        }),
+        Command::Register {
+            payload,
+            api,
+            token_file,
+            dry_run,
+        } => publish::register::cmd_register(&publish::register::RegisterOpts {
+            payload,
+            api,
+            token_file,
+            dry_run,
+        }),
         Command::BootTest {
             image,
             def,

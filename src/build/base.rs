@@ -8,6 +8,7 @@
 //! the wrong sha256 is deleted, so nothing else is ever left in the cache.
 
 use crate::definition::BaseSpec;
+use crate::disk::checksum::sum_for;
 use crate::error::user;
 use crate::host::download::{self, DownloadError, Policy};
 use anyhow::{Context, Result};
@@ -155,16 +156,6 @@ pub fn verify_signature(data: &[u8], sig: &[u8], key: &SignedPublicKey) -> std::
 
 fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// The sha256 a `sha256sum`-style list gives for `name` (`HEX *name` or `HEX  name`).
-pub fn sum_for(sums: &str, name: &str) -> Option<String> {
-    sums.lines().find_map(|line| {
-        let (sum, file) = line.split_once(char::is_whitespace)?;
-        let file = file.trim_start().trim_start_matches('*').trim_end();
-        let ok = sum.len() == 64 && sum.chars().all(|c| c.is_ascii_hexdigit());
-        (ok && (file == name || file.rsplit('/').next() == Some(name))).then(|| sum.to_ascii_lowercase())
-    })
 }
 
 fn file_name(url: &str) -> &str {

@@ -158,6 +158,16 @@ pub fn write_sha256sums(dir: &Path, entries: &[(String, [u8; 32])]) -> Result<()
     Ok(())
 }
 
+/// The sha256 a `sha256sum`-style list gives for `name` (`HEX *name` or `HEX  name`).
+pub fn sum_for(sums: &str, name: &str) -> Option<String> {
+    sums.lines().find_map(|line| {
+        let (sum, file) = line.split_once(char::is_whitespace)?;
+        let file = file.trim_start().trim_start_matches('*').trim_end();
+        let ok = sum.len() == 64 && sum.chars().all(|c| c.is_ascii_hexdigit());
+        (ok && (file == name || file.rsplit('/').next() == Some(name))).then(|| sum.to_ascii_lowercase())
+    })
+}
+
 /// One line of `sha256sum` output. Like coreutils, a name containing `\`, newline or
 /// carriage return is escaped and the line is then prefixed with `\`.
 fn sum_line(digest: &[u8; 32], name: &[u8]) -> Vec<u8> {

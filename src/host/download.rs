@@ -88,7 +88,7 @@ impl Failure {
     }
 
     /// Worth another attempt: a network hiccup or a server-side error, not a 404.
-    fn transient(&self) -> bool {
+    pub(crate) fn transient(&self) -> bool {
         match self {
             Failure::Connect(_) | Failure::Timeout(_) | Failure::Io(_) => true,
             Failure::Status(s) => *s >= 500 || *s == 408 || *s == 429,
@@ -148,7 +148,7 @@ impl fmt::Display for DownloadError {
 
 impl std::error::Error for DownloadError {}
 
-fn agent(p: &Policy) -> ureq::Agent {
+pub(crate) fn agent(p: &Policy) -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_connect(Some(p.connect_timeout))
         .timeout_resolve(Some(p.connect_timeout))
@@ -160,7 +160,7 @@ fn agent(p: &Policy) -> ureq::Agent {
         .into()
 }
 
-fn classify(e: ureq::Error, url: &str) -> Failure {
+pub(crate) fn classify(e: ureq::Error, url: &str) -> Failure {
     use ureq::Error as E;
     match e {
         E::HostNotFound => Failure::Dns(host_of(url)),
@@ -176,7 +176,7 @@ fn classify(e: ureq::Error, url: &str) -> Failure {
     }
 }
 
-fn io_failure(io: &std::io::Error) -> Failure {
+pub(crate) fn io_failure(io: &std::io::Error) -> Failure {
     use std::io::ErrorKind as K;
     match io.kind() {
         K::ConnectionRefused
@@ -228,7 +228,7 @@ fn file_path(url: &str) -> Option<&Path> {
 /// Run `f` until it succeeds, fails for good, or the retries are spent. An attempt that
 /// made progress (`f` returns `Err((failure, true))`) does not count against the retries
 /// (unless there are none).
-fn with_retries<T>(
+pub(crate) fn with_retries<T>(
     url: &str,
     p: &Policy,
     mut f: impl FnMut() -> Result<T, (Failure, bool)>,

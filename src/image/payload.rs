@@ -13,7 +13,7 @@ use crate::error::user;
 use crate::image::dpkg::upstream_version;
 use crate::image::inspect::{ImageFacts, is_key_package};
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What the image definition contributes to the payload.
 #[derive(Debug, Clone)]
@@ -36,53 +36,125 @@ impl PayloadInput {
     }
 }
 
-// The payload's shape. Field order is the spec's key order; serde_json keeps it
-// because kiln enables its `preserve_order` feature.
+// The payload's shape, for writing it and for checking one before it is registered
+// ([`validate`]). Field order is the spec's key order; serde_json keeps it because
+// kiln enables its `preserve_order` feature.
 
-#[derive(Serialize)]
-struct Payload<'a> {
-    metadata: Metadata<'a>,
-    spec: Spec<'a>,
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Payload {
+    metadata: Metadata,
+    spec: Spec,
 }
 
-#[derive(Serialize)]
-struct Metadata<'a> {
-    name: &'a str,
-    description: &'a str,
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Metadata {
+    name: String,
+    description: String,
 }
 
-#[derive(Serialize)]
-struct Spec<'a> {
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Spec {
     uri: String,
-    architecture: &'static str,
-    virtualization: &'a str,
-    os: Os<'a>,
+    architecture: String,
+    virtualization: String,
+    os: Os,
     #[serde(rename = "softwareVersions")]
     software_versions: SoftwareVersions,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    gpu: Option<Gpu<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    gpu: Option<Gpu>,
 }
 
-#[derive(Serialize)]
-struct Os<'a> {
-    kernel: &'static str,
-    family: &'a str,
-    distro: &'a str,
-    variant: &'a str,
-    codename: &'a str,
-    version: &'a str,
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Os {
+    kernel: String,
+    family: String,
+    distro: String,
+    variant: String,
+    codename: String,
+    version: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SoftwareVersions {
     kubernetes: String,
 }
 
-#[derive(Serialize)]
-struct Gpu<'a> {
-    vendor: &'a str,
-    driver: &'a str,
-    models: &'a [String],
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Gpu {
+    vendor: String,
+    driver: String,
+    models: Vec<String>,
+}
+
+/// Check that `json` is a registration payload of the spec's schema: exactly its keys
+/// (`spec.gpu` optional), every value a non-empty string (GPU models a non-empty list),
+/// an http(s) `uri` with no template placeholder left, a known architecture and a
+/// `v`-prefixed Kubernetes version. `what` names the payload in the error, which lists
+/// every problem and exits 2.
+pub fn validate(json: &serde_json::Value, what: &str) -> Result<()> {
+    let p: Payload = serde_json::from_value(json.clone()).map_err(|e| {
+        user(format!(
+            "{what} is not a registration payload of the spec's schema: {e}"
+        ))
+    })?;
+    let mut problems = Vec::new();
+    let strings = [
+        ("metadata.name", &p.metadata.name),
+        ("metadata.description", &p.metadata.description),
+        ("spec.uri", &p.spec.uri),
+        ("spec.architecture", &p.spec.architecture),
+        ("spec.virtualization", &p.spec.virtualization),
+        ("spec.os.kernel", &p.spec.os.kernel),
+        ("spec.os.family", &p.spec.os.family),
+        ("spec.os.distro", &p.spec.os.distro),
+        ("spec.os.variant", &p.spec.os.variant),
+        ("spec.os.codename", &p.spec.os.codename),
+        ("spec.os.version", &p.spec.os.version),
+        ("spec.softwareVersions.kubernetes", &p.spec.software_versions.kubernetes),
+    ];
+    for (k, v) in strings {
+        if v.trim().is_empty() {
+            problems.push(format!("{k} is empty"));
+        }
+    }
+    let uri = &p.spec.uri;
+    if !(uri.starts_with("https://") || uri.starts_with("http://")) || uri.contains(['{', '}', ' ']) {
+        problems.push(format!("spec.uri `{uri}` is not an http(s) URL"));
+    }
+    if !API_ARCHITECTURES.iter().any(|(_, a)| *a == p.spec.architecture) {
+        problems.push(format!(
+            "spec.architecture `{}` is not a known architecture",
+            p.spec.architecture
+        ));
+    }
+    if !p.spec.software_versions.kubernetes.starts_with('v') {
+        problems.push(format!(
+            "spec.softwareVersions.kubernetes `{}` does not start with v",
+            p.spec.software_versions.kubernetes
+        ));
+    }
+    if let Some(g) = &p.spec.gpu {
+        if g.vendor.is_empty() || g.driver.is_empty() {
+            problems.push("spec.gpu.vendor and spec.gpu.driver must not be empty".into());
+        }
+        if g.models.is_empty() || g.models.iter().any(|m| m.is_empty()) {
+            problems.push("spec.gpu.models must be a non-empty list of names".into());
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(user(format!(
+            "{what} does not match the spec's schema: {}",
+            problems.join("; ")
+        )))
+    }
 }
 
 /// Build the registration payload of an image from its facts and its definition.
@@ -138,28 +210,28 @@ pub fn build_payload(facts: &ImageFacts, input: &PayloadInput) -> Result<serde_j
     let gpu = match &input.payload.gpu {
         None => None,
         Some(g) => Some(Gpu {
-            vendor: &g.vendor,
-            driver: installed_upstream(facts, &g.driver_package, "spec.gpu.driver")?,
-            models: &g.models,
+            vendor: g.vendor.clone(),
+            driver: installed_upstream(facts, &g.driver_package, "spec.gpu.driver")?.to_string(),
+            models: g.models.clone(),
         }),
     };
 
     let payload = Payload {
         metadata: Metadata {
-            name: &input.name,
-            description: &input.description,
+            name: input.name.clone(),
+            description: input.description.clone(),
         },
         spec: Spec {
             uri: input.payload.uri_template.replace("{name}", &input.name),
-            architecture,
-            virtualization: &input.payload.virtualization,
+            architecture: architecture.to_string(),
+            virtualization: input.payload.virtualization.clone(),
             os: Os {
-                kernel: "linux",
-                family,
-                distro,
-                variant: &input.payload.variant,
-                codename,
-                version,
+                kernel: "linux".to_string(),
+                family: family.to_string(),
+                distro: distro.to_string(),
+                variant: input.payload.variant.clone(),
+                codename: codename.to_string(),
+                version: version.to_string(),
             },
             software_versions: SoftwareVersions { kubernetes },
             gpu,
@@ -187,18 +259,20 @@ fn installed_upstream<'f>(facts: &'f ImageFacts, package: &str, field: &str) -> 
     Ok(upstream_version(&p.version))
 }
 
+/// dpkg architectures and their payload architecture names.
+const API_ARCHITECTURES: [(&str, &str); 7] = [
+    ("amd64", "x86_64"),
+    ("arm64", "aarch64"),
+    ("armhf", "armv7l"),
+    ("i386", "i686"),
+    ("ppc64el", "ppc64le"),
+    ("s390x", "s390x"),
+    ("riscv64", "riscv64"),
+];
+
 /// The payload's architecture name for a dpkg architecture.
 pub fn api_architecture(dpkg_arch: &str) -> Option<&'static str> {
-    Some(match dpkg_arch {
-        "amd64" => "x86_64",
-        "arm64" => "aarch64",
-        "armhf" => "armv7l",
-        "i386" => "i686",
-        "ppc64el" => "ppc64le",
-        "s390x" => "s390x",
-        "riscv64" => "riscv64",
-        _ => return None,
-    })
+    API_ARCHITECTURES.iter().find(|(d, _)| *d == dpkg_arch).map(|(_, a)| *a)
 }
 
 #[cfg(test)]
@@ -353,6 +427,35 @@ mod tests {
             build_payload(&f, &input(false)).unwrap()["spec"]["os"]["family"],
             "ubuntu"
         );
+    }
+
+    #[test]
+    fn built_payloads_validate_and_wrong_shapes_do_not() {
+        let p = build_payload(&facts(), &input(true)).unwrap();
+        validate(&p, "p.json").unwrap();
+        validate(&build_payload(&facts(), &input(false)).unwrap(), "p.json").unwrap();
+        let bad = |f: &dyn Fn(&mut serde_json::Value), want: &str| {
+            let mut v = p.clone();
+            f(&mut v);
+            let e = validate(&v, "p.json").unwrap_err();
+            assert_eq!(exit_code(&e), 2);
+            let msg = format!("{e:#}");
+            assert!(msg.contains(want) && msg.contains("p.json"), "{msg}");
+        };
+        bad(&|v| v["spec"]["extra"] = json!(1), "extra");
+        bad(&|v| drop(v["spec"].as_object_mut().unwrap().remove("os")), "os");
+        bad(
+            &|v| v["spec"]["uri"] = json!("https://b.example/{name}.raw"),
+            "spec.uri",
+        );
+        bad(&|v| v["spec"]["architecture"] = json!("amd64"), "amd64");
+        bad(
+            &|v| v["spec"]["softwareVersions"]["kubernetes"] = json!("1.30.0"),
+            "does not start with v",
+        );
+        bad(&|v| v["spec"]["gpu"]["models"] = json!([]), "spec.gpu.models");
+        bad(&|v| v["metadata"]["name"] = json!(""), "metadata.name is empty");
+        bad(&|v| v["spec"]["os"]["version"] = json!(22.04), "version");
     }
 
     #[test]
