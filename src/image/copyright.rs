@@ -7,8 +7,9 @@
 //! `GPL-2+` → `GPL-2.0-or-later`, `LGPL-2.1` → `LGPL-2.1-only`, `Expat` → `MIT`,
 //! `BSD-3-clause` → `BSD-3-Clause`, `Apache-2` → `Apache-2.0`, `Perl` → `Artistic-1.0-Perl OR
 //! GPL-1.0-or-later`, ... A name with no SPDX identifier (`public-domain`, a
-//! project's own license, `X+` of a non-GNU license, whose `ID+` form validators reject) becomes a `LicenseRef-` carrying the license text the
-//! copyright file gives for it; without a text the package's license is `NOASSERTION`.
+//! project's own license, `X+` of a non-GNU license, whose `ID+` form validators reject)
+//! becomes a `LicenseRef-` carrying the license text the copyright file gives for it;
+//! without a text the package's license is `NOASSERTION`.
 //! The package's declared license is the conjunction (`AND`) of the distinct licenses
 //! of its `Files` paragraphs. The result is checked with the `spdx` crate's strict
 //! parser, so whatever is returned is a valid SPDX expression.
@@ -52,10 +53,10 @@ pub fn declared_license(text: &str) -> Option<DeclaredLicense> {
         // A Files paragraph may carry the text itself (`License: NAME` + body).
         let text_of = |name: &str| -> Option<String> {
             let named = |l: &debian_copyright::License| l.text().map(str::to_string).filter(|t| !t.trim().is_empty());
-            if license.name().is_some_and(|n| n.trim() == name) {
-                if let Some(t) = named(&license) {
-                    return Some(t);
-                }
+            if license.name().is_some_and(|n| n.trim() == name)
+                && let Some(t) = named(&license)
+            {
+                return Some(t);
             }
             copyright.find_license_by_name(name).as_ref().and_then(named)
         };
