@@ -13,7 +13,6 @@ use crate::image::open::{FileKind, FileMeta, RootFs};
 use anyhow::{Context, Result, anyhow};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 /// An installed package as the diff shows it.
@@ -108,11 +107,7 @@ pub fn cmd_diff(a: &Path, b: &Path, json: bool) -> Result<()> {
     } else {
         render(&d)
     };
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("writing to stdout"),
-    }
+    crate::host::progress::print_stdout(&text)
 }
 
 /// Compare two images, reading both at once.

@@ -14,7 +14,6 @@ use crate::image::os_release;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 // `boottest` names these through `inspect`.
@@ -77,12 +76,7 @@ pub fn cmd_inspect(image: &Path, json: bool) -> Result<()> {
     } else {
         render_facts(&facts)
     };
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        // `kiln inspect IMAGE | head` is fine.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("writing to stdout"),
-    }
+    crate::host::progress::print_stdout(&text)
 }
 
 /// Read the facts of a raw or qcow2 image without mounting it.
