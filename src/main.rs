@@ -8,7 +8,7 @@ use kiln::build::{self, provision, timings};
 use kiln::disk::checksum;
 use kiln::error;
 use kiln::host::{buildlog, cancel, doctor, mounts, rootdir, supervisor};
-use kiln::image::{inspect, verify};
+use kiln::image::{diff, inspect, sbom, verify};
 use kiln::publish;
 use std::path::PathBuf;
 
@@ -235,6 +235,31 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Write the SBOM (SPDX 2.3 JSON) of an existing image (raw or qcow2), read from its
+    /// dpkg database without mounting it; what every build writes as NAME.spdx.json.
+    Sbom {
+        /// The image (raw or qcow2).
+        image: PathBuf,
+        /// The document's and the image package's name [default: the image's file name
+        /// without its extension].
+        #[arg(long)]
+        name: Option<String>,
+        /// Write the document to FILE instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Compare two images (raw or qcow2) without mounting them: installed packages added,
+    /// removed and changed, then files (type, mode, owner, size, content sha256, symlink
+    /// target).
+    Diff {
+        /// The old image (raw or qcow2).
+        a: PathBuf,
+        /// The new image (raw or qcow2).
+        b: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Boot a throwaway copy of an image in QEMU through UEFI (OVMF) and/or BIOS
     /// (SeaBIOS) and check it from inside against its definition's `[expect]`; exits 1
     /// if any check fails.
@@ -325,6 +350,7 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("built {} (sha256 {})", report.raw.display(), report.sha256);
                 println!("payload {}", report.payload.display());
+                println!("SBOM {}", report.sbom.display());
             }
             Ok(())
         }
@@ -400,6 +426,8 @@ fn run(cli: Cli) -> Result<()> {
             token_file,
             dry_run,
         }),
+        Command::Sbom { image, name, out } => sbom::cmd_sbom(&image, name.as_deref(), out.as_deref()),
+        Command::Diff { a, b, json } => diff::cmd_diff(&a, &b, json),
         Command::BootTest {
             image,
             def,

@@ -68,6 +68,17 @@ fn check_artifacts(out: &Path, name: &str) -> serde_json::Value {
         .unwrap();
     assert!(st.success(), "sha256sum -c failed");
     assert!(!out.join(format!("{name}.raw.partial")).exists());
+    // The SBOM lists the small root's installed packages (tests/sbom.rs checks the seeds').
+    assert!(sums.contains(&format!("  {name}.spdx.json")), "{sums}");
+    let sbom: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join(format!("{name}.spdx.json"))).unwrap()).unwrap();
+    let names: Vec<&str> = sbom["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, [name, "base-files", "kubelet", "linux-image-5.15.0-204-generic"]);
     let payload: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join(format!("{name}.json"))).unwrap()).unwrap();
     let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();

@@ -39,7 +39,7 @@ use crate::image::verify::Check;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -262,11 +262,7 @@ pub fn cmd_boot_test(opts: &Opts) -> Result<()> {
     } else {
         render(&report)
     };
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-        other => other.context("writing to stdout")?,
-    }
+    crate::host::progress::print_stdout(&text)?;
     if !report.passed {
         let mut msgs: Vec<String> = report
             .boots

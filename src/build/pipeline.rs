@@ -44,6 +44,8 @@ pub struct BuildReport {
     pub qcow2: Option<PathBuf>,
     pub payload: PathBuf,
     pub sha256: String,
+    /// The SBOM, `NAME.spdx.json`.
+    pub sbom: PathBuf,
     pub timings: Vec<crate::build::timings::StageTiming>,
 }
 
@@ -64,8 +66,9 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     let raw_name = format!("{}.raw", def.name);
     let final_raw = opts.out.join(&raw_name);
     let final_json = opts.out.join(format!("{}.json", def.name));
+    let final_sbom = opts.out.join(crate::image::sbom::file_name(&def.name));
     if !opts.force {
-        for p in [&final_raw, &final_json] {
+        for p in [&final_raw, &final_json, &final_sbom] {
             if p.exists() {
                 user_bail!(
                     "{} already exists; pass --force to replace it or choose another --out",
@@ -196,6 +199,8 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         partial.clone(),
         opts.out.join(format!("{}.json.partial", def.name)),
         opts.out.join(format!("{}.qcow2.partial", def.name)),
+        opts.out
+            .join(format!("{}.partial", crate::image::sbom::file_name(&def.name))),
     ];
     let finished = result.and_then(|_| finalize(&def, opts, &partials, timings));
     if finished.is_err() && !keep {
@@ -209,6 +214,7 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         raw: final_raw,
         qcow2,
         payload: final_json,
+        sbom: final_sbom,
         sha256: crate::disk::checksum::hex(&digest),
         timings: timings.stages.clone(),
     })
@@ -219,18 +225,44 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
 fn finalize(
     def: &ImageDef,
     opts: &BuildOpts,
-    partials: &[PathBuf; 3],
+    partials: &[PathBuf; 4],
     timings: &mut Timings,
 ) -> Result<([u8; 32], Option<PathBuf>)> {
-    let [partial, json_partial, q_partial] = partials;
+    let [partial, json_partial, q_partial, sbom_partial] = partials;
     let raw_name = format!("{}.raw", def.name);
     crate::build::boundary(timings, "finalize")?;
     let facts = crate::image::inspect::inspect_image(partial).context("reading the finished image's facts")?;
     let payload = crate::image::payload::build_payload(&facts, &crate::image::payload::PayloadInput::of(def))?;
+    // The SBOM, from the finished image's dpkg database. The .debs' sha256 and URLs come
+    // from the build's package records (the lock) once it has them; until then `None`:
+    // NOASSERTION download locations and no checksums.
+    let sbom_name = crate::image::sbom::file_name(&def.name);
+    let root = crate::image::open::RootFs::open(partial).context("reading the finished image's dpkg database")?;
+    let stats = crate::image::sbom::write_sbom(
+        &root,
+        &crate::image::sbom::SbomInput {
+            name: &def.name,
+            records: None,
+        },
+        sbom_partial,
+    )?;
+    drop(root);
+    tracing::info!(
+        "SBOM {sbom_name}: {} packages, {} with a declared license, {} with a .deb checksum",
+        stats.packages,
+        stats.with_license,
+        stats.with_checksum
+    );
     let pb = crate::host::progress::bytes(std::fs::metadata(partial)?.len(), "checksum");
     let digest = crate::disk::checksum::sha256_file(partial, Some(&pb))?;
     pb.finish_and_clear();
-    let mut sums = vec![(raw_name.clone(), digest)];
+    let mut sums = vec![
+        (raw_name.clone(), digest),
+        (
+            sbom_name.clone(),
+            crate::disk::checksum::sha256_file(sbom_partial, None)?,
+        ),
+    ];
     let mut json = serde_json::to_vec_pretty(&payload)?;
     json.push(b'\n');
     std::fs::write(json_partial, json).with_context(|| format!("writing {}", json_partial.display()))?;
@@ -255,6 +287,8 @@ fn finalize(
     std::fs::rename(partial, opts.out.join(&raw_name))
         .with_context(|| format!("renaming {} into place", partial.display()))?;
     std::fs::rename(json_partial, opts.out.join(format!("{}.json", def.name)))?;
+    std::fs::rename(sbom_partial, opts.out.join(&sbom_name))
+        .with_context(|| format!("renaming {} into place", sbom_partial.display()))?;
     crate::disk::checksum::write_sha256sums(&opts.out, &sums)?;
     timings.end();
     Ok((digest, qcow2))

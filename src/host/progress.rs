@@ -1,9 +1,21 @@
-//! Progress bars for long steps, shown only when stderr is a terminal, and the two ways
+//! Progress bars for long steps, shown only when stderr is a terminal, the two ways
 //! kiln writes a size: [`human_size`] for tables and logs, [`exact_size`] where the exact
-//! number of bytes matters (disk sizes).
+//! number of bytes matters (disk sizes), and [`print_stdout`] for a command's output.
 
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
+
+/// Write a command's output (a report, JSON) to stdout; a closed pipe
+/// (`kiln inspect IMAGE | head`) is not an error.
+pub fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to stdout"),
+    }
+}
 
 /// A byte-counting bar of `len` bytes, hidden when stderr is not a terminal.
 pub fn bytes(len: u64, msg: &str) -> ProgressBar {

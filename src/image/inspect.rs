@@ -14,7 +14,6 @@ use crate::image::os_release;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 // `boottest` names these through `inspect`.
@@ -77,12 +76,7 @@ pub fn cmd_inspect(image: &Path, json: bool) -> Result<()> {
     } else {
         render_facts(&facts)
     };
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        // `kiln inspect IMAGE | head` is fine.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("writing to stdout"),
-    }
+    crate::host::progress::print_stdout(&text)
 }
 
 /// Read the facts of a raw or qcow2 image without mounting it.
@@ -473,20 +467,7 @@ Version: 5.1-6ubuntu1.1
         populate(&root);
 
         let raw = dir.join("disk.raw");
-        partition(&raw);
-        mkfs_esp(&raw);
-        let last = DISK_SECTORS - 34; // the backup GPT takes the last 33 sectors
-        let blocks_4k = (last + 1 - ROOT_START) * SECTOR / 4096;
-        Cmd::new(tool("mkfs.ext4", "e2fsprogs"))
-            .args(["-q", "-F", "-b", "4096", "-L", "cloudimg-rootfs", "-U", ROOT_UUID])
-            .arg("-E")
-            .arg(format!("offset={},nodiscard", ROOT_START * SECTOR))
-            .arg("-d")
-            .arg(&root)
-            .arg(&raw)
-            .arg(format!("{}k", blocks_4k * 4))
-            .run()
-            .unwrap();
+        image_from_tree(&root, &raw);
 
         let qcow2 = dir.join("disk.qcow2");
         to_qcow2(&raw, &qcow2);
@@ -505,6 +486,24 @@ Version: 5.1-6ubuntu1.1
             no_ext4,
             not_image,
         }
+    }
+
+    /// A raw disk with the cloud image's layout whose ext4 root holds the tree `root`.
+    pub fn image_from_tree(root: &Path, raw: &Path) {
+        partition(raw);
+        mkfs_esp(raw);
+        let last = DISK_SECTORS - 34; // the backup GPT takes the last 33 sectors
+        let blocks_4k = (last + 1 - ROOT_START) * SECTOR / 4096;
+        Cmd::new(tool("mkfs.ext4", "e2fsprogs"))
+            .args(["-q", "-F", "-b", "4096", "-L", "cloudimg-rootfs", "-U", ROOT_UUID])
+            .arg("-E")
+            .arg(format!("offset={},nodiscard", ROOT_START * SECTOR))
+            .arg("-d")
+            .arg(root)
+            .arg(raw)
+            .arg(format!("{}k", blocks_4k * 4))
+            .run()
+            .unwrap();
     }
 
     /// Convert a raw image to qcow2 with `qemu-img`.

@@ -4,10 +4,13 @@
 //! kernels), the API registration `payload`, and `verify` against the definition's
 //! expectations. `kernels` and `dpkg` also serve the build on its mounted root.
 
+pub mod copyright;
+pub mod diff;
 pub mod dpkg;
 pub mod inspect;
 pub mod kernels;
 pub mod open;
 pub mod os_release;
 pub mod payload;
+pub mod sbom;
 pub mod verify;

@@ -434,6 +434,54 @@ impl RootFs {
             .map_err(|e| self.err("looking up", path, e))
     }
 
+    /// Every file and directory below `/` (not `/` itself), sorted by path, with its
+    /// own metadata (a symlink is not followed). Paths are absolute.
+    pub fn walk(&self) -> Result<Vec<(String, FileMeta)>> {
+        let mut out = Vec::new();
+        let mut dirs = vec![ext4_view::PathBuf::new("/")];
+        while let Some(dir) = dirs.pop() {
+            let shown = dir.display().to_string();
+            for entry in self.fs.read_dir(&dir).map_err(|e| self.err("listing", &shown, e))? {
+                let entry = entry.map_err(|e| self.err("listing", &shown, e))?;
+                let name = entry.file_name();
+                if name.as_ref() == b"." || name.as_ref() == b".." {
+                    continue;
+                }
+                let path = entry.path();
+                let meta = entry
+                    .metadata()
+                    .map_err(|e| self.err("looking up", &path.display().to_string(), e))?;
+                let meta = file_meta(meta);
+                out.push((path.display().to_string(), meta));
+                if meta.kind == FileKind::Directory {
+                    dirs.push(path);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// SHA-256 of a regular file's contents (following symlinks), read block by block;
+    /// `progress` is advanced by the bytes read.
+    pub fn sha256(&self, path: &str, progress: Option<&indicatif::ProgressBar>) -> Result<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        let mut file = self.fs.open(path).map_err(|e| self.err("opening", path, e))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = file.read_bytes(&mut buf).map_err(|e| self.err("reading", path, e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            if let Some(p) = progress {
+                p.inc(n as u64);
+            }
+        }
+        Ok(hasher.finalize().into())
+    }
+
     /// Target of the symlink at `path`, as stored.
     pub fn read_link(&self, path: &str) -> Result<String> {
         let target = self

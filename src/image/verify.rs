@@ -35,7 +35,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 // ---------------------------------------------------------------------------------
@@ -164,11 +164,7 @@ pub fn cmd_verify(image: &Path, def_path: &Path, json: bool) -> Result<()> {
         }
         s
     };
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-        other => other.context("writing to stdout")?,
-    }
+    crate::host::progress::print_stdout(&text)?;
     if failed > 0 {
         bail!("{failed} of {} checks failed", checks.len());
     }
@@ -1924,7 +1920,7 @@ version = 2
                 std::fs::create_dir_all(&dir).unwrap();
                 if m.ends_with("drm") {
                     let mut xz = xz2::write::XzEncoder::new(Vec::new(), 6);
-                    xz.write_all(&body).unwrap();
+                    std::io::Write::write_all(&mut xz, &body).unwrap();
                     std::fs::write(dir.join(format!("{m}.ko.xz")), xz.finish().unwrap()).unwrap();
                 } else {
                     std::fs::write(dir.join(format!("{m}.ko")), body).unwrap();
