@@ -455,7 +455,7 @@ mod tests {
         );
         bad(&|v| v["spec"]["gpu"]["models"] = json!([]), "spec.gpu.models");
         bad(&|v| v["metadata"]["name"] = json!(""), "metadata.name is empty");
-        bad(&|v| v["spec"]["os"]["version"] = json!(22.04), "version");
+        bad(&|v| v["spec"]["os"]["version"] = json!(22.04), "expected a string");
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::error::user;
 use crate::host::download::Policy;
 use anyhow::{Context, Result, anyhow};
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumMode, ChecksumType, CompletedMultipartUpload, CompletedPart};
@@ -147,10 +148,13 @@ impl Store {
     }
 
     /// `map_err` for a failed request about `key`.
-    fn fail<'a, E, R>(&'a self, what: &'a str, key: &'a str) -> impl FnOnce(SdkError<E, R>) -> anyhow::Error + 'a
+    fn fail<'a, E>(
+        &'a self,
+        what: &'a str,
+        key: &'a str,
+    ) -> impl FnOnce(SdkError<E, HttpResponse>) -> anyhow::Error + 'a
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-        R: std::fmt::Debug + Send + Sync + 'static,
     {
         move |e| s3_error(&format!("{what} {key}"), e, &self.place(), &self.bucket)
     }
@@ -762,10 +766,9 @@ fn read_parts(
 
 /// An S3 failure in words: a missing bucket and rejected credentials are the user's to
 /// fix (exit 2); an endpoint that does not answer and other failures exit 1.
-fn s3_error<E, R>(what: &str, e: SdkError<E, R>, place: &str, bucket: &str) -> anyhow::Error
+fn s3_error<E>(what: &str, e: SdkError<E, HttpResponse>, place: &str, bucket: &str) -> anyhow::Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
 {
     let detail = DisplayErrorContext(&e).to_string();
     match &e {
@@ -795,7 +798,10 @@ where
                 | "AuthorizationHeaderMalformed" => user(format!(
                     "{what}: {place} rejected the credentials ({code}: {message}); check AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN or AWS_PROFILE"
                 )),
-                _ => anyhow!("{what}: {place} answered {code}: {message} ({detail})"),
+                _ => {
+                    let status = e.raw_response().map(|r| r.status().as_u16()).unwrap_or_default();
+                    anyhow!("{what}: {place} answered HTTP {status} {code} {message} ({detail})")
+                }
             }
         }
         _ => anyhow!("{what}: {place}: {detail}"),
