@@ -117,6 +117,44 @@ fn is_loopback_name(n: &str) -> bool {
     n.starts_with("localhost") || n.starts_with("ip6-")
 }
 
+/// Clamp the modification and access times of everything under `root` (the mounted
+/// image root; symlinks are not followed, other filesystems not entered) to at most
+/// `epoch`, as reproducible-builds.org's SOURCE_DATE_EPOCH asks: what the build wrote
+/// carries the lock's time, not the clock's. Returns how many entries were changed.
+pub fn clamp_mtimes(root: &std::path::Path, epoch: u64) -> Result<u64> {
+    use nix::sys::stat::{UtimensatFlags, utimensat};
+    use nix::sys::time::TimeSpec;
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::symlink_metadata(root)?.dev();
+    let t = TimeSpec::new(epoch as i64, 0);
+    let mut changed = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+        for e in entries {
+            let p = e?.path();
+            let md = std::fs::symlink_metadata(&p)?;
+            if md.dev() != dev {
+                continue;
+            }
+            if md.is_dir() {
+                stack.push(p.clone());
+            }
+            if md.mtime() > epoch as i64 || md.atime() > epoch as i64 {
+                utimensat(nix::fcntl::AT_FDCWD, &p, &t, &t, UtimensatFlags::NoFollowSymlink)
+                    .with_context(|| format!("clamping the times of {}", p.display()))?;
+                changed += 1;
+            }
+        }
+    }
+    let md = std::fs::symlink_metadata(root)?;
+    if md.mtime() > epoch as i64 {
+        utimensat(nix::fcntl::AT_FDCWD, root, &t, &t, UtimensatFlags::NoFollowSymlink)?;
+        changed += 1;
+    }
+    Ok(changed)
+}
+
 /// /etc/hosts without `names` (a line left with no name goes) and without own-name
 /// lines (`127.0.1.1 host`: any 127.* address but 127.0.0.1).
 pub fn scrub_hosts(text: &str, names: &[String]) -> String {
