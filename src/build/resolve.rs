@@ -57,7 +57,8 @@ const TARGET_FORMAT: &str = "$(FILENAME)|$(REPO_URI)|$(RELEASE)|$(COMPONENT)|$(I
 fn parse_targets(text: &str) -> Vec<Target> {
     text.lines()
         .filter_map(|l| {
-            let f: Vec<&str> = l.split('|').collect();
+            // A field apt has no value for stays `$(NAME)`.
+            let f: Vec<&str> = l.split('|').map(|x| if x.starts_with("$(") { "" } else { x }).collect();
             (f.len() == 7 && f[4] == "Packages" && f[6] == "deb").then(|| Target {
                 filename: f[0].to_string(),
                 repo_uri: f[1].to_string(),
@@ -87,8 +88,14 @@ fn norm_uri(u: &str) -> String {
     }
 }
 
-/// The definition's repository a (URI, suite) belongs to, with the URI to record.
-fn definition_repo(def: &ImageDef, overrides: &[RepoOverride], uri: &str, suite: &str) -> Option<(String, String)> {
+/// The definition's repository a (URI, suite) belongs to: its id, the URI to record and
+/// its suite.
+fn definition_repo(
+    def: &ImageDef,
+    overrides: &[RepoOverride],
+    uri: &str,
+    suite: &str,
+) -> Option<(String, String, String)> {
     let uri = norm_uri(uri);
     def.repositories.iter().find_map(|r| {
         if r.suite.trim_end_matches('/') != suite.trim_end_matches('/') {
@@ -101,9 +108,9 @@ fn definition_repo(def: &ImageDef, overrides: &[RepoOverride], uri: &str, suite:
                 } else {
                     o.uri.clone()
                 };
-                (norm_uri(&inside) == uri).then(|| (r.id.clone(), o.uri.clone()))
+                (norm_uri(&inside) == uri).then(|| (r.id.clone(), o.uri.clone(), r.suite.clone()))
             }
-            None => (norm_uri(&r.uri) == uri).then(|| (r.id.clone(), r.uri.clone())),
+            None => (norm_uri(&r.uri) == uri).then(|| (r.id.clone(), r.uri.clone(), r.suite.clone())),
         }
     })
 }
@@ -118,7 +125,7 @@ fn release_record(rd: &RootDir, t: &Target) -> Result<(String, Vec<u8>, Option<V
     }
     if let Some(path) = t.repo_uri.strip_prefix("file:") {
         let dir = format!("/{}/", path.trim_start_matches('/').trim_end_matches('/'));
-        candidates.push(if t.suite.ends_with('/') {
+        candidates.push(if t.suite.is_empty() || t.suite.ends_with('/') {
             format!("{dir}{}", t.suite.trim_start_matches("./").trim_start_matches('/'))
         } else {
             format!("{dir}dists/{}/", t.suite)
@@ -221,8 +228,18 @@ pub fn resolve(
     let mut repos: Vec<LockedRepository> = Vec::new();
     let mut target_repo: Vec<usize> = Vec::new();
     for t in &targets {
-        let (id, uri) = definition_repo(def, overrides, &t.repo_uri, &t.suite)
-            .unwrap_or_else(|| (t.suite.trim_end_matches('/').replace('/', "-"), t.repo_uri.clone()));
+        let (id, uri, suite) = definition_repo(def, overrides, &t.repo_uri, &t.suite).unwrap_or_else(|| {
+            let suite = if t.suite.is_empty() {
+                "/".to_string()
+            } else {
+                t.suite.clone()
+            };
+            (
+                t.suite.trim_end_matches('/').replace('/', "-"),
+                t.repo_uri.clone(),
+                suite,
+            )
+        });
         let idx = match repos
             .iter()
             .position(|r| r.id == id && norm_uri(&r.uri) == norm_uri(&uri))
@@ -237,7 +254,7 @@ pub fn resolve(
                 repos.push(LockedRepository {
                     id,
                     uri,
-                    suite: t.suite.clone(),
+                    suite,
                     components: vec![],
                     fingerprints: signers(&bytes, sig.as_deref()),
                     release_file,
