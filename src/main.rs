@@ -321,7 +321,7 @@ fn run(cli: Cli) -> Result<()> {
                     repo_overrides: a.repo_override,
                     ..Default::default()
                 },
-                locked: a.locked.then(|| build::pipeline::LockedBuild { archive: a.archive }),
+                locked: a.locked.then_some(build::pipeline::LockedBuild { archive: a.archive }),
                 resolve_only: false,
             };
             let mut t = timings::Timings::default();

@@ -169,7 +169,7 @@ fn signers(release: &[u8], detached: Option<&[u8]>) -> Vec<String> {
             None => s
                 .issuer_key_id()
                 .first()
-                .map(|k| hex::encode_upper(k))
+                .map(hex::encode_upper)
                 .unwrap_or_default(),
         })
         .filter(|s| !s.is_empty())
