@@ -166,11 +166,7 @@ fn signers(release: &[u8], detached: Option<&[u8]>) -> Vec<String> {
         .iter()
         .map(|s| match s.issuer_fingerprint().first() {
             Some(f) => format!("{f:X}"),
-            None => s
-                .issuer_key_id()
-                .first()
-                .map(hex::encode_upper)
-                .unwrap_or_default(),
+            None => s.issuer_key_id().first().map(hex::encode_upper).unwrap_or_default(),
         })
         .filter(|s| !s.is_empty())
         .collect();
