@@ -624,6 +624,14 @@ mod tests {
     }
 
     #[test]
+    fn release_dates() {
+        assert_eq!(parse_release_date("Thu, 04 Dec 2024 00:00:00 UTC"), Some(1_733_270_400));
+        assert_eq!(parse_release_date("Sun, 29 Nov 2026  3:25:35 UTC"), Some(1_795_922_735));
+        assert_eq!(parse_release_date("Thu, 21 Apr 2022 17:16:08 UTC"), Some(1_650_561_368));
+        assert_eq!(parse_release_date("garbage"), None);
+    }
+
+    #[test]
     fn changes() {
         let old = vec![pkg("a", "1"), pkg("b", "1")];
         let new = vec![pkg("b", "2"), pkg("c", "1")];

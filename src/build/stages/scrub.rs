@@ -58,6 +58,9 @@ pub fn scrub(rd: &RootDir) -> Result<()> {
         empty_dir(rd, dir, &["partial", "lock"])?;
     }
     remove_matching(rd, "/var/cache/apt", |n| n.ends_with(".bin"))?;
+    // ldconfig's auxiliary cache records the build's inode numbers and change times (the
+    // one file whose content differed between two locked builds); ldconfig remakes it.
+    remove_if_exists(rd, "/var/cache/ldconfig/aux-cache")?;
     if rd.exists("/var/lib/apt/lists")? {
         rd.create_dir_all("/var/lib/apt/lists/partial", 0o700)?;
     }
