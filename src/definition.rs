@@ -167,6 +167,8 @@ struct RawStage {
 #[derive(Debug, Clone)]
 pub struct ImageDef {
     pub file: PathBuf,
+    /// The definition files read: this one, then what it extends, up the chain.
+    pub chain: Vec<PathBuf>,
     pub project_root: PathBuf,
     pub name: String,
     pub description: String,
@@ -532,6 +534,7 @@ pub fn load(path: &Path) -> Result<ImageDef> {
     }
     Ok(ImageDef {
         file: path.clone(),
+        chain: chain.iter().map(|(p, _)| p.clone()).collect(),
         project_root,
         name,
         description,

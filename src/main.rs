@@ -77,6 +77,17 @@ struct BuildArgs {
     /// certificate); the cache is still not written.
     #[arg(long)]
     no_dkms_cache: bool,
+    /// Install exactly the packages of images/NAME.lock (`kiln lock`): every .deb fetched by
+    /// pool path and checked by sha256; the build fails if apt ends with any other set.
+    #[arg(long)]
+    locked: bool,
+    /// With --locked: no network at all; the base and every .deb come from --archive DIR
+    /// (`kiln fetch`), each checked against the lock before anything is written.
+    #[arg(long, requires_all = ["locked", "archive"])]
+    offline: bool,
+    /// The archive directory `kiln fetch` filled (used with --locked --offline).
+    #[arg(long, value_name = "DIR", requires = "offline")]
+    archive: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -110,6 +121,34 @@ struct PublishArgs {
     json: bool,
 }
 
+#[derive(clap::Args)]
+struct LockArgs {
+    /// Image definition (images/NAME.toml); the lock is written next to it (images/NAME.lock).
+    def: PathBuf,
+    /// Base to resolve on (cloud image or root tarball) instead of the definition's pinned
+    /// [base]; the lock records its file name, sha256 and size.
+    #[arg(long, conflicts_with = "base_mirror")]
+    base: Option<PathBuf>,
+    /// Fetch the pinned base from this mirror (see `kiln build --base-mirror`).
+    #[arg(long, value_name = "URL", env = "KILN_BASE_MIRROR")]
+    base_mirror: Option<String>,
+    /// Package and base cache shared across builds (the resolution's build log is kept in
+    /// CACHE/lock/NAME/).
+    #[arg(long, default_value = "/var/cache/kiln", env = "KILN_CACHE_DIR")]
+    cache_dir: PathBuf,
+    /// Point repository ID at a mirror or local directory: ID=URI[,key=PATH]. The lock
+    /// records the override, and `build --locked` then demands the same one.
+    #[arg(long = "repo-override", value_name = "ID=URI[,key=PATH]")]
+    repo_override: Vec<apt::RepoOverride>,
+    /// Replace an existing lock (prints the package changes).
+    #[arg(long, conflicts_with = "check")]
+    update: bool,
+    /// Only tell whether the lock is stale (the definition's inputs changed, or a
+    /// repository serves a new Release file); exits 1 if it is. Builds nothing.
+    #[arg(long)]
+    check: bool,
+}
+
 #[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 enum OutFormat {
     Raw,
@@ -120,6 +159,29 @@ enum OutFormat {
 enum Command {
     /// Build an image from a definition and a base (cloud image or root tarball).
     Build(BuildArgs),
+    /// Resolve a definition (a build that stops before finalize) and write images/NAME.lock:
+    /// the base, the repositories' Release files, every installed package with its pool
+    /// path and sha256, SOURCE_DATE_EPOCH.
+    Lock(LockArgs),
+    /// Download everything a locked build needs (the base, every .deb, the repositories'
+    /// keys) into an archive directory, each checked against the lock's sha256, for
+    /// `kiln build --locked --offline --archive DIR`.
+    Fetch {
+        /// Image definition (images/NAME.toml) with its lock (images/NAME.lock).
+        def: PathBuf,
+        /// The archive directory to fill (kept files with the right sha256 are not fetched again).
+        #[arg(long, value_name = "DIR")]
+        archive: PathBuf,
+        /// The lock's base, when it is not the definition's pinned [base] (a `--base` file).
+        #[arg(long, value_name = "FILE")]
+        base: Option<PathBuf>,
+        /// Package and base cache: .debs and the base already there are copied, not downloaded.
+        #[arg(long, default_value = "/var/cache/kiln", env = "KILN_CACHE_DIR")]
+        cache_dir: PathBuf,
+        /// Fetch the pinned base from this mirror (see `kiln build --base-mirror`).
+        #[arg(long, value_name = "URL", env = "KILN_BASE_MIRROR")]
+        base_mirror: Option<String>,
+    },
     /// Download the definition's pinned base into the cache and verify it (the signature
     /// of SHA256SUMS, then the sha256), or check that it is cached; what `build` does
     /// first without --base.
@@ -294,7 +356,12 @@ fn main() {
     };
     // While kiln is single-threaded: the build runs as PID 1 of its own PID namespace
     // (nothing it starts can outlive it; see supervisor.rs), in a private mount namespace.
-    if let Command::Build(_) = cli.command
+    let builds = match &cli.command {
+        Command::Build(_) => true,
+        Command::Lock(a) => !a.check,
+        _ => false,
+    };
+    if builds
         && nix::unistd::geteuid().is_root()
         && let Err(e) = supervisor::enter_own_pid_namespace().and_then(|_| mounts::enter_private_namespace())
     {
@@ -302,7 +369,7 @@ fn main() {
         std::process::exit(1);
     }
     cancel::install();
-    let is_build = matches!(cli.command, Command::Build(_));
+    let is_build = builds;
     init_logging(cli.verbose, is_build);
     if let Err(err) = run(cli) {
         report(&err);
@@ -334,7 +401,10 @@ fn run(cli: Cli) -> Result<()> {
                     cache_dir: a.cache_dir,
                     repo_overrides: a.repo_override,
                     dkms_cache: !a.no_dkms_cache,
+                    ..Default::default()
                 },
+                locked: a.locked.then_some(build::pipeline::LockedBuild { archive: a.archive }),
+                resolve_only: false,
             };
             let mut t = timings::Timings::default();
             let res = build::build(&opts, &mut t);
@@ -354,6 +424,53 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Lock(a) if a.check => {
+            let stale = build::lock::check(&a.def)?;
+            if stale.is_empty() {
+                println!("{}: the lock is up to date", a.def.display());
+                Ok(())
+            } else {
+                println!("{}: the lock is stale:", a.def.display());
+                for s in &stale {
+                    println!("  - {s}");
+                }
+                println!("run `kiln lock --update {}` to refresh it", a.def.display());
+                std::process::exit(1);
+            }
+        }
+        Command::Lock(a) => {
+            let name = kiln::definition::load(&a.def)?.name;
+            build::lock::cmd_lock(&build::lock::LockOpts {
+                build: build::BuildOpts {
+                    def: a.def,
+                    base: a.base,
+                    base_mirror: a.base_mirror,
+                    out: a.cache_dir.join("lock").join(name),
+                    base_sha256: None,
+                    base_sums: None,
+                    qcow2: false,
+                    force: true,
+                    keep_on_error: false,
+                    cache_dir: a.cache_dir.clone(),
+                    provision: provision::ProvisionOpts {
+                        cache_dir: a.cache_dir,
+                        repo_overrides: a.repo_override,
+                        dkms_cache: true,
+                        ..Default::default()
+                    },
+                    locked: None,
+                    resolve_only: true,
+                },
+                update: a.update,
+            })
+        }
+        Command::Fetch {
+            def,
+            archive,
+            base,
+            cache_dir,
+            base_mirror,
+        } => build::archive::cmd_fetch(&def, &archive, base.as_deref(), &cache_dir, base_mirror.as_deref()),
         Command::FetchBase {
             def,
             cache_dir,

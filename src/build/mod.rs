@@ -4,10 +4,13 @@
 //! bootloader).
 
 pub mod acquire;
+pub mod archive;
 pub mod base;
 pub mod bootstrap;
+pub mod lock;
 pub mod pipeline;
 pub mod provision;
+pub mod resolve;
 pub mod stages;
 pub mod timings;
 pub mod unpack;

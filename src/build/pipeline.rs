@@ -6,6 +6,7 @@
 //! runs in a private mount namespace entered by `main` before any thread starts.
 
 use crate::build::acquire::{self, BaseFormat, Expected};
+use crate::build::lock::{LockFile, Resolution, lock_path};
 use crate::build::timings::Timings;
 use crate::definition::{self, ImageDef};
 use crate::disk::fat::ESP_LABEL;
@@ -35,6 +36,19 @@ pub struct BuildOpts {
     pub keep_on_error: bool,
     pub cache_dir: PathBuf,
     pub provision: crate::build::provision::ProvisionOpts,
+    /// `--locked`: install exactly `images/NAME.lock`.
+    pub locked: Option<LockedBuild>,
+    /// Stop after provisioning, before finalize (for `kiln lock`): nothing is renamed
+    /// into place and the partial image is removed.
+    pub resolve_only: bool,
+}
+
+/// How a locked build gets its packages.
+#[derive(Clone, Debug, Default)]
+pub struct LockedBuild {
+    /// `--offline --archive DIR`: the base and every .deb from `kiln fetch`'s archive,
+    /// with no network access at all; `None`: fetched (sha256-checked) into the cache.
+    pub archive: Option<PathBuf>,
 }
 
 #[derive(serde::Serialize)]
@@ -47,6 +61,13 @@ pub struct BuildReport {
     /// The SBOM, `NAME.spdx.json`.
     pub sbom: PathBuf,
     pub timings: Vec<crate::build::timings::StageTiming>,
+    /// The base the build started from and its sha256.
+    pub base: PathBuf,
+    pub base_sha256: String,
+    /// Every installed package with its repository, pool path, size and sha256, and the
+    /// repositories apt read (`None` for a build without apt).
+    #[serde(skip)]
+    pub resolution: Option<Resolution>,
 }
 
 /// ext4 features for a fresh root, fixed rather than the host's mke2fs defaults: newer
@@ -63,6 +84,30 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     crate::build::boundary(timings, "acquire")?;
     let def = definition::load(&opts.def)?;
     crate::build::provision::check_overrides(&def, &opts.provision.repo_overrides)?;
+    let locked = match &opts.locked {
+        Some(lb) => {
+            let path = lock_path(&def);
+            let lock = LockFile::load(&path)?;
+            if lock.definition != def.name {
+                user_bail!(
+                    "lock file {} is for definition `{}`, not `{}`",
+                    path.display(),
+                    lock.definition,
+                    def.name
+                );
+            }
+            lock.check_overrides(&path, &opts.provision.repo_overrides)?;
+            if crate::build::lock::inputs_sha256(&def)? != lock.inputs_sha256 {
+                tracing::warn!(
+                    "{} changed since {} was made (kiln lock --check); building the lock as it is",
+                    def.file.display(),
+                    path.display()
+                );
+            }
+            Some((lb, path, lock))
+        }
+        None => None,
+    };
     let raw_name = format!("{}.raw", def.name);
     let final_raw = opts.out.join(&raw_name);
     let final_json = opts.out.join(format!("{}.json", def.name));
@@ -79,9 +124,24 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     }
     // The base: the one given, or the definition's pinned base from the cache (fetched
     // and verified first if need be).
-    let (base_path, pinned_sha) = match &opts.base {
-        Some(b) => (b.clone(), None),
-        None => {
+    let lock_sha = locked.as_ref().map(|(_, _, l)| l.base.sha256.clone());
+    let archive = locked.as_ref().and_then(|(lb, _, _)| lb.archive.clone());
+    let (base_path, pinned_sha) = match (&opts.base, &locked, &archive) {
+        (Some(b), _, _) => (b.clone(), lock_sha.clone()),
+        (None, Some((_, path, lock)), Some(a)) => {
+            let f = crate::build::archive::archived_base(a, lock);
+            if !f.is_file() {
+                user_bail!(
+                    "the archive {} lacks the base {} that {} pins; run `kiln fetch DEF --archive {}` again",
+                    a.display(),
+                    f.display(),
+                    path.display(),
+                    a.display()
+                );
+            }
+            (f, lock_sha.clone())
+        }
+        (None, _, _) => {
             let Some(spec) = &def.base else {
                 user_bail!(
                     "image definition {} pins no base ([base] table) and no --base was given; pass --base FILE \
@@ -91,6 +151,16 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
             };
             let policy = crate::host::download::Policy::from_env();
             let f = crate::build::base::ensure(spec, &opts.cache_dir, opts.base_mirror.as_deref(), &policy)?;
+            if let Some(want) = &lock_sha
+                && want != &f.sha256
+            {
+                user_bail!(
+                    "the lock's base has sha256 {want}, the definition {} pins {}; pass the lock's base with --base \
+                     FILE or run `kiln lock --update`",
+                    def.file.display(),
+                    f.sha256
+                );
+            }
             (f.path, Some(f.sha256))
         }
     };
@@ -142,6 +212,37 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     if let Some(b) = &disk_base {
         acquire::validate_disk(b, &base_path, def.disk_size)?;
     }
+    // A locked build's .debs: all checked against the lock before anything is written.
+    let locked_source = match locked {
+        Some((_, lock_path, lock)) => {
+            let debs = match &archive {
+                Some(a) => crate::build::archive::check_archive(&lock, a)?,
+                None => {
+                    let dir = opts.cache_dir.join("apt-archives");
+                    let policy = crate::host::download::Policy::from_env();
+                    let st = crate::build::archive::fetch_debs(&lock, &dir, None, &policy)?;
+                    tracing::info!(
+                        "{} locked .debs in {} ({} downloaded)",
+                        st.files,
+                        dir.display(),
+                        crate::host::progress::human_size(st.downloaded)
+                    );
+                    dir
+                }
+            };
+            Some(crate::build::archive::LockedSource {
+                lock,
+                lock_path,
+                debs,
+                repo_dir: PathBuf::new(),
+            })
+        }
+        None => None,
+    };
+    let source_date_epoch = match &locked_source {
+        Some(l) => Some(l.lock.source_date_epoch),
+        None => source_date_epoch_env()?,
+    };
 
     // Nothing was written to the output directory before this point.
     std::fs::create_dir_all(&opts.out).with_context(|| format!("creating output directory {}", opts.out.display()))?;
@@ -154,8 +255,19 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         out: out_dir,
         ..opts.clone()
     };
-    crate::host::buildlog::open(&opts.out.join(format!("{}.build.log", def.name)))?;
     let work = opts.out.join(format!(".kiln-work-{}", def.name));
+    let opts = &BuildOpts {
+        provision: crate::build::provision::ProvisionOpts {
+            locked: locked_source.map(|l| crate::build::archive::LockedSource {
+                repo_dir: work.join("locked-repo"),
+                ..l
+            }),
+            source_date_epoch,
+            ..opts.provision.clone()
+        },
+        ..opts.clone()
+    };
+    crate::host::buildlog::open(&opts.out.join(format!("{}.build.log", def.name)))?;
     prepare_workdir(&work)?;
     crate::host::supervisor::set_session_marker(&work);
     crate::host::state::start(&work)?;
@@ -202,22 +314,42 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         opts.out
             .join(format!("{}.partial", crate::image::sbom::file_name(&def.name))),
     ];
-    let finished = result.and_then(|_| finalize(&def, opts, &partials, timings));
-    if finished.is_err() && !keep {
+    let finished = result.and_then(|resolution| {
+        if opts.resolve_only {
+            timings.end();
+            return Ok((None, None, resolution));
+        }
+        finalize(&def, opts, &partials, resolution.as_ref(), timings).map(|(d, q)| (Some(d), q, resolution))
+    });
+    if (finished.is_err() && !keep) || opts.resolve_only {
         for p in &partials {
             let _ = std::fs::remove_file(p);
         }
     }
-    let (digest, qcow2) = finished?;
+    let (digest, qcow2, resolution) = finished?;
     Ok(BuildReport {
         name: def.name.clone(),
         raw: final_raw,
         qcow2,
         payload: final_json,
         sbom: final_sbom,
-        sha256: crate::disk::checksum::hex(&digest),
+        sha256: digest.map(|d| crate::disk::checksum::hex(&d)).unwrap_or_default(),
         timings: timings.stages.clone(),
+        base: base_path.clone(),
+        base_sha256: base_sha.clone(),
+        resolution,
     })
+}
+
+/// `SOURCE_DATE_EPOCH` from the environment, if set.
+pub fn source_date_epoch_env() -> Result<Option<u64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if !v.trim().is_empty() => match v.trim().parse() {
+            Ok(n) => Ok(Some(n)),
+            Err(_) => user_bail!("SOURCE_DATE_EPOCH = `{v}` is not a number of seconds since 1970"),
+        },
+        _ => Ok(None),
+    }
 }
 
 /// Read the facts back from the finished image, write the payload, checksum, and only
@@ -226,6 +358,7 @@ fn finalize(
     def: &ImageDef,
     opts: &BuildOpts,
     partials: &[PathBuf; 4],
+    resolution: Option<&crate::build::lock::Resolution>,
     timings: &mut Timings,
 ) -> Result<([u8; 32], Option<PathBuf>)> {
     let [partial, json_partial, q_partial, sbom_partial] = partials;
@@ -233,16 +366,17 @@ fn finalize(
     crate::build::boundary(timings, "finalize")?;
     let facts = crate::image::inspect::inspect_image(partial).context("reading the finished image's facts")?;
     let payload = crate::image::payload::build_payload(&facts, &crate::image::payload::PayloadInput::of(def))?;
-    // The SBOM, from the finished image's dpkg database. The .debs' sha256 and URLs come
-    // from the build's package records (the lock) once it has them; until then `None`:
-    // NOASSERTION download locations and no checksums.
+    // The SBOM, from the finished image's dpkg database; the .debs' sha256 and URLs from
+    // the build's package records (what `kiln lock` writes). A package they lack (a base
+    // package whose version left the archive) gets NOASSERTION and no checksum.
     let sbom_name = crate::image::sbom::file_name(&def.name);
+    let records = resolution.map(crate::build::lock::Resolution::sbom_records);
     let root = crate::image::open::RootFs::open(partial).context("reading the finished image's dpkg database")?;
     let stats = crate::image::sbom::write_sbom(
         &root,
         &crate::image::sbom::SbomInput {
             name: &def.name,
-            records: None,
+            records: records.as_ref(),
         },
         sbom_partial,
     )?;
@@ -328,8 +462,11 @@ fn build_in(
     work: &Path,
     partial: &Path,
     timings: &mut Timings,
-) -> Result<()> {
+) -> Result<Option<Resolution>> {
     crate::build::boundary(timings, "disk")?;
+    // A locked build's identifiers (GPT, ext4) derive from its lock: the same lock
+    // gives the same disk and filesystem UUIDs.
+    let seed = opts.provision.locked.as_ref().map(|l| l.lock.to_toml()).transpose()?;
     let layout = match disk_base {
         Some(base) => {
             let pb = crate::host::progress::spinner("copying base");
@@ -338,7 +475,8 @@ fn build_in(
             crate::disk::gpt::grow(partial, def.disk_size)?
         }
         None => {
-            let layout = crate::disk::gpt::create_cloud_layout(partial, def.disk_size)?;
+            let layout =
+                crate::disk::gpt::create_cloud_layout_with(partial, def.disk_size, seed.as_deref().map(str::as_bytes))?;
             let esp = layout.esp().context("fresh layout has no ESP")?;
             let f = std::fs::OpenOptions::new().read(true).write(true).open(partial)?;
             crate::disk::fat::format_fat32(&f, esp.offset_bytes(), esp.size_bytes(), ESP_LABEL)
@@ -363,8 +501,16 @@ fn build_in(
     } else {
         let conf = work.join("mke2fs.conf");
         std::fs::write(&conf, MKE2FS_CONF)?;
-        Cmd::new("mkfs.ext4")
-            .env("MKE2FS_CONFIG", &conf)
+        let mut mkfs = Cmd::new("mkfs.ext4");
+        if let Some(seed) = &seed {
+            let uuid = crate::disk::gpt::guid_to_string(&crate::disk::gpt::derived_guid(seed.as_bytes(), "root fs"))
+                .to_ascii_lowercase();
+            mkfs = mkfs.args(["-U", &uuid, "-E", &format!("hash_seed={uuid}")]);
+        }
+        if let Some(e) = opts.provision.source_date_epoch {
+            mkfs = mkfs.env("E2FSPROGS_FAKE_TIME", e.to_string());
+        }
+        mkfs.env("MKE2FS_CONFIG", &conf)
             .args([
                 "-q",
                 "-F",
@@ -381,7 +527,7 @@ fn build_in(
     let root_dir = work.join("root");
     mounts.mount(&dev.to_string_lossy(), &root_dir, Some("ext4"), MsFlags::empty(), None)?;
 
-    let res = (|| -> Result<()> {
+    let res = (|| -> Result<Option<Resolution>> {
         let rd = RootDir::open(&root_dir)?;
         if disk_base.is_none() {
             crate::build::boundary(timings, "unpack")?;
@@ -396,22 +542,27 @@ fn build_in(
             );
             write_fstab(&rd)?;
         }
-        crate::build::provision::provision(&root_dir, &rd, def, &opts.provision, &mut mounts, timings)?;
+        let resolution =
+            crate::build::provision::provision(&root_dir, &rd, def, &opts.provision, &mut mounts, timings)?;
         if disk_base.is_none() && def.bootloader {
             crate::build::stages::bootloader::install(partial, &layout, &dev, &root_dir, &rd, &mut mounts, timings)?;
         }
         crate::build::boundary(timings, "scrub")?;
         crate::build::stages::scrub::scrub(&rd)?;
+        if let Some(e) = opts.provision.source_date_epoch {
+            let n = crate::build::stages::scrub::clamp_mtimes(&root_dir, e)?;
+            tracing::info!("clamped the times of {n} files to SOURCE_DATE_EPOCH {e}");
+        }
         crate::build::boundary(timings, "trim")?;
         Cmd::new("fstrim")
             .arg(&root_dir)
             .run()
             .context("discarding free blocks (fstrim) so the image stays sparse")?;
-        Ok(())
+        Ok(resolution)
     })();
     // Release in reverse order: mounts, then the loop device.
     let unmounted = mounts.close();
-    res?;
+    let resolution = res?;
     unmounted?;
     Cmd::new("e2fsck")
         .args(["-f", "-n"])
@@ -421,7 +572,7 @@ fn build_in(
     root_loop.close()?;
     let f = std::fs::File::open(partial)?;
     f.sync_all().with_context(|| format!("syncing {}", partial.display()))?;
-    Ok(())
+    Ok(resolution)
 }
 
 /// The fstab of Ubuntu's cloud image: root and ESP by label.

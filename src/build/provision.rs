@@ -6,6 +6,7 @@
 //! apt) → full-upgrade → install its packages → kernel headers for every image kernel →
 //! holds → overlays → hooks → required kernel modules checked for every image kernel.
 
+use crate::build::lock::Resolution;
 use crate::build::stages::apt::{Apt, RepoOverride};
 use crate::build::stages::chroot::Session;
 use crate::build::stages::dkms::{self, Cache, Hidden};
@@ -24,6 +25,10 @@ pub struct ProvisionOpts {
     /// Take DKMS modules from (and store them in) the DKMS build cache
     /// (`build/stages/dkms.rs`); off: package scripts compile them as on any machine.
     pub dkms_cache: bool,
+    /// A locked build: apt installs exactly the lock's packages.
+    pub locked: Option<crate::build::archive::LockedSource>,
+    /// Exported to every command in the image (`SOURCE_DATE_EPOCH`).
+    pub source_date_epoch: Option<u64>,
 }
 
 /// `--repo-override` may only name repositories the definition has (checked before
@@ -53,16 +58,25 @@ pub fn provision(
     opts: &ProvisionOpts,
     mounts: &mut MountStack,
     timings: &mut Timings,
-) -> Result<()> {
+) -> Result<Option<Resolution>> {
     if def.stages.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
-    let session = Session::enter(root, rd, mounts)?;
-    let res = (|| -> Result<()> {
+    let mut session = Session::enter(root, rd, mounts)?;
+    session.source_date_epoch = opts.source_date_epoch;
+    let session = session;
+    let res = (|| -> Result<Option<Resolution>> {
         // apt's build-time setup only when a stage uses apt.
         let uses_apt = def.stages.iter().any(stage_uses_apt);
         let mut apt = if uses_apt {
-            Some(Apt::setup(&session, rd, mounts, &opts.cache_dir, &opts.repo_overrides)?)
+            Some(Apt::setup(
+                &session,
+                rd,
+                mounts,
+                &opts.cache_dir,
+                &opts.repo_overrides,
+                opts.locked.as_ref(),
+            )?)
         } else {
             None
         };
@@ -96,15 +110,44 @@ pub fn provision(
             .with_context(|| format!("stage {} of {}", stage.name, def.name))?;
             timings.downloaded = apt.as_ref().map_or(0, |a| a.downloaded) - before;
         }
+        // What the build installed, while apt's indexes are still mounted: a locked
+        // build must have installed exactly its lock.
+        let resolution = match (&apt, &opts.locked) {
+            (None, _) => None,
+            (Some(_), Some(l)) => {
+                crate::build::resolve::check_against_lock(&crate::build::resolve::installed(&session)?, l)?;
+                Some(Resolution {
+                    repositories: l.lock.repositories.clone(),
+                    packages: l.lock.packages.clone(),
+                })
+            }
+            (Some(a), None) => {
+                match crate::build::resolve::resolve(
+                    &session,
+                    rd,
+                    def,
+                    &opts.repo_overrides,
+                    &a.base_installed,
+                    &opts.cache_dir.join("apt-archives"),
+                ) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::warn!("could not record the installed packages' sources: {e:#}");
+                        None
+                    }
+                }
+            }
+        };
         crate::build::boundary(timings, "initramfs")?;
-        match apt {
-            Some(a) => a.finish(def),
-            None => Ok(()),
+        if let Some(a) = apt {
+            a.finish(def)?;
         }
+        Ok(resolution)
     })();
     let closed = session.close(rd, mounts);
-    res?;
-    closed
+    let resolution = res?;
+    closed?;
+    Ok(resolution)
 }
 
 fn stage_uses_apt(s: &crate::definition::Stage) -> bool {

@@ -226,6 +226,18 @@ pub fn read_layout_from(file: &File, path: &Path, expected: &str) -> Result<Layo
 /// with a protective MBR (no boot code) and random disk and partition GUIDs. The
 /// partitions are left unformatted.
 pub fn create_cloud_layout(path: &Path, size: u64) -> Result<Layout> {
+    create_cloud_layout_with(path, size, None)
+}
+
+/// [`create_cloud_layout`] with the disk and partition GUIDs derived from `seed` (the
+/// same seed gives the same GUIDs: reproducible builds) instead of random ones.
+pub fn create_cloud_layout_with(path: &Path, size: u64, seed: Option<&[u8]>) -> Result<Layout> {
+    let guid = |what: &str| -> Result<[u8; 16]> {
+        match seed {
+            Some(s) => Ok(derived_guid(s, what)),
+            None => random_guid(),
+        }
+    };
     if size < MIN_DISK_SIZE {
         user_bail!(
             "disk size {} is too small for {}: kiln needs at least {}; raise disk_size in the image definition",
@@ -239,7 +251,7 @@ pub fn create_cloud_layout(path: &Path, size: u64) -> Result<Layout> {
     let mut file = crate::disk::sparse::create_sized(path, size)?;
 
     let ctx = || format!("writing a GPT to {}", path.display());
-    let mut gpt = GPT::new_from(&mut file, ss, random_guid()?).with_context(ctx)?;
+    let mut gpt = GPT::new_from(&mut file, ss, guid("disk")?).with_context(ctx)?;
     let bios_first = FIRST_PARTITION_OFFSET / ss;
     let bios_last = bios_first + BIOS_BOOT_SIZE / ss - 1;
     let esp_first = bios_last + 1;
@@ -253,7 +265,7 @@ pub fn create_cloud_layout(path: &Path, size: u64) -> Result<Layout> {
     ] {
         gpt[number] = GPTPartitionEntry {
             partition_type_guid: type_guid,
-            unique_partition_guid: random_guid()?,
+            unique_partition_guid: guid(&format!("partition {number}"))?,
             starting_lba: first,
             ending_lba: last,
             attribute_bits: 0,
@@ -493,6 +505,20 @@ pub fn random_guid() -> Result<[u8; 16]> {
     b[7] = (b[7] & 0x0F) | 0x40;
     b[8] = (b[8] & 0x3F) | 0x80;
     Ok(b)
+}
+
+/// A version-4-shaped GUID derived from `seed` and `what` (sha256), in on-disk order.
+pub fn derived_guid(seed: &[u8], what: &str) -> [u8; 16] {
+    use sha2::Digest;
+    let d = sha2::Sha256::new()
+        .chain_update(seed)
+        .chain_update(what.as_bytes())
+        .finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    b[7] = (b[7] & 0x0F) | 0x40;
+    b[8] = (b[8] & 0x3F) | 0x80;
+    b
 }
 
 /// Text form ("C12A7328-F81F-11D2-BA4B-00A0C93EC93B") of an on-disk GUID.

@@ -69,7 +69,14 @@ pub struct Apt<'a> {
     /// Repositories configured so far (restored to the definition's form at the end).
     configured: Vec<Repository>,
     pub downloaded: u64,
+    /// A locked build: apt sees only the lock's local repository.
+    locked: bool,
+    /// What the base had installed before provisioning.
+    pub base_installed: std::collections::BTreeSet<crate::build::resolve::Installed>,
 }
+
+/// Where a locked build's local repository appears inside the image.
+const LOCKED_REPO: &str = "/run/kiln/locked";
 
 impl<'a> Apt<'a> {
     pub fn setup(
@@ -78,7 +85,9 @@ impl<'a> Apt<'a> {
         mounts: &mut MountStack,
         cache_dir: &Path,
         overrides: &[RepoOverride],
+        locked: Option<&crate::build::archive::LockedSource>,
     ) -> Result<Apt<'a>> {
+        let base_installed = crate::build::resolve::installed(s)?;
         let archives = cache_dir.join("apt-archives");
         std::fs::create_dir_all(archives.join("partial"))
             .with_context(|| format!("creating package cache {}", archives.display()))?;
@@ -89,19 +98,36 @@ impl<'a> Apt<'a> {
         // The package indexes live in the cache too: a rebuild's apt update then only
         // revalidates them (If-Modified-Since, pdiffs) instead of downloading ~50 MB,
         // and the image never holds them (the scrub would empty them anyway).
-        let lists = cache_dir.join("apt-lists");
+        // A locked build's apt sees only the lock's local repository, with lists of
+        // its own (an update there must not prune the shared index cache).
+        let lists = match locked {
+            Some(l) => l.repo_dir.join("lists"),
+            None => cache_dir.join("apt-lists"),
+        };
         std::fs::create_dir_all(lists.join("partial"))
             .with_context(|| format!("creating package index cache {}", lists.display()))?;
         mounts.bind(&lists, &rd.mount_point(LISTS)?, false)?;
         let archives_host = archives.clone();
-        rd.write_file(
-            APT_CONF,
-            b"// kiln build-time settings, removed after the build\n\
-              Acquire::Retries \"3\";\nAPT::Install-Recommends \"false\";\nAPT::Install-Suggests \"false\";\n\
-              Dpkg::Use-Pty \"0\";\nDpkg::Options { \"--force-confdef\"; \"--force-confold\"; };\n\
-              APT::Keep-Downloaded-Packages \"true\";\nBinary::apt::APT::Keep-Downloaded-Packages \"true\";\n",
-            0o644,
-        )?;
+        let mut conf = String::from(
+            "// kiln build-time settings, removed after the build\n\
+             Acquire::Retries \"3\";\nAPT::Install-Recommends \"false\";\nAPT::Install-Suggests \"false\";\n\
+             Dpkg::Use-Pty \"0\";\nDpkg::Options { \"--force-confdef\"; \"--force-confold\"; };\n\
+             APT::Keep-Downloaded-Packages \"true\";\nBinary::apt::APT::Keep-Downloaded-Packages \"true\";\n",
+        );
+        if let Some(l) = locked {
+            crate::build::archive::write_local_repo(&l.repo_dir, &l.debs, &l.lock, LOCKED_REPO)?;
+            mounts.bind(&l.repo_dir, &rd.mount_point(LOCKED_REPO)?, false)?;
+            mounts.bind(&l.debs, &rd.mount_point(format!("{LOCKED_REPO}/debs"))?, false)?;
+            conf += &format!(
+                "Dir::Etc::SourceList \"{LOCKED_REPO}/sources.list\";\nDir::Etc::SourceParts \"{LOCKED_REPO}/parts\";\n"
+            );
+            tracing::info!(
+                "locked build: apt installs only from the {} locked packages of {}",
+                l.lock.packages.len(),
+                l.lock_path.display()
+            );
+        }
+        rd.write_file(APT_CONF, conf.as_bytes(), 0o644)?;
         rd.create_dir_all("/etc/dpkg/dpkg.cfg.d", 0o755)?;
         rd.write_file(DPKG_CONF, b"force-unsafe-io\n", 0o644)?;
         let saved_initramfs = if rd.exists(INITRAMFS_CONF)? {
@@ -145,6 +171,8 @@ impl<'a> Apt<'a> {
             overrides: overrides.to_vec(),
             configured: vec![],
             downloaded: 0,
+            locked: locked.is_some(),
+            base_installed,
         })
     }
 
@@ -262,16 +290,26 @@ impl<'a> Apt<'a> {
         if specs.is_empty() {
             return Ok(());
         }
-        self.check_available(specs.iter().filter(|p| p.pool.is_none()))?;
+        // A locked build has every locked version, pool pins too, in its local repository.
+        let locked = self.locked;
+        let by_pool = move |p: &&PackageSpec| p.pool.is_some() && !locked;
+        self.check_available(specs.iter().filter(|p| !by_pool(p)))
+            .map_err(|e| {
+                if locked {
+                    e.context("the lock does not have it: the definition changed since the lock was made; run `kiln lock --update`")
+                } else {
+                    e
+                }
+            })?;
         let mut args: Vec<String> = vec!["install".into()];
-        let pool: Vec<&PackageSpec> = specs.iter().filter(|p| p.pool.is_some()).collect();
+        let pool: Vec<&PackageSpec> = specs.iter().filter(by_pool).collect();
         if !pool.is_empty() {
             let mirror = archive_mirror(self.rd)?;
             for p in &pool {
                 args.push(self.fetch_pool(&mirror, p)?);
             }
         }
-        for p in specs.iter().filter(|p| p.pool.is_none()) {
+        for p in specs.iter().filter(|p| !by_pool(p)) {
             args.push(match &p.version {
                 Some(v) => format!("{}={v}", p.name),
                 None => p.name.clone(),

@@ -28,6 +28,8 @@ pub struct Session {
     depth: usize,
     saved_policy: Option<Vec<u8>>,
     pub jobs: usize,
+    /// `SOURCE_DATE_EPOCH` for every command (reproducible builds).
+    pub source_date_epoch: Option<u64>,
 }
 
 /// Extra kernel-module compiler flags for builds in the image (see [`Session::cmd`]).
@@ -94,11 +96,20 @@ impl Session {
             depth,
             saved_policy,
             jobs,
+            source_date_epoch: None,
         })
     }
 
     /// A command to run inside the image.
     pub fn cmd(&self, program: &str) -> Cmd {
+        let cmd = self.cmd_plain(program);
+        match self.source_date_epoch {
+            Some(e) => cmd.env("SOURCE_DATE_EPOCH", e.to_string()),
+            None => cmd,
+        }
+    }
+
+    fn cmd_plain(&self, program: &str) -> Cmd {
         Cmd::new("unshare")
             .args(["--pid", "--fork", "--kill-child"])
             .arg(format!("--mount-proc={}", self.proc_mp.display()))

@@ -58,6 +58,9 @@ pub fn scrub(rd: &RootDir) -> Result<()> {
         empty_dir(rd, dir, &["partial", "lock"])?;
     }
     remove_matching(rd, "/var/cache/apt", |n| n.ends_with(".bin"))?;
+    // ldconfig's auxiliary cache records the build's inode numbers and change times (the
+    // one file whose content differed between two locked builds); ldconfig remakes it.
+    remove_if_exists(rd, "/var/cache/ldconfig/aux-cache")?;
     if rd.exists("/var/lib/apt/lists")? {
         rd.create_dir_all("/var/lib/apt/lists/partial", 0o700)?;
     }
@@ -115,6 +118,44 @@ fn scrub_host_names(rd: &RootDir) -> Result<()> {
 
 fn is_loopback_name(n: &str) -> bool {
     n.starts_with("localhost") || n.starts_with("ip6-")
+}
+
+/// Clamp the modification and access times of everything under `root` (the mounted
+/// image root; symlinks are not followed, other filesystems not entered) to at most
+/// `epoch`, as reproducible-builds.org's SOURCE_DATE_EPOCH asks: what the build wrote
+/// carries the lock's time, not the clock's. Returns how many entries were changed.
+pub fn clamp_mtimes(root: &std::path::Path, epoch: u64) -> Result<u64> {
+    use nix::sys::stat::{UtimensatFlags, utimensat};
+    use nix::sys::time::TimeSpec;
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::symlink_metadata(root)?.dev();
+    let t = TimeSpec::new(epoch as i64, 0);
+    let mut changed = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+        for e in entries {
+            let p = e?.path();
+            let md = std::fs::symlink_metadata(&p)?;
+            if md.dev() != dev {
+                continue;
+            }
+            if md.is_dir() {
+                stack.push(p.clone());
+            }
+            if md.mtime() > epoch as i64 || md.atime() > epoch as i64 {
+                utimensat(nix::fcntl::AT_FDCWD, &p, &t, &t, UtimensatFlags::NoFollowSymlink)
+                    .with_context(|| format!("clamping the times of {}", p.display()))?;
+                changed += 1;
+            }
+        }
+    }
+    let md = std::fs::symlink_metadata(root)?;
+    if md.mtime() > epoch as i64 {
+        utimensat(nix::fcntl::AT_FDCWD, root, &t, &t, UtimensatFlags::NoFollowSymlink)?;
+        changed += 1;
+    }
+    Ok(changed)
 }
 
 /// /etc/hosts without `names` (a line left with no name goes) and without own-name
