@@ -13,6 +13,15 @@
 //! image's URL, sha256, signed `SHA256SUMS` and the key that signs it; see
 //! `build::base`). An extending definition inherits it, or replaces the whole table.
 //!
+//! `[parameters]` make one definition a family of variants (issue #16): each parameter
+//! has a default and a table per allowed value (`[parameters.driver.values."550"]`)
+//! whose fields say what the value means (the package list, the exact driver version).
+//! `${driver}` (the value) and `${driver.FIELD}` in any string of the definition and in
+//! its package lists are replaced before anything else is read, so a variant's name,
+//! repositories, packages and `[expect]`ations all follow from `--set driver=550`.
+//! Parameters are inherited down an `extends` chain; an extending definition may add
+//! values or change the default.
+//!
 //! Paths inside a definition (package lists, overlays, hooks, keys) are named, not
 //! pathed: `packages = ["kubernetes"]` is `package-lists/kubernetes.list` at the project
 //! root, the directory holding `images/`.
@@ -42,6 +51,18 @@ struct RawDef {
     stage: Vec<RawStage>,
     expect: Option<RawExpect>,
     base: Option<RawBase>,
+    parameters: Option<BTreeMap<String, RawParameter>>,
+}
+
+/// `[parameters.NAME]` as written. The allowed values are the keys of `values`; each
+/// value's table maps field names to what `${NAME.FIELD}` becomes.
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+struct RawParameter {
+    description: Option<String>,
+    default: Option<String>,
+    #[serde(default)]
+    values: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// `[base]` as written: the pinned cloud image a build starts from when no `--base` is
@@ -179,6 +200,96 @@ pub struct ImageDef {
     pub expect: Expectations,
     /// The pinned base (`[base]`), if the definition has one.
     pub base: Option<BaseSpec>,
+    /// The definition's parameters with the values this variant was loaded with.
+    pub parameters: Vec<Parameter>,
+}
+
+/// One parameter of a definition, resolved for a variant.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Parameter {
+    pub name: String,
+    pub description: String,
+    pub default: String,
+    /// Every allowed value, sorted.
+    pub allowed: Vec<String>,
+    /// The value of this variant (`--set NAME=VALUE`, else the default).
+    pub value: String,
+}
+
+/// `--set NAME=VALUE`: a parameter value chosen on the command line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Setting {
+    pub name: String,
+    pub value: String,
+}
+
+impl std::str::FromStr for Setting {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.split_once('=') {
+            Some((n, v)) if !n.trim().is_empty() && !v.trim().is_empty() => Ok(Setting {
+                name: n.trim().to_string(),
+                value: v.trim().to_string(),
+            }),
+            _ => Err(format!("`{s}` is not NAME=VALUE (e.g. driver=550)")),
+        }
+    }
+}
+
+/// What `${NAME}` and `${NAME.FIELD}` stand for in one variant.
+#[derive(Debug, Clone, Default)]
+pub struct Substitutions(BTreeMap<String, String>);
+
+impl Substitutions {
+    /// Replace every `${...}` in `s`; `origin` names the place for errors.
+    pub fn apply(&self, s: &str, origin: &str) -> Result<String> {
+        let mut out = String::with_capacity(s.len());
+        let mut rest = s;
+        while let Some(i) = rest.find("${") {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 2..];
+            let Some(j) = after.find('}') else {
+                user_bail!("{origin}: `${{` without a closing `}}` in \"{s}\"");
+            };
+            let key = &after[..j];
+            match self.0.get(key) {
+                Some(v) => out.push_str(v),
+                None => {
+                    let known: Vec<String> = self.0.keys().map(|k| format!("${{{k}}}")).collect();
+                    user_bail!(
+                        "{origin}: `${{{key}}}` names no parameter or field of one (known: {})",
+                        if known.is_empty() {
+                            "none: the definition has no [parameters]".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    );
+                }
+            }
+            rest = &after[j + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    /// Every string in a TOML tree (not the keys).
+    fn apply_value(&self, v: &mut toml::Value, origin: &str) -> Result<()> {
+        match v {
+            toml::Value::String(s) => *s = self.apply(s, origin)?,
+            toml::Value::Array(a) => {
+                for x in a {
+                    self.apply_value(x, origin)?;
+                }
+            }
+            toml::Value::Table(t) => {
+                for (k, x) in t.iter_mut() {
+                    self.apply_value(x, &format!("{origin}.{k}"))?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 /// The validated `[base]` table: where the base image is, its sha256, the signed
@@ -342,14 +453,92 @@ pub fn parse_size(s: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-fn read_raw(path: &Path) -> Result<RawDef> {
+/// A definition file as written: its shape checked (with line numbers in errors), and
+/// its TOML tree, in which `${...}` is replaced once the parameters are known.
+fn read_raw(path: &Path) -> Result<(RawDef, toml::Value)> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| user(format!("cannot read image definition {}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| user(format!("image definition {}: {e}", path.display())))
+    let raw: RawDef = toml::from_str(&text).map_err(|e| user(format!("image definition {}: {e}", path.display())))?;
+    let value: toml::Value =
+        toml::from_str(&text).map_err(|e| user(format!("image definition {}: {e}", path.display())))?;
+    Ok((raw, value))
 }
 
-/// Load and validate a definition (and what it extends).
+/// The parameters declared down an `extends` chain (root ancestor first), merged: a
+/// later declaration replaces the description and default it gives and adds (or
+/// replaces) values.
+fn merge_parameters(chain: &[(PathBuf, RawDef, toml::Value)]) -> Result<BTreeMap<String, (RawParameter, PathBuf)>> {
+    let mut params: BTreeMap<String, (RawParameter, PathBuf)> = BTreeMap::new();
+    for (file, raw, _) in chain.iter().rev() {
+        for (name, p) in raw.parameters.iter().flatten() {
+            if !name.starts_with(|c: char| c.is_ascii_lowercase())
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                user_bail!(
+                    "image definition {}: parameter `{name}` must be lower-case letters, digits or '_'",
+                    file.display()
+                );
+            }
+            let (d, origin) = params
+                .entry(name.clone())
+                .or_insert_with(|| (RawParameter::default(), file.clone()));
+            *origin = file.clone();
+            if p.description.is_some() {
+                d.description.clone_from(&p.description);
+            }
+            if p.default.is_some() {
+                d.default.clone_from(&p.default);
+            }
+            d.values.extend(p.values.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+    }
+    let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "._+~:-".contains(c));
+    for (name, (p, file)) in &params {
+        let f = file.display();
+        if p.values.is_empty() {
+            user_bail!(
+                "image definition {f}: parameter `{name}` has no values (add [parameters.{name}.values.\"VALUE\"])"
+            );
+        }
+        for (v, fields) in &p.values {
+            if !plain(v) {
+                user_bail!(
+                    "image definition {f}: parameter `{name}` value \"{v}\" must be letters, digits or . _ + ~ : -"
+                );
+            }
+            for (k, x) in fields {
+                let key_ok = !k.is_empty()
+                    && k.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                if !key_ok || x.chars().any(|c| c.is_control() || "\"'\\`$".contains(c)) {
+                    user_bail!(
+                        "image definition {f}: `parameters.{name}.values.\"{v}\".{k}` = \"{x}\" is not a field name with a plain value"
+                    );
+                }
+            }
+        }
+        match &p.default {
+            None => user_bail!("image definition {f}: parameter `{name}` has no `default`"),
+            Some(d) if !p.values.contains_key(d) => user_bail!(
+                "image definition {f}: parameter `{name}` default \"{d}\" is not one of its values ({})",
+                p.values.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(params)
+}
+
+/// Load and validate a definition (and what it extends) with its parameters' defaults.
 pub fn load(path: &Path) -> Result<ImageDef> {
+    load_with(path, &[])
+}
+
+/// Load and validate the variant of a definition that `sets` chooses (`--set
+/// NAME=VALUE`); an unknown parameter or value is a user error listing the allowed ones.
+pub fn load_with(path: &Path, sets: &[Setting]) -> Result<ImageDef> {
     let path = path
         .canonicalize()
         .map_err(|e| user(format!("image definition {}: {e}", path.display())))?;
@@ -358,19 +547,96 @@ pub fn load(path: &Path) -> Result<ImageDef> {
         .and_then(|p| p.parent())
         .map(Path::to_path_buf)
         .context("image definition has no parent directory")?;
-    let mut chain = vec![(path.clone(), read_raw(&path)?)];
+    let (raw, value) = read_raw(&path)?;
+    let mut chain = vec![(path.clone(), raw, value)];
     while let Some(parent) = chain.last().unwrap().1.extends.clone() {
         let from = &chain.last().unwrap().0;
         let p = from.parent().unwrap().join(&parent);
-        if chain.iter().any(|(q, _)| q == &p) || chain.len() > 8 {
+        if chain.iter().any(|(q, _, _)| q == &p) || chain.len() > 8 {
             user_bail!(
                 "image definition {}: `extends` forms a cycle at {parent}",
                 from.display()
             );
         }
-        let raw = read_raw(&p).map_err(|e| user(format!("{}: extends = \"{parent}\": {e:#}", from.display())))?;
-        chain.push((p, raw));
+        let (raw, value) =
+            read_raw(&p).map_err(|e| user(format!("{}: extends = \"{parent}\": {e:#}", from.display())))?;
+        chain.push((p, raw, value));
     }
+    // The variant: every parameter's value (the default unless --set), then `${...}`
+    // replaced in every string of every file of the chain.
+    let declared = merge_parameters(&chain)?;
+    let describe =
+        |name: &str, p: &RawParameter| format!("{name} ({})", p.values.keys().cloned().collect::<Vec<_>>().join(", "));
+    for s in sets {
+        let Some((p, _)) = declared.get(&s.name) else {
+            user_bail!(
+                "image definition {}: --set {}={}: no parameter `{}`; {}",
+                path.display(),
+                s.name,
+                s.value,
+                s.name,
+                if declared.is_empty() {
+                    "the definition has no [parameters]".to_string()
+                } else {
+                    format!(
+                        "its parameters are: {}",
+                        declared
+                            .iter()
+                            .map(|(n, (p, _))| describe(n, p))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )
+                }
+            );
+        };
+        if !p.values.contains_key(&s.value) {
+            user_bail!(
+                "image definition {}: --set {}={}: `{}` is not an allowed value of parameter `{}`; allowed: {}",
+                path.display(),
+                s.name,
+                s.value,
+                s.value,
+                s.name,
+                p.values.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    let mut parameters = Vec::new();
+    let mut subst = BTreeMap::new();
+    for (name, (p, _)) in &declared {
+        let default = p.default.clone().unwrap_or_default();
+        let value = sets
+            .iter()
+            .rev()
+            .find(|s| &s.name == name)
+            .map(|s| s.value.clone())
+            .unwrap_or_else(|| default.clone());
+        subst.insert(name.clone(), value.clone());
+        for (k, v) in &p.values[&value] {
+            subst.insert(format!("{name}.{k}"), v.clone());
+        }
+        parameters.push(Parameter {
+            name: name.clone(),
+            description: p.description.clone().unwrap_or_default(),
+            default,
+            allowed: p.values.keys().cloned().collect(),
+            value,
+        });
+    }
+    let subst = Substitutions(subst);
+    let mut resolved = Vec::new();
+    for (file, _, mut value) in chain {
+        let f = file.display().to_string();
+        if let Some(t) = value.as_table_mut() {
+            t.remove("parameters");
+        }
+        subst.apply_value(&mut value, &format!("image definition {f}: key "))?;
+        let raw: RawDef = value
+            .try_into()
+            .map_err(|e| user(format!("image definition {f} (parameters substituted): {e}")))?;
+        resolved.push((file, raw));
+    }
+    let chain = resolved;
     // Merge from the root ancestor down.
     let mut name = None;
     let mut description = None;
@@ -499,7 +765,7 @@ pub fn load(path: &Path) -> Result<ImageDef> {
                     p.display()
                 );
             }
-            packages.extend(parse_package_list(&p)?);
+            packages.extend(parse_package_list(&p, &subst)?);
         }
         let dir_list = |kind: &str, names: &[String]| -> Result<Vec<PathBuf>> {
             names
@@ -542,6 +808,7 @@ pub fn load(path: &Path) -> Result<ImageDef> {
         stages: out_stages,
         expect,
         base,
+        parameters,
     })
 }
 
@@ -896,8 +1163,9 @@ impl RawExpect {
 }
 
 /// Parse `package-lists/X.list`: one package a line, `name=version` pins, `#` comments,
-/// and `name=version pool=PATH sha256=HEX` for a package fetched by its pool path.
-pub fn parse_package_list(path: &Path) -> Result<Vec<PackageSpec>> {
+/// and `name=version pool=PATH sha256=HEX` for a package fetched by its pool path;
+/// `${...}` is replaced by the variant's parameter values (`subst`).
+pub fn parse_package_list(path: &Path, subst: &Substitutions) -> Result<Vec<PackageSpec>> {
     let text =
         std::fs::read_to_string(path).map_err(|e| user(format!("cannot read package list {}: {e}", path.display())))?;
     let mut out = Vec::new();
@@ -907,6 +1175,8 @@ pub fn parse_package_list(path: &Path) -> Result<Vec<PackageSpec>> {
             continue;
         }
         let origin = format!("{}:{}", path.display(), i + 1);
+        let line = subst.apply(line, &origin)?;
+        let line = line.as_str();
         let mut words = line.split_whitespace();
         let first = words.next().unwrap();
         let (name, version) = match first.split_once('=') {
@@ -968,6 +1238,9 @@ pub struct Listing {
     pub extends: Option<String>,
     /// The disk size in bytes (rounded up to a MiB, as built).
     pub disk_size: u64,
+    /// Its parameters (inherited ones included): `--set NAME=VALUE` builds a variant.
+    /// `value` is the default here.
+    pub parameters: Vec<Parameter>,
 }
 
 /// Every definition (`*.toml`) in `dir`, loaded and validated like a build loads it,
@@ -983,7 +1256,7 @@ pub fn list(dir: &Path) -> Result<Vec<Listing>> {
     let mut out = Vec::new();
     for file in files {
         let def = load(&file)?;
-        let extends = match read_raw(&file)?.extends {
+        let extends = match read_raw(&file)?.0.extends {
             Some(parent) => Some(load(&file.parent().unwrap_or(dir).join(parent))?.name),
             None => None,
         };
@@ -992,6 +1265,7 @@ pub fn list(dir: &Path) -> Result<Vec<Listing>> {
             file,
             extends,
             disk_size: def.disk_size,
+            parameters: def.parameters,
         });
     }
     Ok(out)
@@ -1290,7 +1564,9 @@ hooks = ["k8s"]
             ("abc foo=bar\n", "unknown field"),
         ] {
             std::fs::write(&p, body).unwrap();
-            let e = parse_package_list(&p).unwrap_err().to_string();
+            let e = parse_package_list(&p, &Substitutions::default())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want) && e.contains("l.list:1"), "{body}: {e}");
         }
     }

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use kiln::boottest;
 use kiln::build::stages::apt;
 use kiln::build::{self, provision, timings};
+use kiln::definition::Setting;
 use kiln::disk::checksum;
 use kiln::error;
 use kiln::host::{buildlog, cancel, doctor, mounts, rootdir, supervisor};
@@ -30,6 +31,10 @@ struct Cli {
 struct BuildArgs {
     /// Image definition (images/NAME.toml).
     def: PathBuf,
+    /// Choose a variant: set the definition's parameter NAME to VALUE (repeatable;
+    /// `kiln list` shows the parameters and their allowed values).
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<Setting>,
     /// Base: an Ubuntu cloud image (raw or qcow2) or a root tarball (.tar, .tar.xz, .tar.gz).
     /// Without it: the definition's pinned [base], downloaded and verified into the cache
     /// once, then reused with no network access.
@@ -89,6 +94,10 @@ enum Command {
     FetchBase {
         /// Image definition (images/NAME.toml) with a [base] table.
         def: PathBuf,
+        /// Choose a variant: set the definition's parameter NAME to VALUE (repeatable;
+        /// `kiln list` shows the parameters and their allowed values).
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<Setting>,
         /// Package and base cache shared across builds.
         #[arg(long, default_value = "/var/cache/kiln", env = "KILN_CACHE_DIR")]
         cache_dir: PathBuf,
@@ -130,12 +139,14 @@ enum Command {
         json: bool,
     },
     /// List the image definitions in a directory: name, file, the definition each
-    /// extends, disk size (the input of a CI matrix).
+    /// extends, disk size and parameters (NAME=DEFAULT{ALLOWED|...}; the input of a CI
+    /// matrix).
     List {
         /// Directory of definitions.
         #[arg(default_value = "images")]
         dir: PathBuf,
-        /// Machine-readable output: a JSON array of {name, file, extends, disk_size}.
+        /// Machine-readable output: a JSON array of {name, file, extends, disk_size,
+        /// parameters: [{name, description, default, allowed, value}]}.
         #[arg(long)]
         json: bool,
     },
@@ -175,6 +186,10 @@ enum Command {
         /// The image definition it was built from (images/NAME.toml).
         #[arg(long)]
         def: PathBuf,
+        /// The variant it was built as: set the definition's parameter NAME to VALUE (repeatable;
+        /// `kiln list` shows the parameters and their allowed values).
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<Setting>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -189,9 +204,17 @@ enum Command {
         /// table says what the guest must show.
         #[arg(long)]
         def: PathBuf,
+        /// The variant it was built as: set the definition's parameter NAME to VALUE (repeatable;
+        /// `kiln list` shows the parameters and their allowed values).
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<Setting>,
         /// Which firmware to boot through.
         #[arg(long, value_enum, default_value = "both")]
         firmware: boottest::FirmwareChoice,
+        /// Boot once per firmware: skip the second UEFI (or BIOS) boot of a throwaway copy
+        /// that checks each copy makes its own machine-id and SSH host keys.
+        #[arg(long)]
+        once: bool,
         /// Time budget per boot, split over the phases (firmware 1/5, kernel to
         /// cloud-init done 3/5, checks 1/5).
         #[arg(long, default_value_t = 600)]
@@ -240,6 +263,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Build(a) => {
             let opts = build::BuildOpts {
                 def: a.def,
+                sets: a.set,
                 base: a.base,
                 base_mirror: a.base_mirror,
                 out: a.out,
@@ -273,9 +297,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::FetchBase {
             def,
+            set,
             cache_dir,
             base_mirror,
-        } => build::base::cmd_fetch_base(&def, &cache_dir, base_mirror.as_deref()),
+        } => build::base::cmd_fetch_base(&def, &set, &cache_dir, base_mirror.as_deref()),
         Command::Bootstrap {
             suite,
             out,
@@ -296,12 +321,23 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&defs)?);
             } else {
                 for d in &defs {
+                    // NAME=DEFAULT{ALLOWED|...} per parameter: `--set NAME=VALUE` builds a variant.
+                    let params: Vec<String> = d
+                        .parameters
+                        .iter()
+                        .map(|p| format!("{}={}{{{}}}", p.name, p.default, p.allowed.join("|")))
+                        .collect();
                     println!(
-                        "{}\t{}\t{}\t{}",
+                        "{}\t{}\t{}\t{}\t{}",
                         d.name,
                         d.file.display(),
                         d.extends.as_deref().unwrap_or("-"),
-                        kiln::host::progress::human_size(d.disk_size)
+                        kiln::host::progress::human_size(d.disk_size),
+                        if params.is_empty() {
+                            "-".to_string()
+                        } else {
+                            params.join(" ")
+                        }
                     );
                 }
             }
@@ -320,17 +356,21 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Checksum { files } => checksum::cmd_checksum(&files),
         Command::Inspect { image, json } => inspect::cmd_inspect(&image, json),
-        Command::Verify { image, def, json } => verify::cmd_verify(&image, &def, json),
+        Command::Verify { image, def, set, json } => verify::cmd_verify(&image, &def, &set, json),
         Command::BootTest {
             image,
             def,
+            set,
             firmware,
+            once,
             timeout_secs,
             json,
         } => boottest::cmd_boot_test(&boottest::Opts {
             image,
             def,
+            sets: set,
             firmware,
+            once,
             timeout_secs,
             json,
         }),

@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 #[derive(Clone)]
 pub struct BuildOpts {
     pub def: PathBuf,
+    /// The variant: parameter values (`--set NAME=VALUE`), defaults for the others.
+    pub sets: Vec<definition::Setting>,
     /// The base to build from; `None`: the definition's pinned `[base]`, fetched into
     /// (or reused from) the cache.
     pub base: Option<PathBuf>,
@@ -59,7 +61,7 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         );
     }
     crate::build::boundary(timings, "acquire")?;
-    let def = definition::load(&opts.def)?;
+    let def = definition::load_with(&opts.def, &opts.sets)?;
     crate::build::provision::check_overrides(&def, &opts.provision.repo_overrides)?;
     let raw_name = format!("{}.raw", def.name);
     let final_raw = opts.out.join(&raw_name);
