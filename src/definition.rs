@@ -1287,6 +1287,218 @@ mod tests {
         let nv = l.iter().find(|x| x.name == "ubuntu-2204-nvidia-565-firmware1").unwrap();
         assert_eq!(nv.extends.as_deref(), Some("ubuntu-2204-gpu-ready-nodriver"));
         assert_eq!(nv.disk_size, 25 << 30);
+        // Parameters, inherited ones included, with their defaults and allowed values.
+        let p = |l: &Listing, n: &str| l.parameters.iter().find(|p| p.name == n).cloned().unwrap();
+        assert_eq!(p(gpu, "kubernetes").allowed, ["1.29", "1.30"]);
+        assert_eq!(p(gpu, "kubernetes").default, "1.30");
+        assert!(gpu.parameters.iter().all(|p| p.name != "driver"));
+        assert_eq!(p(nv, "driver").allowed, ["550", "565"]);
+        assert_eq!(p(nv, "driver").default, "565");
+        assert_eq!(p(nv, "ubuntu").allowed, ["22.04", "24.04"]);
+    }
+
+    /// The shipped variants of the spec's compatibility matrix: each `--set` gives its
+    /// own name, packages, repository, base and expectations; the defaults are the two
+    /// seed images unchanged.
+    #[test]
+    fn shipped_variants_resolve() {
+        let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("images");
+        let gpu = images.join("ubuntu-2204-gpu-ready-nodriver.toml");
+        let nv = images.join("ubuntu-2204-nvidia-565-firmware1.toml");
+        let set = |s: &str| s.parse::<Setting>().unwrap();
+        let pkg = |d: &ImageDef, name: &str| -> PackageSpec {
+            d.stages
+                .iter()
+                .flat_map(|s| &s.packages)
+                .find(|p| p.name == name)
+                .cloned()
+                .unwrap_or_else(|| panic!("{name} not in {}", d.name))
+        };
+        let d = load(&nv).unwrap();
+        assert_eq!(d.name, "ubuntu-2204-nvidia-565-firmware1");
+        assert_eq!(
+            d.repository("kubernetes").unwrap().uri,
+            "https://pkgs.k8s.io/core:/stable:/v1.30/deb/"
+        );
+        assert_eq!(d.expect.nvidia_driver_version.as_deref(), Some("565.57.01"));
+        assert_eq!(pkg(&d, "kubelet").version.as_deref(), Some("1.30.0-1.1"));
+        assert!(d.base.as_ref().unwrap().url.contains("/jammy/release-20250516/"));
+
+        let d = load_with(&nv, &[set("driver=550")]).unwrap();
+        assert_eq!(d.name, "ubuntu-2204-nvidia-550-firmware1");
+        assert_eq!(d.expect.nvidia_driver_version.as_deref(), Some("550.163.01"));
+        assert_eq!(
+            d.payload.gpu.as_ref().unwrap().driver_package,
+            "nvidia-driver-550-server"
+        );
+        let dkms = pkg(&d, "nvidia-dkms-550-server");
+        assert_eq!(dkms.version.as_deref(), Some("550.163.01-0ubuntu0.22.04.1"));
+        assert!(dkms.pool.is_some(), "550 is pinned by pool path");
+        assert!(
+            d.stages
+                .iter()
+                .flat_map(|s| &s.packages)
+                .all(|p| !p.name.contains("565"))
+        );
+
+        let d = load_with(&gpu, &[set("kubernetes=1.29")]).unwrap();
+        assert_eq!(d.name, "ubuntu-2204-gpu-ready-nodriver-k8s1.29");
+        assert_eq!(
+            d.repository("kubernetes").unwrap().uri,
+            "https://pkgs.k8s.io/core:/stable:/v1.29/deb/"
+        );
+        assert_eq!(d.expect.kubernetes.as_ref().unwrap().version, "1.29.15");
+        assert_eq!(pkg(&d, "kubeadm").version.as_deref(), Some("1.29.15-1.1"));
+
+        let d = load_with(&gpu, &[set("ubuntu=24.04")]).unwrap();
+        assert_eq!(d.name, "ubuntu-2404-gpu-ready-nodriver");
+        let os = d.expect.os.as_ref().unwrap();
+        assert_eq!(
+            (os.version_id.as_str(), os.codename.as_deref()),
+            ("24.04", Some("noble"))
+        );
+        let b = d.base.unwrap();
+        assert!(
+            b.url
+                .ends_with("/noble/release-20250430/ubuntu-24.04-server-cloudimg-amd64.img"),
+            "{}",
+            b.url
+        );
+        assert_eq!(
+            b.sha256,
+            "bc471ca49de03b5129c65b70f9862b7f4b5e721622fd34ade78132f6f7999e2d"
+        );
+
+        // 24.04 + 565: the noble pool pins (.3); 24.04 + 550 has no package list.
+        let d = load_with(&nv, &[set("ubuntu=24.04")]).unwrap();
+        assert_eq!(d.name, "ubuntu-2404-nvidia-565-firmware1");
+        let drv = pkg(&d, "nvidia-driver-565-server");
+        assert_eq!(drv.version.as_deref(), Some("565.57.01-0ubuntu0.24.04.3"));
+        let e = load_with(&nv, &[set("ubuntu=24.04"), set("driver=550")]).unwrap_err();
+        assert_eq!(crate::error::exit_code(&e), 2);
+        assert!(format!("{e:#}").contains("nvidia-550-server-noble"), "{e:#}");
+    }
+
+    /// Parameters down an `extends` chain: `${NAME}` and `${NAME.FIELD}` in names,
+    /// repositories, expectations and package lists; an extending definition adds a
+    /// parameter, a value, or changes a default.
+    #[test]
+    fn parameters_make_variants() {
+        let d = project();
+        std::fs::write(
+            d.path().join("package-lists/k8s.list"),
+            "kubelet=${k8s.deb} # pinned\nkubectl=${k8s.deb}\n",
+        )
+        .unwrap();
+        let base = format!(
+            "{}\n[parameters.k8s]\ndescription = \"Kubernetes\"\ndefault = \"1.30\"\n\
+             [parameters.k8s.values.\"1.30\"]\ndeb = \"1.30.0-1.1\"\nup = \"1.30.0\"\n\
+             [parameters.k8s.values.\"1.29\"]\ndeb = \"1.29.15-1.1\"\nup = \"1.29.15\"\n\
+             [expect.kubernetes]\nversion = \"${{k8s.up}}\"\npackages = [\"kubelet\"]\n",
+            BASE.replace("name = \"base-img\"", "name = \"base-k${k8s}\"")
+                .replace("v1.30/deb/", "v${k8s}/deb/")
+                .replace("packages = [\"base\"]", "packages = [\"base\", \"k8s\"]")
+        );
+        std::fs::write(d.path().join("images/base.toml"), &base).unwrap();
+        std::fs::write(
+            d.path().join("images/gpu.toml"),
+            "extends = \"base.toml\"\nname = \"gpu-${drv}-k${k8s}\"\n\
+             [parameters.drv]\ndefault = \"565\"\n[parameters.drv.values.\"565\"]\n[parameters.drv.values.\"550\"]\n\
+             [parameters.k8s]\ndefault = \"1.29\"\n[parameters.k8s.values.\"1.28\"]\ndeb = \"1.28.1-1.1\"\nup = \"1.28.1\"\n",
+        )
+        .unwrap();
+        let set = |s: &str| s.parse::<Setting>().unwrap();
+        let b = load(&d.path().join("images/base.toml")).unwrap();
+        assert_eq!(b.name, "base-k1.30");
+        assert_eq!(b.repositories[0].uri, "https://pkgs.k8s.io/core:/stable:/v1.30/deb/");
+        assert_eq!(b.expect.kubernetes.as_ref().unwrap().version, "1.30.0");
+        let kubelet = b.stages[0].packages.iter().rfind(|p| p.name == "kubelet").unwrap();
+        assert_eq!(kubelet.version.as_deref(), Some("1.30.0-1.1"));
+        assert!(kubelet.origin.ends_with("k8s.list:1"), "{}", kubelet.origin);
+        let b = load_with(&d.path().join("images/base.toml"), &[set("k8s=1.29")]).unwrap();
+        assert_eq!(b.name, "base-k1.29");
+        assert_eq!(b.repositories[0].uri, "https://pkgs.k8s.io/core:/stable:/v1.29/deb/");
+        assert_eq!(
+            b.stages[0].packages.last().unwrap().version.as_deref(),
+            Some("1.29.15-1.1")
+        );
+        assert_eq!(
+            b.parameters,
+            [Parameter {
+                name: "k8s".into(),
+                description: "Kubernetes".into(),
+                default: "1.30".into(),
+                allowed: vec!["1.29".into(), "1.30".into()],
+                value: "1.29".into(),
+            }]
+        );
+        // Inherited, with a new default and value, and a parameter of its own.
+        let g = load(&d.path().join("images/gpu.toml")).unwrap();
+        assert_eq!(g.name, "gpu-565-k1.29");
+        assert_eq!(g.expect.kubernetes.as_ref().unwrap().version, "1.29.15");
+        let g = load_with(&d.path().join("images/gpu.toml"), &[set("drv=550"), set("k8s=1.28")]).unwrap();
+        assert_eq!(g.name, "gpu-550-k1.28");
+        assert_eq!(g.expect.kubernetes.as_ref().unwrap().version, "1.28.1");
+        let k8s = g.parameters.iter().find(|p| p.name == "k8s").unwrap();
+        assert_eq!(k8s.allowed, ["1.28", "1.29", "1.30"]);
+    }
+
+    /// An unknown parameter or value is a user error (exit 2) that lists the allowed
+    /// ones; so are an undeclared `${...}`, a default that is not a value, and a
+    /// malformed --set.
+    #[test]
+    fn unknown_parameters_and_values_are_refused_with_the_allowed_list() {
+        let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("images");
+        let nv = images.join("ubuntu-2204-nvidia-565-firmware1.toml");
+        let err = |sets: &[&str]| {
+            let sets: Vec<Setting> = sets.iter().map(|s| s.parse().unwrap()).collect();
+            let e = load_with(&nv, &sets).unwrap_err();
+            assert_eq!(crate::error::exit_code(&e), 2, "{e:#}");
+            format!("{e:#}")
+        };
+        let e = err(&["driver=999"]);
+        assert!(
+            e.contains("`999` is not an allowed value of parameter `driver`") && e.contains("allowed: 550, 565"),
+            "{e}"
+        );
+        let e = err(&["kubernetes=1.31"]);
+        assert!(e.contains("allowed: 1.29, 1.30"), "{e}");
+        let e = err(&["drvier=550"]);
+        assert!(
+            e.contains("no parameter `drvier`")
+                && e.contains("driver (550, 565)")
+                && e.contains("kubernetes (1.29, 1.30)")
+                && e.contains("ubuntu (22.04, 24.04)"),
+            "{e}"
+        );
+        assert!("driver".parse::<Setting>().unwrap_err().contains("NAME=VALUE"));
+        assert!("=550".parse::<Setting>().is_err());
+
+        let params = "[parameters.k8s]\ndefault = \"1.30\"\n[parameters.k8s.values.\"1.30\"]\nup = \"1.30.0\"\n";
+        let e = err_of(&format!(
+            "{BASE}{params}[expect.kubernetes]\nversion = \"${{k8s.nope}}\"\npackages = [\"kubelet\"]\n"
+        ));
+        assert!(
+            e.contains("${k8s.nope}") && e.contains("${k8s.up}") && e.contains("x.toml"),
+            "{e}"
+        );
+        let e = err_of(&BASE.replace("name = \"base-img\"", "name = \"img-${v}\""));
+        assert!(e.contains("${v}") && e.contains("no [parameters]"), "{e}");
+        let e = err_of(&format!(
+            "{BASE}{}",
+            params.replace("default = \"1.30\"", "default = \"1.31\"")
+        ));
+        assert!(e.contains("default \"1.31\" is not one of its values (1.30)"), "{e}");
+        let e = err_of(&format!("{BASE}{}", params.replace("\"1.30.0\"", "\"a\\\"b\"")));
+        assert!(e.contains("parameters.k8s.values"), "{e}");
+        let e = err_of(&format!("{BASE}[parameters.k8s]\ndefault = \"1\"\n"));
+        assert!(e.contains("has no values"), "{e}");
+        // A package list naming an undeclared parameter: the list and line.
+        let d = project();
+        std::fs::write(d.path().join("package-lists/base.list"), "curl\nkubelet=${k8s.deb}\n").unwrap();
+        std::fs::write(d.path().join("images/x.toml"), BASE).unwrap();
+        let e = format!("{:#}", load(&d.path().join("images/x.toml")).unwrap_err());
+        assert!(e.contains("base.list:2") && e.contains("${k8s.deb}"), "{e}");
     }
 
     fn project() -> tempfile::TempDir {
