@@ -11,6 +11,8 @@
 //!
 //! Each variant is built once (tests/common `seed_variant`, cached like the seeds) and
 //! shared by its verify and boot tests. Under TCG one UEFI boot takes about 2 minutes.
+//! The tests are named so that libtest (which runs them in name order) starts the
+//! three boot tests first: with --test-threads=2 two variants build at once.
 
 mod common;
 use common::*;
@@ -170,7 +172,7 @@ fn found<'a>(checks: &'a [Value], name: &str) -> &'a str {
 /// .2 that pulls in 570), nvidia.ko 550.163.01 built by DKMS, a name and payload that say
 /// 550; the 565 expectations (the default variant) reject it.
 #[test]
-fn driver_550_variant_verifies_against_its_own_expectations() {
+fn verify_550_variant_against_its_own_expectations() {
     require_root!();
     let img = nvidia_550();
     assert_eq!(
@@ -201,7 +203,7 @@ fn driver_550_variant_verifies_against_its_own_expectations() {
 /// 22.04 + Kubernetes 1.29: kubelet/kubeadm/kubectl 1.29.15-1.1 from the v1.29 channel,
 /// held; the repository the image keeps is the v1.29 one.
 #[test]
-fn kubernetes_129_variant_verifies_against_its_own_expectations() {
+fn verify_k8s_129_variant_against_its_own_expectations() {
     require_root!();
     let img = k8s_129();
     assert_eq!(img.file_name().unwrap(), "ubuntu-2204-gpu-ready-nodriver-k8s1.29.raw");
@@ -221,7 +223,7 @@ fn kubernetes_129_variant_verifies_against_its_own_expectations() {
 /// 24.04 (noble) GPU-ready, from a noble root: os-release, kernel headers for its
 /// kernel, containerd/runc from noble, Kubernetes 1.30.
 #[test]
-fn noble_variant_verifies_against_its_own_expectations() {
+fn verify_noble_variant_against_its_own_expectations() {
     require_root!();
     let img = noble();
     assert_eq!(img.file_name().unwrap(), "ubuntu-2404-gpu-ready-nodriver.raw");
@@ -243,21 +245,21 @@ fn noble_variant_verifies_against_its_own_expectations() {
 }
 
 #[test]
-fn driver_550_variant_boots_through_uefi() {
+fn boot_550_variant_through_uefi() {
     require_root!();
     let checks = boots_through_uefi(nvidia_550(), NVIDIA, NVIDIA_550);
     assert_eq!(found(&checks, "nvidia modinfo version"), "550.163.01");
 }
 
 #[test]
-fn kubernetes_129_variant_boots_through_uefi() {
+fn boot_k8s_129_variant_through_uefi() {
     require_root!();
     let checks = boots_through_uefi(k8s_129(), GPU_READY, K8S_129);
     assert!(found(&checks, "kubelet version").contains("1.29.15"));
 }
 
 #[test]
-fn noble_variant_boots_through_uefi() {
+fn boot_noble_variant_through_uefi() {
     require_root!();
     let checks = boots_through_uefi(noble(), GPU_READY, NOBLE);
     assert!(
