@@ -13,6 +13,15 @@
 //! image's URL, sha256, signed `SHA256SUMS` and the key that signs it; see
 //! `build::base`). An extending definition inherits it, or replaces the whole table.
 //!
+//! `[parameters]` make one definition a family of variants (issue #16): each parameter
+//! has a default and a table per allowed value (`[parameters.driver.values."550"]`)
+//! whose fields say what the value means (the package list, the exact driver version).
+//! `${driver}` (the value) and `${driver.FIELD}` in any string of the definition and in
+//! its package lists are replaced before anything else is read, so a variant's name,
+//! repositories, packages and `[expect]`ations all follow from `--set driver=550`.
+//! Parameters are inherited down an `extends` chain; an extending definition may add
+//! values or change the default.
+//!
 //! Paths inside a definition (package lists, overlays, hooks, keys) are named, not
 //! pathed: `packages = ["kubernetes"]` is `package-lists/kubernetes.list` at the project
 //! root, the directory holding `images/`.
@@ -42,6 +51,18 @@ struct RawDef {
     stage: Vec<RawStage>,
     expect: Option<RawExpect>,
     base: Option<RawBase>,
+    parameters: Option<BTreeMap<String, RawParameter>>,
+}
+
+/// `[parameters.NAME]` as written. The allowed values are the keys of `values`; each
+/// value's table maps field names to what `${NAME.FIELD}` becomes.
+#[derive(Debug, Deserialize, Clone, Default)]
+#[serde(deny_unknown_fields)]
+struct RawParameter {
+    description: Option<String>,
+    default: Option<String>,
+    #[serde(default)]
+    values: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 /// `[base]` as written: the pinned cloud image a build starts from when no `--base` is
@@ -181,6 +202,96 @@ pub struct ImageDef {
     pub expect: Expectations,
     /// The pinned base (`[base]`), if the definition has one.
     pub base: Option<BaseSpec>,
+    /// The definition's parameters with the values this variant was loaded with.
+    pub parameters: Vec<Parameter>,
+}
+
+/// One parameter of a definition, resolved for a variant.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Parameter {
+    pub name: String,
+    pub description: String,
+    pub default: String,
+    /// Every allowed value, sorted.
+    pub allowed: Vec<String>,
+    /// The value of this variant (`--set NAME=VALUE`, else the default).
+    pub value: String,
+}
+
+/// `--set NAME=VALUE`: a parameter value chosen on the command line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Setting {
+    pub name: String,
+    pub value: String,
+}
+
+impl std::str::FromStr for Setting {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.split_once('=') {
+            Some((n, v)) if !n.trim().is_empty() && !v.trim().is_empty() => Ok(Setting {
+                name: n.trim().to_string(),
+                value: v.trim().to_string(),
+            }),
+            _ => Err(format!("`{s}` is not NAME=VALUE (e.g. driver=550)")),
+        }
+    }
+}
+
+/// What `${NAME}` and `${NAME.FIELD}` stand for in one variant.
+#[derive(Debug, Clone, Default)]
+pub struct Substitutions(BTreeMap<String, String>);
+
+impl Substitutions {
+    /// Replace every `${...}` in `s`; `origin` names the place for errors.
+    pub fn apply(&self, s: &str, origin: &str) -> Result<String> {
+        let mut out = String::with_capacity(s.len());
+        let mut rest = s;
+        while let Some(i) = rest.find("${") {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 2..];
+            let Some(j) = after.find('}') else {
+                user_bail!("{origin}: `${{` without a closing `}}` in \"{s}\"");
+            };
+            let key = &after[..j];
+            match self.0.get(key) {
+                Some(v) => out.push_str(v),
+                None => {
+                    let known: Vec<String> = self.0.keys().map(|k| format!("${{{k}}}")).collect();
+                    user_bail!(
+                        "{origin}: `${{{key}}}` names no parameter or field of one (known: {})",
+                        if known.is_empty() {
+                            "none: the definition has no [parameters]".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    );
+                }
+            }
+            rest = &after[j + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    /// Every string in a TOML tree (not the keys).
+    fn apply_value(&self, v: &mut toml::Value, origin: &str) -> Result<()> {
+        match v {
+            toml::Value::String(s) => *s = self.apply(s, origin)?,
+            toml::Value::Array(a) => {
+                for x in a {
+                    self.apply_value(x, origin)?;
+                }
+            }
+            toml::Value::Table(t) => {
+                for (k, x) in t.iter_mut() {
+                    self.apply_value(x, &format!("{origin}.{k}"))?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 /// The validated `[base]` table: where the base image is, its sha256, the signed
@@ -344,14 +455,92 @@ pub fn parse_size(s: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-fn read_raw(path: &Path) -> Result<RawDef> {
+/// A definition file as written: its shape checked (with line numbers in errors), and
+/// its TOML tree, in which `${...}` is replaced once the parameters are known.
+fn read_raw(path: &Path) -> Result<(RawDef, toml::Value)> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| user(format!("cannot read image definition {}: {e}", path.display())))?;
-    toml::from_str(&text).map_err(|e| user(format!("image definition {}: {e}", path.display())))
+    let raw: RawDef = toml::from_str(&text).map_err(|e| user(format!("image definition {}: {e}", path.display())))?;
+    let value: toml::Value =
+        toml::from_str(&text).map_err(|e| user(format!("image definition {}: {e}", path.display())))?;
+    Ok((raw, value))
 }
 
-/// Load and validate a definition (and what it extends).
+/// The parameters declared down an `extends` chain (root ancestor first), merged: a
+/// later declaration replaces the description and default it gives and adds (or
+/// replaces) values.
+fn merge_parameters(chain: &[(PathBuf, RawDef, toml::Value)]) -> Result<BTreeMap<String, (RawParameter, PathBuf)>> {
+    let mut params: BTreeMap<String, (RawParameter, PathBuf)> = BTreeMap::new();
+    for (file, raw, _) in chain.iter().rev() {
+        for (name, p) in raw.parameters.iter().flatten() {
+            if !name.starts_with(|c: char| c.is_ascii_lowercase())
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                user_bail!(
+                    "image definition {}: parameter `{name}` must be lower-case letters, digits or '_'",
+                    file.display()
+                );
+            }
+            let (d, origin) = params
+                .entry(name.clone())
+                .or_insert_with(|| (RawParameter::default(), file.clone()));
+            *origin = file.clone();
+            if p.description.is_some() {
+                d.description.clone_from(&p.description);
+            }
+            if p.default.is_some() {
+                d.default.clone_from(&p.default);
+            }
+            d.values.extend(p.values.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+    }
+    let plain = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "._+~:-".contains(c));
+    for (name, (p, file)) in &params {
+        let f = file.display();
+        if p.values.is_empty() {
+            user_bail!(
+                "image definition {f}: parameter `{name}` has no values (add [parameters.{name}.values.\"VALUE\"])"
+            );
+        }
+        for (v, fields) in &p.values {
+            if !plain(v) {
+                user_bail!(
+                    "image definition {f}: parameter `{name}` value \"{v}\" must be letters, digits or . _ + ~ : -"
+                );
+            }
+            for (k, x) in fields {
+                let key_ok = !k.is_empty()
+                    && k.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+                if !key_ok || x.chars().any(|c| c.is_control() || "\"'\\`$".contains(c)) {
+                    user_bail!(
+                        "image definition {f}: `parameters.{name}.values.\"{v}\".{k}` = \"{x}\" is not a field name with a plain value"
+                    );
+                }
+            }
+        }
+        match &p.default {
+            None => user_bail!("image definition {f}: parameter `{name}` has no `default`"),
+            Some(d) if !p.values.contains_key(d) => user_bail!(
+                "image definition {f}: parameter `{name}` default \"{d}\" is not one of its values ({})",
+                p.values.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(params)
+}
+
+/// Load and validate a definition (and what it extends) with its parameters' defaults.
 pub fn load(path: &Path) -> Result<ImageDef> {
+    load_with(path, &[])
+}
+
+/// Load and validate the variant of a definition that `sets` chooses (`--set
+/// NAME=VALUE`); an unknown parameter or value is a user error listing the allowed ones.
+pub fn load_with(path: &Path, sets: &[Setting]) -> Result<ImageDef> {
     let path = path
         .canonicalize()
         .map_err(|e| user(format!("image definition {}: {e}", path.display())))?;
@@ -360,19 +549,96 @@ pub fn load(path: &Path) -> Result<ImageDef> {
         .and_then(|p| p.parent())
         .map(Path::to_path_buf)
         .context("image definition has no parent directory")?;
-    let mut chain = vec![(path.clone(), read_raw(&path)?)];
+    let (raw, value) = read_raw(&path)?;
+    let mut chain = vec![(path.clone(), raw, value)];
     while let Some(parent) = chain.last().unwrap().1.extends.clone() {
         let from = &chain.last().unwrap().0;
         let p = from.parent().unwrap().join(&parent);
-        if chain.iter().any(|(q, _)| q == &p) || chain.len() > 8 {
+        if chain.iter().any(|(q, _, _)| q == &p) || chain.len() > 8 {
             user_bail!(
                 "image definition {}: `extends` forms a cycle at {parent}",
                 from.display()
             );
         }
-        let raw = read_raw(&p).map_err(|e| user(format!("{}: extends = \"{parent}\": {e:#}", from.display())))?;
-        chain.push((p, raw));
+        let (raw, value) =
+            read_raw(&p).map_err(|e| user(format!("{}: extends = \"{parent}\": {e:#}", from.display())))?;
+        chain.push((p, raw, value));
     }
+    // The variant: every parameter's value (the default unless --set), then `${...}`
+    // replaced in every string of every file of the chain.
+    let declared = merge_parameters(&chain)?;
+    let describe =
+        |name: &str, p: &RawParameter| format!("{name} ({})", p.values.keys().cloned().collect::<Vec<_>>().join(", "));
+    for s in sets {
+        let Some((p, _)) = declared.get(&s.name) else {
+            user_bail!(
+                "image definition {}: --set {}={}: no parameter `{}`; {}",
+                path.display(),
+                s.name,
+                s.value,
+                s.name,
+                if declared.is_empty() {
+                    "the definition has no [parameters]".to_string()
+                } else {
+                    format!(
+                        "its parameters are: {}",
+                        declared
+                            .iter()
+                            .map(|(n, (p, _))| describe(n, p))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )
+                }
+            );
+        };
+        if !p.values.contains_key(&s.value) {
+            user_bail!(
+                "image definition {}: --set {}={}: `{}` is not an allowed value of parameter `{}`; allowed: {}",
+                path.display(),
+                s.name,
+                s.value,
+                s.value,
+                s.name,
+                p.values.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    let mut parameters = Vec::new();
+    let mut subst = BTreeMap::new();
+    for (name, (p, _)) in &declared {
+        let default = p.default.clone().unwrap_or_default();
+        let value = sets
+            .iter()
+            .rev()
+            .find(|s| &s.name == name)
+            .map(|s| s.value.clone())
+            .unwrap_or_else(|| default.clone());
+        subst.insert(name.clone(), value.clone());
+        for (k, v) in &p.values[&value] {
+            subst.insert(format!("{name}.{k}"), v.clone());
+        }
+        parameters.push(Parameter {
+            name: name.clone(),
+            description: p.description.clone().unwrap_or_default(),
+            default,
+            allowed: p.values.keys().cloned().collect(),
+            value,
+        });
+    }
+    let subst = Substitutions(subst);
+    let mut resolved = Vec::new();
+    for (file, _, mut value) in chain {
+        let f = file.display().to_string();
+        if let Some(t) = value.as_table_mut() {
+            t.remove("parameters");
+        }
+        subst.apply_value(&mut value, &format!("image definition {f}: key "))?;
+        let raw: RawDef = value
+            .try_into()
+            .map_err(|e| user(format!("image definition {f} (parameters substituted): {e}")))?;
+        resolved.push((file, raw));
+    }
+    let chain = resolved;
     // Merge from the root ancestor down.
     let mut name = None;
     let mut description = None;
@@ -501,7 +767,7 @@ pub fn load(path: &Path) -> Result<ImageDef> {
                     p.display()
                 );
             }
-            packages.extend(parse_package_list(&p)?);
+            packages.extend(parse_package_list(&p, &subst)?);
         }
         let dir_list = |kind: &str, names: &[String]| -> Result<Vec<PathBuf>> {
             names
@@ -545,6 +811,7 @@ pub fn load(path: &Path) -> Result<ImageDef> {
         stages: out_stages,
         expect,
         base,
+        parameters,
     })
 }
 
@@ -899,8 +1166,9 @@ impl RawExpect {
 }
 
 /// Parse `package-lists/X.list`: one package a line, `name=version` pins, `#` comments,
-/// and `name=version pool=PATH sha256=HEX` for a package fetched by its pool path.
-pub fn parse_package_list(path: &Path) -> Result<Vec<PackageSpec>> {
+/// and `name=version pool=PATH sha256=HEX` for a package fetched by its pool path;
+/// `${...}` is replaced by the variant's parameter values (`subst`).
+pub fn parse_package_list(path: &Path, subst: &Substitutions) -> Result<Vec<PackageSpec>> {
     let text =
         std::fs::read_to_string(path).map_err(|e| user(format!("cannot read package list {}: {e}", path.display())))?;
     let mut out = Vec::new();
@@ -910,6 +1178,8 @@ pub fn parse_package_list(path: &Path) -> Result<Vec<PackageSpec>> {
             continue;
         }
         let origin = format!("{}:{}", path.display(), i + 1);
+        let line = subst.apply(line, &origin)?;
+        let line = line.as_str();
         let mut words = line.split_whitespace();
         let first = words.next().unwrap();
         let (name, version) = match first.split_once('=') {
@@ -971,6 +1241,9 @@ pub struct Listing {
     pub extends: Option<String>,
     /// The disk size in bytes (rounded up to a MiB, as built).
     pub disk_size: u64,
+    /// Its parameters (inherited ones included): `--set NAME=VALUE` builds a variant.
+    /// `value` is the default here.
+    pub parameters: Vec<Parameter>,
 }
 
 /// Every definition (`*.toml`) in `dir`, loaded and validated like a build loads it,
@@ -986,7 +1259,7 @@ pub fn list(dir: &Path) -> Result<Vec<Listing>> {
     let mut out = Vec::new();
     for file in files {
         let def = load(&file)?;
-        let extends = match read_raw(&file)?.extends {
+        let extends = match read_raw(&file)?.0.extends {
             Some(parent) => Some(load(&file.parent().unwrap_or(dir).join(parent))?.name),
             None => None,
         };
@@ -995,6 +1268,7 @@ pub fn list(dir: &Path) -> Result<Vec<Listing>> {
             file,
             extends,
             disk_size: def.disk_size,
+            parameters: def.parameters,
         });
     }
     Ok(out)
@@ -1016,6 +1290,218 @@ mod tests {
         let nv = l.iter().find(|x| x.name == "ubuntu-2204-nvidia-565-firmware1").unwrap();
         assert_eq!(nv.extends.as_deref(), Some("ubuntu-2204-gpu-ready-nodriver"));
         assert_eq!(nv.disk_size, 25 << 30);
+        // Parameters, inherited ones included, with their defaults and allowed values.
+        let p = |l: &Listing, n: &str| l.parameters.iter().find(|p| p.name == n).cloned().unwrap();
+        assert_eq!(p(gpu, "kubernetes").allowed, ["1.29", "1.30"]);
+        assert_eq!(p(gpu, "kubernetes").default, "1.30");
+        assert!(gpu.parameters.iter().all(|p| p.name != "driver"));
+        assert_eq!(p(nv, "driver").allowed, ["550", "565"]);
+        assert_eq!(p(nv, "driver").default, "565");
+        assert_eq!(p(nv, "ubuntu").allowed, ["22.04", "24.04"]);
+    }
+
+    /// The shipped variants of the spec's compatibility matrix: each `--set` gives its
+    /// own name, packages, repository, base and expectations; the defaults are the two
+    /// seed images unchanged.
+    #[test]
+    fn shipped_variants_resolve() {
+        let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("images");
+        let gpu = images.join("ubuntu-2204-gpu-ready-nodriver.toml");
+        let nv = images.join("ubuntu-2204-nvidia-565-firmware1.toml");
+        let set = |s: &str| s.parse::<Setting>().unwrap();
+        let pkg = |d: &ImageDef, name: &str| -> PackageSpec {
+            d.stages
+                .iter()
+                .flat_map(|s| &s.packages)
+                .find(|p| p.name == name)
+                .cloned()
+                .unwrap_or_else(|| panic!("{name} not in {}", d.name))
+        };
+        let d = load(&nv).unwrap();
+        assert_eq!(d.name, "ubuntu-2204-nvidia-565-firmware1");
+        assert_eq!(
+            d.repository("kubernetes").unwrap().uri,
+            "https://pkgs.k8s.io/core:/stable:/v1.30/deb/"
+        );
+        assert_eq!(d.expect.nvidia_driver_version.as_deref(), Some("565.57.01"));
+        assert_eq!(pkg(&d, "kubelet").version.as_deref(), Some("1.30.0-1.1"));
+        assert!(d.base.as_ref().unwrap().url.contains("/jammy/release-20250516/"));
+
+        let d = load_with(&nv, &[set("driver=550")]).unwrap();
+        assert_eq!(d.name, "ubuntu-2204-nvidia-550-firmware1");
+        assert_eq!(d.expect.nvidia_driver_version.as_deref(), Some("550.163.01"));
+        assert_eq!(
+            d.payload.gpu.as_ref().unwrap().driver_package,
+            "nvidia-driver-550-server"
+        );
+        let dkms = pkg(&d, "nvidia-dkms-550-server");
+        assert_eq!(dkms.version.as_deref(), Some("550.163.01-0ubuntu0.22.04.1"));
+        assert!(dkms.pool.is_some(), "550 is pinned by pool path");
+        assert!(
+            d.stages
+                .iter()
+                .flat_map(|s| &s.packages)
+                .all(|p| !p.name.contains("565"))
+        );
+
+        let d = load_with(&gpu, &[set("kubernetes=1.29")]).unwrap();
+        assert_eq!(d.name, "ubuntu-2204-gpu-ready-nodriver-k8s1.29");
+        assert_eq!(
+            d.repository("kubernetes").unwrap().uri,
+            "https://pkgs.k8s.io/core:/stable:/v1.29/deb/"
+        );
+        assert_eq!(d.expect.kubernetes.as_ref().unwrap().version, "1.29.15");
+        assert_eq!(pkg(&d, "kubeadm").version.as_deref(), Some("1.29.15-1.1"));
+
+        let d = load_with(&gpu, &[set("ubuntu=24.04")]).unwrap();
+        assert_eq!(d.name, "ubuntu-2404-gpu-ready-nodriver");
+        let os = d.expect.os.as_ref().unwrap();
+        assert_eq!(
+            (os.version_id.as_str(), os.codename.as_deref()),
+            ("24.04", Some("noble"))
+        );
+        let b = d.base.unwrap();
+        assert!(
+            b.url
+                .ends_with("/noble/release-20250430/ubuntu-24.04-server-cloudimg-amd64.img"),
+            "{}",
+            b.url
+        );
+        assert_eq!(
+            b.sha256,
+            "bc471ca49de03b5129c65b70f9862b7f4b5e721622fd34ade78132f6f7999e2d"
+        );
+
+        // 24.04 + 565: the noble pool pins (.3); 24.04 + 550 has no package list.
+        let d = load_with(&nv, &[set("ubuntu=24.04")]).unwrap();
+        assert_eq!(d.name, "ubuntu-2404-nvidia-565-firmware1");
+        let drv = pkg(&d, "nvidia-driver-565-server");
+        assert_eq!(drv.version.as_deref(), Some("565.57.01-0ubuntu0.24.04.3"));
+        let e = load_with(&nv, &[set("ubuntu=24.04"), set("driver=550")]).unwrap_err();
+        assert_eq!(crate::error::exit_code(&e), 2);
+        assert!(format!("{e:#}").contains("nvidia-550-server-noble"), "{e:#}");
+    }
+
+    /// Parameters down an `extends` chain: `${NAME}` and `${NAME.FIELD}` in names,
+    /// repositories, expectations and package lists; an extending definition adds a
+    /// parameter, a value, or changes a default.
+    #[test]
+    fn parameters_make_variants() {
+        let d = project();
+        std::fs::write(
+            d.path().join("package-lists/k8s.list"),
+            "kubelet=${k8s.deb} # pinned\nkubectl=${k8s.deb}\n",
+        )
+        .unwrap();
+        let base = format!(
+            "{}\n[parameters.k8s]\ndescription = \"Kubernetes\"\ndefault = \"1.30\"\n\
+             [parameters.k8s.values.\"1.30\"]\ndeb = \"1.30.0-1.1\"\nup = \"1.30.0\"\n\
+             [parameters.k8s.values.\"1.29\"]\ndeb = \"1.29.15-1.1\"\nup = \"1.29.15\"\n\
+             [expect.kubernetes]\nversion = \"${{k8s.up}}\"\npackages = [\"kubelet\"]\n",
+            BASE.replace("name = \"base-img\"", "name = \"base-k${k8s}\"")
+                .replace("v1.30/deb/", "v${k8s}/deb/")
+                .replace("packages = [\"base\"]", "packages = [\"base\", \"k8s\"]")
+        );
+        std::fs::write(d.path().join("images/base.toml"), &base).unwrap();
+        std::fs::write(
+            d.path().join("images/gpu.toml"),
+            "extends = \"base.toml\"\nname = \"gpu-${drv}-k${k8s}\"\n\
+             [parameters.drv]\ndefault = \"565\"\n[parameters.drv.values.\"565\"]\n[parameters.drv.values.\"550\"]\n\
+             [parameters.k8s]\ndefault = \"1.29\"\n[parameters.k8s.values.\"1.28\"]\ndeb = \"1.28.1-1.1\"\nup = \"1.28.1\"\n",
+        )
+        .unwrap();
+        let set = |s: &str| s.parse::<Setting>().unwrap();
+        let b = load(&d.path().join("images/base.toml")).unwrap();
+        assert_eq!(b.name, "base-k1.30");
+        assert_eq!(b.repositories[0].uri, "https://pkgs.k8s.io/core:/stable:/v1.30/deb/");
+        assert_eq!(b.expect.kubernetes.as_ref().unwrap().version, "1.30.0");
+        let kubelet = b.stages[0].packages.iter().rfind(|p| p.name == "kubelet").unwrap();
+        assert_eq!(kubelet.version.as_deref(), Some("1.30.0-1.1"));
+        assert!(kubelet.origin.ends_with("k8s.list:1"), "{}", kubelet.origin);
+        let b = load_with(&d.path().join("images/base.toml"), &[set("k8s=1.29")]).unwrap();
+        assert_eq!(b.name, "base-k1.29");
+        assert_eq!(b.repositories[0].uri, "https://pkgs.k8s.io/core:/stable:/v1.29/deb/");
+        assert_eq!(
+            b.stages[0].packages.last().unwrap().version.as_deref(),
+            Some("1.29.15-1.1")
+        );
+        assert_eq!(
+            b.parameters,
+            [Parameter {
+                name: "k8s".into(),
+                description: "Kubernetes".into(),
+                default: "1.30".into(),
+                allowed: vec!["1.29".into(), "1.30".into()],
+                value: "1.29".into(),
+            }]
+        );
+        // Inherited, with a new default and value, and a parameter of its own.
+        let g = load(&d.path().join("images/gpu.toml")).unwrap();
+        assert_eq!(g.name, "gpu-565-k1.29");
+        assert_eq!(g.expect.kubernetes.as_ref().unwrap().version, "1.29.15");
+        let g = load_with(&d.path().join("images/gpu.toml"), &[set("drv=550"), set("k8s=1.28")]).unwrap();
+        assert_eq!(g.name, "gpu-550-k1.28");
+        assert_eq!(g.expect.kubernetes.as_ref().unwrap().version, "1.28.1");
+        let k8s = g.parameters.iter().find(|p| p.name == "k8s").unwrap();
+        assert_eq!(k8s.allowed, ["1.28", "1.29", "1.30"]);
+    }
+
+    /// An unknown parameter or value is a user error (exit 2) that lists the allowed
+    /// ones; so are an undeclared `${...}`, a default that is not a value, and a
+    /// malformed --set.
+    #[test]
+    fn unknown_parameters_and_values_are_refused_with_the_allowed_list() {
+        let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("images");
+        let nv = images.join("ubuntu-2204-nvidia-565-firmware1.toml");
+        let err = |sets: &[&str]| {
+            let sets: Vec<Setting> = sets.iter().map(|s| s.parse().unwrap()).collect();
+            let e = load_with(&nv, &sets).unwrap_err();
+            assert_eq!(crate::error::exit_code(&e), 2, "{e:#}");
+            format!("{e:#}")
+        };
+        let e = err(&["driver=999"]);
+        assert!(
+            e.contains("`999` is not an allowed value of parameter `driver`") && e.contains("allowed: 550, 565"),
+            "{e}"
+        );
+        let e = err(&["kubernetes=1.31"]);
+        assert!(e.contains("allowed: 1.29, 1.30"), "{e}");
+        let e = err(&["drvier=550"]);
+        assert!(
+            e.contains("no parameter `drvier`")
+                && e.contains("driver (550, 565)")
+                && e.contains("kubernetes (1.29, 1.30)")
+                && e.contains("ubuntu (22.04, 24.04)"),
+            "{e}"
+        );
+        assert!("driver".parse::<Setting>().unwrap_err().contains("NAME=VALUE"));
+        assert!("=550".parse::<Setting>().is_err());
+
+        let params = "[parameters.k8s]\ndefault = \"1.30\"\n[parameters.k8s.values.\"1.30\"]\nup = \"1.30.0\"\n";
+        let e = err_of(&format!(
+            "{BASE}{params}[expect.kubernetes]\nversion = \"${{k8s.nope}}\"\npackages = [\"kubelet\"]\n"
+        ));
+        assert!(
+            e.contains("${k8s.nope}") && e.contains("${k8s.up}") && e.contains("x.toml"),
+            "{e}"
+        );
+        let e = err_of(&BASE.replace("name = \"base-img\"", "name = \"img-${v}\""));
+        assert!(e.contains("${v}") && e.contains("no [parameters]"), "{e}");
+        let e = err_of(&format!(
+            "{BASE}{}",
+            params.replace("default = \"1.30\"", "default = \"1.31\"")
+        ));
+        assert!(e.contains("default \"1.31\" is not one of its values (1.30)"), "{e}");
+        let e = err_of(&format!("{BASE}{}", params.replace("\"1.30.0\"", "\"a\\\"b\"")));
+        assert!(e.contains("parameters.k8s.values"), "{e}");
+        let e = err_of(&format!("{BASE}[parameters.k8s]\ndefault = \"1\"\n"));
+        assert!(e.contains("has no values"), "{e}");
+        // A package list naming an undeclared parameter: the list and line.
+        let d = project();
+        std::fs::write(d.path().join("package-lists/base.list"), "curl\nkubelet=${k8s.deb}\n").unwrap();
+        std::fs::write(d.path().join("images/x.toml"), BASE).unwrap();
+        let e = format!("{:#}", load(&d.path().join("images/x.toml")).unwrap_err());
+        assert!(e.contains("base.list:2") && e.contains("${k8s.deb}"), "{e}");
     }
 
     fn project() -> tempfile::TempDir {
@@ -1293,7 +1779,9 @@ hooks = ["k8s"]
             ("abc foo=bar\n", "unknown field"),
         ] {
             std::fs::write(&p, body).unwrap();
-            let e = parse_package_list(&p).unwrap_err().to_string();
+            let e = parse_package_list(&p, &Substitutions::default())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want) && e.contains("l.list:1"), "{body}: {e}");
         }
     }

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use kiln::boottest;
 use kiln::build::stages::apt;
 use kiln::build::{self, provision, timings};
+use kiln::definition::Setting;
 use kiln::disk::checksum;
 use kiln::error;
 use kiln::host::{buildlog, cancel, doctor, mounts, rootdir, supervisor};
@@ -31,6 +32,10 @@ struct Cli {
 struct BuildArgs {
     /// Image definition (images/NAME.toml).
     def: PathBuf,
+    /// Choose a variant: set the definition's parameter NAME to VALUE (repeatable;
+    /// `kiln list` shows the parameters and their allowed values).
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<Setting>,
     /// Base: an Ubuntu cloud image (raw or qcow2) or a root tarball (.tar, .tar.xz, .tar.gz).
     /// Without it: the definition's pinned [base], downloaded and verified into the cache
     /// once, then reused with no network access.
@@ -188,6 +193,10 @@ enum Command {
     FetchBase {
         /// Image definition (images/NAME.toml) with a [base] table.
         def: PathBuf,
+        /// Choose a variant: set the definition's parameter NAME to VALUE (repeatable;
+        /// `kiln list` shows the parameters and their allowed values).
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<Setting>,
         /// Package and base cache shared across builds.
         #[arg(long, default_value = "/var/cache/kiln", env = "KILN_CACHE_DIR")]
         cache_dir: PathBuf,
@@ -229,12 +238,14 @@ enum Command {
         json: bool,
     },
     /// List the image definitions in a directory: name, file, the definition each
-    /// extends, disk size (the input of a CI matrix).
+    /// extends, disk size and parameters (NAME=DEFAULT{ALLOWED|...}; the input of a CI
+    /// matrix).
     List {
         /// Directory of definitions.
         #[arg(default_value = "images")]
         dir: PathBuf,
-        /// Machine-readable output: a JSON array of {name, file, extends, disk_size}.
+        /// Machine-readable output: a JSON array of {name, file, extends, disk_size,
+        /// parameters: [{name, description, default, allowed, value}]}.
         #[arg(long)]
         json: bool,
     },
@@ -274,6 +285,10 @@ enum Command {
         /// The image definition it was built from (images/NAME.toml).
         #[arg(long)]
         def: PathBuf,
+        /// The variant it was built as: set the definition's parameter NAME to VALUE (repeatable;
+        /// `kiln list` shows the parameters and their allowed values).
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<Setting>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -332,9 +347,17 @@ enum Command {
         /// table says what the guest must show.
         #[arg(long)]
         def: PathBuf,
+        /// The variant it was built as: set the definition's parameter NAME to VALUE (repeatable;
+        /// `kiln list` shows the parameters and their allowed values).
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<Setting>,
         /// Which firmware to boot through.
         #[arg(long, value_enum, default_value = "both")]
         firmware: boottest::FirmwareChoice,
+        /// Boot once per firmware: skip the second UEFI (or BIOS) boot of a throwaway copy
+        /// that checks each copy makes its own machine-id and SSH host keys.
+        #[arg(long)]
+        once: bool,
         /// Time budget per boot, split over the phases (firmware 1/5, kernel to
         /// cloud-init done 3/5, checks 1/5).
         #[arg(long, default_value_t = 600)]
@@ -388,6 +411,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Build(a) => {
             let opts = build::BuildOpts {
                 def: a.def,
+                sets: a.set,
                 base: a.base,
                 base_mirror: a.base_mirror,
                 out: a.out,
@@ -460,6 +484,7 @@ fn run(cli: Cli) -> Result<()> {
                     },
                     locked: None,
                     resolve_only: true,
+                    sets: vec![],
                 },
                 update: a.update,
             })
@@ -473,9 +498,10 @@ fn run(cli: Cli) -> Result<()> {
         } => build::archive::cmd_fetch(&def, &archive, base.as_deref(), &cache_dir, base_mirror.as_deref()),
         Command::FetchBase {
             def,
+            set,
             cache_dir,
             base_mirror,
-        } => build::base::cmd_fetch_base(&def, &cache_dir, base_mirror.as_deref()),
+        } => build::base::cmd_fetch_base(&def, &set, &cache_dir, base_mirror.as_deref()),
         Command::Bootstrap {
             suite,
             out,
@@ -496,12 +522,23 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&defs)?);
             } else {
                 for d in &defs {
+                    // NAME=DEFAULT{ALLOWED|...} per parameter: `--set NAME=VALUE` builds a variant.
+                    let params: Vec<String> = d
+                        .parameters
+                        .iter()
+                        .map(|p| format!("{}={}{{{}}}", p.name, p.default, p.allowed.join("|")))
+                        .collect();
                     println!(
-                        "{}\t{}\t{}\t{}",
+                        "{}\t{}\t{}\t{}\t{}",
                         d.name,
                         d.file.display(),
                         d.extends.as_deref().unwrap_or("-"),
-                        kiln::host::progress::human_size(d.disk_size)
+                        kiln::host::progress::human_size(d.disk_size),
+                        if params.is_empty() {
+                            "-".to_string()
+                        } else {
+                            params.join(" ")
+                        }
                     );
                 }
             }
@@ -520,7 +557,6 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Checksum { files } => checksum::cmd_checksum(&files),
         Command::Inspect { image, json } => inspect::cmd_inspect(&image, json),
-        Command::Verify { image, def, json } => verify::cmd_verify(&image, &def, json),
         Command::Publish(a) => publish::cmd_publish(&publish::PublishOpts {
             image: a.image,
             to: a.to,
@@ -545,16 +581,21 @@ fn run(cli: Cli) -> Result<()> {
         }),
         Command::Sbom { image, name, out } => sbom::cmd_sbom(&image, name.as_deref(), out.as_deref()),
         Command::Diff { a, b, json } => diff::cmd_diff(&a, &b, json),
+        Command::Verify { image, def, set, json } => verify::cmd_verify(&image, &def, &set, json),
         Command::BootTest {
             image,
             def,
+            set,
             firmware,
+            once,
             timeout_secs,
             json,
         } => boottest::cmd_boot_test(&boottest::Opts {
             image,
             def,
+            sets: set,
             firmware,
+            once,
             timeout_secs,
             json,
         }),

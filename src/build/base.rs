@@ -317,8 +317,13 @@ pub fn ensure(spec: &BaseSpec, cache_dir: &Path, mirror: Option<&str>, policy: &
 }
 
 /// `kiln fetch-base DEF`: only the base step of a build.
-pub fn cmd_fetch_base(def: &Path, cache_dir: &Path, mirror: Option<&str>) -> Result<()> {
-    let d = crate::definition::load(def)?;
+pub fn cmd_fetch_base(
+    def: &Path,
+    sets: &[crate::definition::Setting],
+    cache_dir: &Path,
+    mirror: Option<&str>,
+) -> Result<()> {
+    let d = crate::definition::load_with(def, sets)?;
     let Some(spec) = &d.base else {
         crate::user_bail!(
             "image definition {} has no [base] table: there is no pinned base to fetch; pass --base FILE to kiln build",

@@ -70,7 +70,7 @@ fn valid_suite(s: &str) -> bool {
 
 /// Read the package list: names (or `name=version` pins) as apt takes them.
 pub fn packages(list: &Path) -> Result<Vec<String>> {
-    let specs = crate::definition::parse_package_list(list)?;
+    let specs = crate::definition::parse_package_list(list, &Default::default())?;
     let mut out = Vec::new();
     for s in specs {
         if s.pool.is_some() {

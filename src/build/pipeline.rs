@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 #[derive(Clone)]
 pub struct BuildOpts {
     pub def: PathBuf,
+    /// The variant: parameter values (`--set NAME=VALUE`), defaults for the others.
+    pub sets: Vec<definition::Setting>,
     /// The base to build from; `None`: the definition's pinned `[base]`, fetched into
     /// (or reused from) the cache.
     pub base: Option<PathBuf>,
@@ -82,7 +84,12 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         );
     }
     crate::build::boundary(timings, "acquire")?;
-    let def = definition::load(&opts.def)?;
+    if opts.locked.is_some() && !opts.sets.is_empty() {
+        user_bail!(
+            "--locked does not take --set: a lock (images/NAME.lock, `kiln lock`) is made for a definition's default variant"
+        );
+    }
+    let def = definition::load_with(&opts.def, &opts.sets)?;
     crate::build::provision::check_overrides(&def, &opts.provision.repo_overrides)?;
     let locked = match &opts.locked {
         Some(lb) => {

@@ -136,10 +136,11 @@ pub struct VerifyReport {
     pub passed: bool,
 }
 
-/// `kiln verify IMAGE --def DEF [--json]`: print the checks (a table, or JSON) and fail
-/// with "N of M checks failed" when any did.
-pub fn cmd_verify(image: &Path, def_path: &Path, json: bool) -> Result<()> {
-    let def = crate::definition::load(def_path)?;
+/// `kiln verify IMAGE --def DEF [--set NAME=VALUE]... [--json]`: print the checks (a
+/// table, or JSON) of the definition's variant and fail with "N of M checks failed"
+/// when any did.
+pub fn cmd_verify(image: &Path, def_path: &Path, sets: &[crate::definition::Setting], json: bool) -> Result<()> {
+    let def = crate::definition::load_with(def_path, sets)?;
     let checks = verify_image(image, &def)?;
     let failed = checks.iter().filter(|c| !c.ok).count();
     let text = if json {
@@ -2574,7 +2575,7 @@ version = 2
         let f = Fixture::new();
         write(&f.root().join("etc/ssh/ssh_host_rsa_key"), "secret");
         let image = f.image();
-        let e = cmd_verify(&image, &f.def.file, true).unwrap_err();
+        let e = cmd_verify(&image, &f.def.file, &[], true).unwrap_err();
         assert_eq!(crate::error::exit_code(&e), 1);
         let total = verify_image(&image, &f.def).unwrap().len();
         assert_eq!(e.to_string(), format!("1 of {total} checks failed"));
@@ -2611,7 +2612,7 @@ version = 2
             "{table}"
         );
 
-        let missing = cmd_verify(&f.dir.path().join("nope.raw"), &f.def.file, false).unwrap_err();
+        let missing = cmd_verify(&f.dir.path().join("nope.raw"), &f.def.file, &[], false).unwrap_err();
         assert_eq!(crate::error::exit_code(&missing), 2);
     }
 

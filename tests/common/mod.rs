@@ -86,13 +86,27 @@ pub const BASE_INPUTS: [&str; 3] = [
 /// The cached Ubuntu 22.04 root tarball, made by `kiln bootstrap --suite jammy` and keyed
 /// by [`BASE_INPUTS`].
 pub fn base_tarball() -> PathBuf {
-    let p = cache().join(format!("base-jammy-{}.tar", short_hash(&BASE_INPUTS)));
-    let _l = lock("base");
+    suite_tarball("jammy")
+}
+
+/// The cached Ubuntu 24.04 root tarball (`kiln bootstrap --suite noble`), the base of the
+/// `ubuntu=24.04` variants.
+pub fn noble_tarball() -> PathBuf {
+    suite_tarball("noble")
+}
+
+/// The cached root tarball of `kiln bootstrap --suite SUITE`, keyed like [`BASE_INPUTS`]
+/// with the suite's package list.
+fn suite_tarball(suite: &str) -> PathBuf {
+    let list = format!("package-lists/{suite}-cloudimg.list");
+    let inputs = [BASE_INPUTS[0], list.as_str(), BASE_INPUTS[2]];
+    let p = cache().join(format!("base-{suite}-{}.tar", short_hash(&inputs)));
+    let _l = lock(if suite == "jammy" { "base" } else { "base-noble" });
     if !p.exists() {
         let started = std::time::Instant::now();
         run_ok(
             Command::new(kiln())
-                .args(["bootstrap", "--suite", "jammy", "--out"])
+                .args(["bootstrap", "--suite", suite, "--out"])
                 .arg(&p)
                 .current_dir(project()),
         );
@@ -136,17 +150,20 @@ pub fn standin_repos() -> PathBuf {
     p
 }
 
-/// `--repo-override` flags pointing the given third-party repositories at the stand-ins.
+/// `--repo-override` flags pointing the given third-party repositories at the stand-ins:
+/// `ID` is the stand-in directory of that name, `ID=DIR` another one (the
+/// `kubernetes=kubernetes-v1.29` channel of a variant).
 pub fn standin_overrides(ids: &[&str]) -> Vec<String> {
     let r = standin_repos();
     ids.iter()
-        .flat_map(|id| {
+        .flat_map(|spec| {
+            let (id, dir) = spec.split_once('=').unwrap_or((spec, spec));
             [
                 "--repo-override".to_string(),
                 format!(
                     "{id}=file://{},key={}",
-                    r.join(id).display(),
-                    r.join(id).join("standin.asc").display()
+                    r.join(dir).display(),
+                    r.join(dir).join("standin.asc").display()
                 ),
             ]
         })
@@ -363,6 +380,13 @@ pub fn assert_no_leaks(dir: &Path) {
 /// (images/, package-lists/, overlays/, hooks/, keys/) or the base changes. Older builds
 /// of the same definition are removed. Returns the raw image.
 pub fn seed_image(def: &str, base: &Path, repos: &[&str]) -> PathBuf {
+    seed_variant(def, &[], base, repos)
+}
+
+/// [`seed_image`] for a variant: `kiln build images/DEF.toml --set NAME=VALUE...`, cached
+/// per variant like the seeds (each variant built once per run and reused by the verify
+/// and boot tests). Returns the raw image, named as the variant names itself.
+pub fn seed_variant(def: &str, sets: &[&str], base: &Path, repos: &[&str]) -> PathBuf {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     std::fs::read(kiln()).unwrap().hash(&mut h);
@@ -378,16 +402,29 @@ pub fn seed_image(def: &str, base: &Path, repos: &[&str]) -> PathBuf {
     let md = std::fs::metadata(base).unwrap();
     (base, md.len(), md.modified().unwrap()).hash(&mut h);
     repos.hash(&mut h);
-    let key = format!("{def}-{:016x}", h.finish());
+    sets.hash(&mut h);
+    // The default variant keeps the seed's plain name (DEF-HASH); others are DEF+N=V-HASH.
+    let tag: String = std::iter::once(def.to_string())
+        .chain(sets.iter().map(|s| format!("+{s}")))
+        .collect();
+    let key = format!("{tag}-{:016x}", h.finish());
     let images = cache().join("images");
     std::fs::create_dir_all(&images).unwrap();
-    let _l = lock(&format!("image-{def}"));
+    let _l = lock(&format!("image-{tag}"));
     let dir = images.join(&key);
-    let raw = dir.join(format!("{def}.raw"));
-    if !raw.exists() {
+    let built = |dir: &Path| -> Option<PathBuf> {
+        let rd = std::fs::read_dir(dir).ok()?;
+        rd.flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "raw") && p.with_extension("json").is_file())
+    };
+    if built(&dir).is_none() {
         for e in std::fs::read_dir(&images).unwrap().flatten() {
             let n = e.file_name().to_string_lossy().to_string();
-            if n.starts_with(&format!("{def}-")) && n != key {
+            let older = n
+                .strip_prefix(&format!("{tag}-"))
+                .is_some_and(|h| h.len() == 16 && h.chars().all(|c| c.is_ascii_hexdigit()));
+            if older && n != key {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
@@ -398,6 +435,9 @@ pub fn seed_image(def: &str, base: &Path, repos: &[&str]) -> PathBuf {
             "--base".into(),
             base.to_string_lossy().into(),
         ];
+        for s in sets {
+            args.extend(["--set".into(), s.to_string()]);
+        }
         args.extend([
             "--out".into(),
             dir.to_string_lossy().into(),
@@ -407,10 +447,10 @@ pub fn seed_image(def: &str, base: &Path, repos: &[&str]) -> PathBuf {
         args.extend(standin_overrides(repos));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let o = run_kiln(&argv);
-        assert!(o.status.success(), "building {def} from {} failed", base.display());
+        assert!(o.status.success(), "building {tag} from {} failed", base.display());
         assert_no_leaks(&dir);
     }
-    raw
+    built(&dir).unwrap_or_else(|| panic!("no image in {}", dir.display()))
 }
 
 pub const GPU_READY: &str = "ubuntu-2204-gpu-ready-nodriver";

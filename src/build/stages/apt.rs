@@ -32,6 +32,23 @@ pub struct RepoOverride {
     pub key: Option<PathBuf>,
 }
 
+impl RepoOverride {
+    /// Where a local (`file://`) override is bind-mounted in the build's root. Named by
+    /// the host directory too, not by the id alone: apt's package indexes are cached
+    /// across builds by URI, and two directories standing for the same repository (the
+    /// v1.29 and v1.30 Kubernetes channels of two variants) must not share an index
+    /// (apt refuses a repository whose Origin or Label changed).
+    fn mount_point(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest: [u8; 32] = Sha256::digest(self.uri.as_bytes()).into();
+        format!(
+            "/run/kiln/repos/{}-{}",
+            self.id,
+            &crate::disk::checksum::hex(&digest)[..12]
+        )
+    }
+}
+
 impl std::str::FromStr for RepoOverride {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -158,8 +175,7 @@ impl<'a> Apt<'a> {
         // Local repositories are bind-mounted into the session's /run.
         for o in overrides.iter().filter(|o| o.uri.starts_with("file://")) {
             let host = PathBuf::from(o.uri.trim_start_matches("file://"));
-            let inside = format!("/run/kiln/repos/{}", o.id);
-            mounts.bind(&host, &rd.mount_point(&inside)?, false)?;
+            mounts.bind(&host, &rd.mount_point(o.mount_point())?, false)?;
         }
         Ok(Apt {
             s,
@@ -193,7 +209,7 @@ impl<'a> Apt<'a> {
         let (uri, key) = match ov {
             Some(o) => {
                 let uri = if o.uri.starts_with("file://") {
-                    format!("file:///run/kiln/repos/{}", o.id)
+                    format!("file://{}", o.mount_point())
                 } else {
                     o.uri.clone()
                 };
@@ -731,5 +747,11 @@ mod tests {
         assert_eq!(o.key.as_deref(), Some(Path::new("/srv/k.asc")));
         assert!("nouri".parse::<RepoOverride>().is_err());
         assert!("a=b,bogus=1".parse::<RepoOverride>().is_err());
+        // Two local directories for one repository id (two channels of a variant) get
+        // their own mount point, so apt's shared index cache keeps them apart.
+        let other: RepoOverride = "kubernetes=file:///srv/repo-v1.29".parse().unwrap();
+        assert!(o.mount_point().starts_with("/run/kiln/repos/kubernetes-"));
+        assert_ne!(o.mount_point(), other.mount_point());
+        assert_eq!(o.mount_point(), o.clone().mount_point());
     }
 }
