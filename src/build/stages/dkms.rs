@@ -18,7 +18,7 @@
 //! part of the key.
 
 use crate::build::stages::chroot::{KCFLAGS, Session};
-use crate::host::rootdir::RootDir;
+use crate::host::rootdir::{Metadata, RootDir};
 use crate::image::kernels::bootable_kernels;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -160,9 +160,8 @@ impl Cache {
         }
         let res = (|| -> Result<()> {
             let mut files = BTreeMap::new();
-            for rel in walk_files(rd, tree)? {
+            for (rel, md) in walk(rd, tree)?.into_iter().filter(|(_, md)| md.is_file()) {
                 let inside = format!("{tree}/{rel}");
-                let md = rd.symlink_metadata(&inside)?;
                 let dst = tmp.join(&rel);
                 std::fs::create_dir_all(dst.parent().unwrap())?;
                 let mut src = rd.open_file(&inside)?;
@@ -253,8 +252,9 @@ fn sha256_hex(data: &[u8]) -> String {
     crate::disk::checksum::hex(&Sha256::digest(data).into())
 }
 
-/// Regular files below `dir` in the image, as paths relative to it, sorted.
-fn walk_files(rd: &RootDir, dir: &str) -> Result<Vec<String>> {
+/// Every entry below `dir` in the image, as (path relative to it, its lstat), sorted by
+/// path.
+fn walk(rd: &RootDir, dir: &str) -> Result<Vec<(String, Metadata)>> {
     let mut out = Vec::new();
     let mut stack = vec![String::new()];
     while let Some(rel) = stack.pop() {
@@ -264,20 +264,15 @@ fn walk_files(rd: &RootDir, dir: &str) -> Result<Vec<String>> {
             format!("{dir}/{rel}")
         };
         for name in rd.read_dir(&here)? {
-            let r = if rel.is_empty() {
-                name.clone()
-            } else {
-                format!("{rel}/{name}")
-            };
+            let r = if rel.is_empty() { name } else { format!("{rel}/{name}") };
             let md = rd.symlink_metadata(format!("{dir}/{r}"))?;
             if md.is_dir() {
-                stack.push(r);
-            } else if md.is_file() {
-                out.push(r);
+                stack.push(r.clone());
             }
+            out.push((r, md));
         }
     }
-    out.sort();
+    out.sort_by(|x, y| x.0.cmp(&y.0));
     Ok(out)
 }
 
@@ -285,31 +280,8 @@ fn walk_files(rd: &RootDir, dir: &str) -> Result<Vec<String>> {
 /// a symlink's target, a file's contents; in sorted order.
 fn tree_sha256(rd: &RootDir, dir: &str) -> Result<String> {
     let mut h = Sha256::new();
-    let mut stack = vec![String::new()];
-    let mut entries = Vec::new();
-    while let Some(rel) = stack.pop() {
-        let here = if rel.is_empty() {
-            dir.to_string()
-        } else {
-            format!("{dir}/{rel}")
-        };
-        for name in rd.read_dir(&here)? {
-            let r = if rel.is_empty() {
-                name.clone()
-            } else {
-                format!("{rel}/{name}")
-            };
-            let md = rd.symlink_metadata(format!("{dir}/{r}"))?;
-            if md.is_dir() {
-                stack.push(r.clone());
-            }
-            entries.push(r);
-        }
-    }
-    entries.sort();
-    for r in entries {
+    for (r, md) in walk(rd, dir)? {
         let p = format!("{dir}/{r}");
-        let md = rd.symlink_metadata(&p)?;
         h.update(r.as_bytes());
         h.update([0]);
         h.update(format!("{:o}", md.mode()).as_bytes());
