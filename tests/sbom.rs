@@ -152,7 +152,8 @@ fn check_sbom(raw: &Path, name: &str) {
     );
 
     // `kiln sbom` on the finished image writes the same document (but for the time).
-    let again = scratch("sbom").path().join("again.spdx.json");
+    let d = scratch("sbom");
+    let again = d.path().join("again.spdx.json");
     let o = run_kiln(&[
         "sbom",
         raw.to_str().unwrap(),
