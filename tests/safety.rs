@@ -66,7 +66,9 @@ fn finished_outputs(out: &Path) -> Vec<String> {
         .map(|r| {
             r.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n == "safe.raw" || n == "safe.json" || n == "SHA256SUMS" || n == "safe.qcow2")
+                .filter(|n| {
+                    ["safe.raw", "safe.json", "safe.spdx.json", "SHA256SUMS", "safe.qcow2"].contains(&n.as_str())
+                })
                 .collect()
         })
         .unwrap_or_default()
