@@ -143,7 +143,7 @@ fn faults_at_every_stage_boundary_leak_nothing() {
                 "rerun after {stage}:{fault} failed: {}",
                 String::from_utf8_lossy(&o.stderr)
             );
-            assert_eq!(finished_outputs(&out).len(), 3);
+            assert_eq!(finished_outputs(&out).len(), 4, "raw, payload, SBOM, SHA256SUMS");
             no_leaks_eventually(d.path());
             tried += 1;
         }
