@@ -66,7 +66,9 @@ fn finished_outputs(out: &Path) -> Vec<String> {
         .map(|r| {
             r.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n == "safe.raw" || n == "safe.json" || n == "SHA256SUMS" || n == "safe.qcow2")
+                .filter(|n| {
+                    ["safe.raw", "safe.json", "safe.spdx.json", "SHA256SUMS", "safe.qcow2"].contains(&n.as_str())
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -141,7 +143,7 @@ fn faults_at_every_stage_boundary_leak_nothing() {
                 "rerun after {stage}:{fault} failed: {}",
                 String::from_utf8_lossy(&o.stderr)
             );
-            assert_eq!(finished_outputs(&out).len(), 3);
+            assert_eq!(finished_outputs(&out).len(), 4, "raw, payload, SBOM, SHA256SUMS");
             no_leaks_eventually(d.path());
             tried += 1;
         }
