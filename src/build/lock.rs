@@ -170,7 +170,12 @@ impl Resolution {
                     },
                     crate::image::sbom::DebRecord {
                         sha256: p.sha256.clone(),
-                        url: self.download_url(p).unwrap_or_else(|| "NOASSERTION".into()),
+                        // SPDX takes network locations only: a local (file:) repository
+                        // such as a --repo-override directory says nothing to a reader.
+                        url: self
+                            .download_url(p)
+                            .filter(|u| ["http://", "https://", "ftp://"].iter().any(|s| u.starts_with(s)))
+                            .unwrap_or_else(|| "NOASSERTION".into()),
                     },
                 )
             })

@@ -104,7 +104,7 @@ fn definition_repo(
         match overrides.iter().find(|o| o.id == r.id) {
             Some(o) => {
                 let inside = if o.uri.starts_with("file://") {
-                    format!("file:/run/kiln/repos/{}", o.id)
+                    format!("file:{}", o.mount_point())
                 } else {
                     o.uri.clone()
                 };

@@ -38,7 +38,7 @@ impl RepoOverride {
     /// across builds by URI, and two directories standing for the same repository (the
     /// v1.29 and v1.30 Kubernetes channels of two variants) must not share an index
     /// (apt refuses a repository whose Origin or Label changed).
-    fn mount_point(&self) -> String {
+    pub fn mount_point(&self) -> String {
         use sha2::{Digest, Sha256};
         let digest: [u8; 32] = Sha256::digest(self.uri.as_bytes()).into();
         format!(
