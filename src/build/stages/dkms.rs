@@ -360,11 +360,12 @@ impl<'a> Hidden<'a> {
         self.restore_headers()?;
         if std::mem::take(&mut self.mok) {
             if self.rd.exists(MOK_DIR)? {
-                // A package made it again meanwhile; ours held no key.
-                self.rd.remove_dir_all(MOK_HIDDEN)?;
-            } else {
-                self.rd.rename(MOK_HIDDEN, MOK_DIR)?;
+                // Made again meanwhile (by a package, or by DKMS with a throwaway key pair
+                // in it): never kept; the image's own, keyless directory goes back.
+                tracing::warn!("{MOK_DIR} was made again during the build; removed (it may hold a throwaway key)");
+                self.rd.remove_dir_all(MOK_DIR)?;
             }
+            self.rd.rename(MOK_HIDDEN, MOK_DIR)?;
         }
         Ok(())
     }
