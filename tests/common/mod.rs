@@ -170,6 +170,30 @@ pub fn standin_overrides(ids: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// `kiln verify IMAGE --def DEF --json` (plus `extra`), asserting that every check
+/// passed; the report.
+#[allow(dead_code)]
+pub fn verify_passes(raw: &Path, def: &Path, extra: &[&str]) -> kiln::image::verify::VerifyReport {
+    let mut args = vec![
+        "verify",
+        raw.to_str().unwrap(),
+        "--def",
+        def.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend(extra);
+    let o = run_kiln(&args);
+    let v: kiln::image::verify::VerifyReport = serde_json::from_slice(&o.stdout).expect("verify --json output");
+    let failed: Vec<_> = v.checks.iter().filter(|c| !c.ok).collect();
+    assert!(failed.is_empty(), "{}: failed checks: {failed:#?}", raw.display());
+    assert!(
+        o.status.success() && v.passed,
+        "kiln verify of {} failed",
+        raw.display()
+    );
+    v
+}
+
 pub fn run_kiln(args: &[&str]) -> Output {
     let out = Command::new(kiln())
         .args(args)
