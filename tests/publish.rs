@@ -192,12 +192,18 @@ fn outputs(dir: &Path, size: u64, chunks: &[(u64, u64)]) -> PathBuf {
     dir.join(NAME)
 }
 
-/// SHA256SUMS for NAME.raw, with the digest from sha256sum (not kiln).
+/// SHA256SUMS for NAME.raw (first), NAME.lock and NAME.spdx.json, with digests from
+/// sha256sum (not kiln), and a line for another image's file in the same directory.
 fn write_sums(dir: &Path) -> String {
-    let raw = dir.join(format!("{NAME}.raw"));
-    let sum = common::sh("sha256sum", &[raw.to_str().unwrap()])[..64].to_string();
-    std::fs::write(dir.join("SHA256SUMS"), format!("{sum}  {NAME}.raw\n")).unwrap();
-    sum
+    let sum = |f: &str| common::sh("sha256sum", &[dir.join(f).to_str().unwrap()])[..64].to_string();
+    let raw = sum(&format!("{NAME}.raw"));
+    let mut text = format!("{raw}  {NAME}.raw\n");
+    for f in [format!("{NAME}.lock"), format!("{NAME}.spdx.json")] {
+        text.push_str(&format!("{}  {f}\n", sum(&f)));
+    }
+    text.push_str(&format!("{}  other-image.raw\n", "0".repeat(64)));
+    std::fs::write(dir.join("SHA256SUMS"), text).unwrap();
+    raw
 }
 
 fn sha_of_sums(dir: &Path) -> String {
@@ -280,7 +286,7 @@ fn publishes_a_sparse_image_and_its_files() {
     assert_eq!(raw["parts_sent"], 64, "2 GiB in 32 MiB parts");
     assert_eq!(raw["parts_resumed"], 0);
     for f in [
-        "SHA256SUMS".to_string(),
+        format!("{NAME}.SHA256SUMS"),
         format!("{NAME}.lock"),
         format!("{NAME}.spdx.json"),
         format!("{NAME}.json"),
@@ -316,8 +322,13 @@ fn publishes_a_sparse_image_and_its_files() {
         .output()
         .unwrap();
     assert_eq!(stored.stdout, local);
-    let sums = moto.tool(&["get", BUCKET, "images/SHA256SUMS"]);
-    assert_eq!(sums, std::fs::read_to_string(dir.path().join("SHA256SUMS")).unwrap());
+    // The image's lines of SHA256SUMS, not the other image's.
+    let sums = moto.tool(&["get", BUCKET, &format!("images/{NAME}.SHA256SUMS")]);
+    let local_sums = std::fs::read_to_string(dir.path().join("SHA256SUMS")).unwrap();
+    assert_eq!(
+        sums,
+        local_sums.lines().take(3).map(|l| format!("{l}\n")).collect::<String>()
+    );
 
     // Again, with a CDN in front: nothing is sent again, the uri takes the new form.
     let r = report(&publish(

@@ -15,7 +15,6 @@ use anyhow::{Context, Result};
 use pgp::composed::{Deserializable, DetachedSignature, SignedPublicKey};
 use pgp::types::KeyDetails;
 use std::fs::File;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// Where the pinned base with this sha256 lives in the cache.
@@ -26,6 +25,84 @@ pub fn cached(cache_dir: &Path, sha256: &str) -> PathBuf {
 /// Where its download in progress lives.
 pub fn partial(cache_dir: &Path, sha256: &str) -> PathBuf {
     cache_dir.join("bases").join(format!("{sha256}.partial"))
+}
+
+/// How much disk the cache's `bases/` may use (allocated bytes, so a sparse raw
+/// counts what it holds) unless `KILN_BASE_CACHE_MAX` says otherwise: room for the
+/// downloaded cloud image, its raw form and a few more bases.
+pub const DEFAULT_BASE_CACHE_MAX: u64 = 16 << 30;
+
+/// `KILN_BASE_CACHE_MAX` (bytes, or with a KiB/MiB/GiB suffix), else the default.
+pub fn base_cache_max() -> Result<u64> {
+    match std::env::var("KILN_BASE_CACHE_MAX") {
+        Ok(v) if !v.trim().is_empty() => crate::definition::parse_size(v.trim()).ok_or_else(|| {
+            crate::error::user(format!(
+                "KILN_BASE_CACHE_MAX = `{v}` is not a size (bytes, or a number with KiB, MiB or GiB)"
+            ))
+        }),
+        _ => Ok(DEFAULT_BASE_CACHE_MAX),
+    }
+}
+
+/// What [`prune`] removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub files: usize,
+    pub bytes: u64,
+}
+
+/// Keep the cache's `bases/` (downloaded bases and their converted raw and tar forms)
+/// within `max` allocated bytes: the files of `in_use` are marked used now (their
+/// modification time), then the least recently used others go until the rest fit. A
+/// base in use is never removed, even when it alone is over the budget. Holds the
+/// directory's lock, so it never removes a file another kiln is downloading.
+pub fn prune(cache_dir: &Path, in_use: &[&Path], max: u64) -> Result<Pruned> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = cache_dir.join("bases");
+    if !dir.is_dir() {
+        return Ok(Pruned::default());
+    }
+    let _lock = crate::host::dirlock::DirLock::acquire(&dir, "pruning the base cache")?;
+    let now = std::time::SystemTime::now();
+    for p in in_use {
+        if p.starts_with(&dir) {
+            File::options()
+                .write(true)
+                .open(p)
+                .and_then(|f| f.set_modified(now))
+                .with_context(|| format!("marking {} as used", p.display()))?;
+        }
+    }
+    let mut entries = Vec::new();
+    for e in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        let m = e.metadata()?;
+        if m.is_file() {
+            entries.push((m.modified()?, m.blocks() * 512, e.path()));
+        }
+    }
+    let mut total: u64 = entries.iter().map(|e| e.1).sum();
+    entries.sort();
+    let mut pruned = Pruned::default();
+    for (_, bytes, path) in entries {
+        if total <= max {
+            break;
+        }
+        if in_use.iter().any(|p| *p == path) {
+            continue;
+        }
+        std::fs::remove_file(&path).with_context(|| format!("removing {} from the base cache", path.display()))?;
+        tracing::info!(
+            "removed {} from the base cache ({}; the cache keeps {} at most, KILN_BASE_CACHE_MAX)",
+            path.display(),
+            crate::host::progress::human_size(bytes),
+            crate::host::progress::human_size(max)
+        );
+        total -= bytes;
+        pruned.files += 1;
+        pruned.bytes += bytes;
+    }
+    Ok(pruned)
 }
 
 /// The outcome of [`ensure`].
@@ -191,30 +268,6 @@ fn download_failed(spec: &BaseSpec, e: &DownloadError, partial: Option<&Path>) -
     failed(spec, &e.url, &what, partial)
 }
 
-/// Holds an exclusive lock on the cache's `bases/` directory while fetching (two builds
-/// sharing a cache download a base once). The directory itself is locked, so no lock
-/// file is left behind.
-struct Lock(File);
-impl Drop for Lock {
-    fn drop(&mut self) {
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
-    }
-}
-
-fn lock(path: &Path) -> Result<Lock> {
-    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        tracing::info!(
-            "another kiln is fetching this base; waiting for it ({})",
-            path.display()
-        );
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
-        }
-    }
-    Ok(Lock(f))
-}
-
 /// Make sure the pinned base is in the cache: reuse it (no network), or fetch the signed
 /// `SHA256SUMS`, check its signature and its line for the image against the definition,
 /// download the image (resuming a partial download) and check its sha256. `mirror`
@@ -236,7 +289,8 @@ pub fn ensure(spec: &BaseSpec, cache_dir: &Path, mirror: Option<&str>, policy: &
     }
     let dir = dest.parent().unwrap();
     std::fs::create_dir_all(dir).with_context(|| format!("creating cache directory {}", dir.display()))?;
-    let _lock = lock(dir)?;
+    // Two builds sharing a cache download a base once.
+    let _lock = crate::host::dirlock::DirLock::acquire(dir, "fetching this base")?;
     // Another build may have fetched it while we waited for the lock.
     if dest.is_file() {
         return from_cache(dest);
@@ -389,5 +443,39 @@ mod tests {
             "{e}"
         );
         assert!(verify_signature(b"data", b"not a signature", &k).is_err());
+    }
+
+    #[test]
+    fn prune_removes_least_recently_used_but_never_a_base_in_use() {
+        let d = tempfile::tempdir().unwrap();
+        let bases = d.path().join("bases");
+        std::fs::create_dir_all(&bases).unwrap();
+        let t0 = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let mk = |name: &str, kib: usize, age: u64| {
+            let p = bases.join(name);
+            std::fs::write(&p, vec![1u8; kib << 10]).unwrap();
+            File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(t0 + std::time::Duration::from_secs(age))
+                .unwrap();
+            p
+        };
+        let oldest = mk("a.raw", 64, 1);
+        let used = mk("b", 64, 2);
+        let newer = mk("c.tar", 64, 3);
+        let newest = mk("d.raw", 64, 4);
+        // Room for two: the oldest goes; the base in use (old, but used now) stays.
+        let p = prune(d.path(), &[&used], 128 << 10).unwrap();
+        assert_eq!(p.files, 2, "{p:?}");
+        assert!(!oldest.exists() && !newer.exists());
+        assert!(used.exists() && newest.exists());
+        // A budget smaller than the base in use keeps it anyway.
+        prune(d.path(), &[&used], 0).unwrap();
+        assert!(used.exists() && !newest.exists());
+        // No cache yet: nothing to do.
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(prune(empty.path(), &[], 0).unwrap(), Pruned::default());
     }
 }

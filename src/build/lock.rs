@@ -197,7 +197,14 @@ pub fn download_url(repos: &[LockedRepository], p: &LockedPackage) -> Option<Str
 
 /// The lock file of a definition: `images/NAME.lock` next to `images/NAME.toml`.
 pub fn lock_path(def: &ImageDef) -> PathBuf {
-    def.file.with_extension("lock")
+    // A variant (`--set` away from a default) has its own lock beside the default's:
+    // images/NAME+driver=550.lock.
+    let mut name = def.file.file_stem().unwrap_or_default().to_os_string();
+    for p in def.parameters.iter().filter(|p| p.value != p.default) {
+        name.push(format!("+{}={}", p.name, p.value));
+    }
+    name.push(".lock");
+    def.file.with_file_name(name)
 }
 
 impl LockFile {

@@ -219,6 +219,13 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     if let Some(b) = &disk_base {
         acquire::validate_disk(b, &base_path, def.disk_size)?;
     }
+    // Bases accumulate in the cache (every pinned serial, every converted form): the
+    // least recently used go once the cache is over its budget, never this build's.
+    let in_use: Vec<&Path> = [Some(base_path.as_path()), disk_base.as_deref(), Some(tarball.as_path())]
+        .into_iter()
+        .flatten()
+        .collect();
+    crate::build::base::prune(&opts.cache_dir, &in_use, crate::build::base::base_cache_max()?)?;
     // A locked build's .debs: all checked against the lock before anything is written.
     let locked_source = match locked {
         Some((_, lock_path, lock)) => {
@@ -280,14 +287,27 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     crate::host::state::start(&work)?;
     let partial = opts.out.join(format!("{raw_name}.partial"));
     let result = build_in(&def, opts, disk_base.as_deref(), &tarball, &work, &partial, timings).map_err(|e| {
-        if format!("{e:#}").contains("No space left on device") {
-            e.context(format!(
+        if !format!("{e:#}").contains("No space left on device") {
+            return e;
+        }
+        // Either the host's disk (the output or the cache) or the image's root is full.
+        let host_full = [&opts.out, &opts.cache_dir].into_iter().find_map(|dir| {
+            let st = nix::sys::statvfs::statvfs(dir.as_path()).ok()?;
+            let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+            (free < HOST_FULL_BELOW).then(|| (dir.clone(), free))
+        });
+        match host_full {
+            Some((dir, free)) => e.context(format!(
+                "the host filesystem holding {} is full ({} free); free space there or choose another --out / \
+                 --cache-dir",
+                dir.display(),
+                crate::host::progress::human_size(free)
+            )),
+            None => e.context(format!(
                 "the image's root filesystem ran out of space; raise disk_size (now {} GiB) in {}",
                 def.disk_size >> 30,
                 def.file.display()
-            ))
-        } else {
-            e
+            )),
         }
     });
     crate::host::supervisor::kill_session();
@@ -320,6 +340,7 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         opts.out.join(format!("{}.qcow2.partial", def.name)),
         opts.out
             .join(format!("{}.partial", crate::image::sbom::file_name(&def.name))),
+        opts.out.join(format!("{}.lock.partial", def.name)),
     ];
     let finished = result.and_then(|resolution| {
         if opts.resolve_only {
@@ -348,6 +369,10 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     })
 }
 
+/// Below this much free space, a host filesystem that a failed build wrote to counts as
+/// the one that ran out (rather than the image's root).
+const HOST_FULL_BELOW: u64 = 256 << 20;
+
 /// `SOURCE_DATE_EPOCH` from the environment, if set.
 pub fn source_date_epoch_env() -> Result<Option<u64>> {
     match std::env::var("SOURCE_DATE_EPOCH") {
@@ -364,11 +389,11 @@ pub fn source_date_epoch_env() -> Result<Option<u64>> {
 fn finalize(
     def: &ImageDef,
     opts: &BuildOpts,
-    partials: &[PathBuf; 4],
+    partials: &[PathBuf; 5],
     resolution: Option<&crate::build::lock::Resolution>,
     timings: &mut Timings,
 ) -> Result<([u8; 32], Option<PathBuf>)> {
-    let [partial, json_partial, q_partial, sbom_partial] = partials;
+    let [partial, json_partial, q_partial, sbom_partial, lock_partial] = partials;
     let raw_name = format!("{}.raw", def.name);
     crate::build::boundary(timings, "finalize")?;
     let facts = crate::image::inspect::inspect_image(partial).context("reading the finished image's facts")?;
@@ -384,6 +409,7 @@ fn finalize(
         &crate::image::sbom::SbomInput {
             name: &def.name,
             records: records.as_ref(),
+            created: opts.provision.source_date_epoch,
         },
         sbom_partial,
     )?;
@@ -404,6 +430,17 @@ fn finalize(
             crate::disk::checksum::sha256_file(sbom_partial, None)?,
         ),
     ];
+    // A locked build ships its lock: what the image holds, by sha256, for whoever
+    // rebuilds or audits it (`kiln publish` uploads it too).
+    let lock_name = format!("{}.lock", def.name);
+    if let Some(locked) = &opts.provision.locked {
+        std::fs::copy(&locked.lock_path, lock_partial)
+            .with_context(|| format!("copying {} to {}", locked.lock_path.display(), lock_partial.display()))?;
+        sums.push((
+            lock_name.clone(),
+            crate::disk::checksum::sha256_file(lock_partial, None)?,
+        ));
+    }
     let mut json = serde_json::to_vec_pretty(&payload)?;
     json.push(b'\n');
     std::fs::write(json_partial, json).with_context(|| format!("writing {}", json_partial.display()))?;
@@ -430,6 +467,21 @@ fn finalize(
     std::fs::rename(json_partial, opts.out.join(format!("{}.json", def.name)))?;
     std::fs::rename(sbom_partial, opts.out.join(&sbom_name))
         .with_context(|| format!("renaming {} into place", sbom_partial.display()))?;
+    if opts.provision.locked.is_some() {
+        std::fs::rename(lock_partial, opts.out.join(&lock_name))
+            .with_context(|| format!("renaming {} into place", lock_partial.display()))?;
+    }
+    // An earlier build's qcow2 or lock of this name would describe another image.
+    for (stale, written) in [
+        (format!("{}.qcow2", def.name), qcow2.is_some()),
+        (lock_name, opts.provision.locked.is_some()),
+    ] {
+        let path = opts.out.join(stale);
+        if !written && path.is_file() {
+            tracing::info!("removing {}, left by an earlier build of {}", path.display(), def.name);
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
     crate::disk::checksum::write_sha256sums(&opts.out, &sums)?;
     timings.end();
     Ok((digest, qcow2))

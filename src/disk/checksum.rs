@@ -129,21 +129,50 @@ pub fn cmd_checksum(files: &[PathBuf]) -> Result<()> {
     }
 }
 
-/// Write `dir/SHA256SUMS` for `entries` (file names relative to `dir`), readable by
-/// `sha256sum -c` run in `dir`. The file appears atomically: it is written to
-/// `SHA256SUMS.partial`, fsynced, renamed, and the directory is fsynced.
+/// Add `entries` (file names relative to `dir`) to `dir/SHA256SUMS`, readable by
+/// `sha256sum -c` run in `dir`. Several builds share an output directory (variants of one
+/// definition, both seed images): a line for another file is kept while that file is still
+/// in `dir`, a line for one of `entries` is replaced, and the lines are sorted by name.
+/// Builds finishing at once take turns (a lock on `dir`). The file appears atomically:
+/// it is written to `SHA256SUMS.partial`, fsynced, renamed, and the directory is fsynced.
 pub fn write_sha256sums(dir: &Path, entries: &[(String, [u8; 32])]) -> Result<()> {
-    let mut text = Vec::new();
+    let mut lines = std::collections::BTreeMap::new();
     for (name, digest) in entries {
         anyhow::ensure!(
             !name.is_empty() && !name.starts_with('/'),
             "SHA256SUMS entry {name:?} must be a path relative to {}",
             dir.display()
         );
-        text.extend_from_slice(&sum_line(digest, name.as_bytes()));
+        lines.insert(name.as_bytes().to_vec(), sum_line(digest, name.as_bytes()));
     }
+    let _lock = crate::host::dirlock::DirLock::acquire(dir, "writing SHA256SUMS")?;
     let partial = dir.join(format!("{SHA256SUMS}.partial"));
     let target = dir.join(SHA256SUMS);
+    match std::fs::read(&target) {
+        Ok(old) => {
+            for line in old.split_inclusive(|&b| b == b'\n') {
+                // `HEX  NAME` or `HEX *NAME`; an escaped (`\`-prefixed) line is dropped, as
+                // kiln never writes one for a file it keeps.
+                let Some(name) = line.get(66..).map(|n| n.strip_suffix(b"\n").unwrap_or(n)) else {
+                    continue;
+                };
+                let keep = line.len() > 66
+                    && line[..64].iter().all(u8::is_ascii_hexdigit)
+                    && !lines.contains_key(name)
+                    && dir.join(std::ffi::OsStr::from_bytes(name)).is_file();
+                if keep {
+                    let mut l = line.to_vec();
+                    if !l.ends_with(b"\n") {
+                        l.push(b'\n');
+                    }
+                    lines.insert(name.to_vec(), l);
+                }
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", target.display())),
+    }
+    let text: Vec<u8> = lines.into_values().flatten().collect();
     let write = || -> io::Result<()> {
         let mut f = File::create(&partial)?;
         f.write_all(&text)?;
@@ -617,6 +646,39 @@ mod tests {
                 .is_err()
         );
         assert!(write_sha256sums(d, &[("/abs".into(), [0; 32])]).is_err());
+    }
+
+    /// Two builds into one directory: each keeps the other's lines; a rebuild replaces its
+    /// own; a line whose file is gone is dropped.
+    #[test]
+    fn sha256sums_merges_builds_sharing_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let put = |name: &str, data: &[u8]| {
+            std::fs::write(d.join(name), data).unwrap();
+            (name.to_string(), sha256_file(&d.join(name), None).unwrap())
+        };
+        write_sha256sums(d, &[put("b.raw", b"b1"), put("b.json", b"{}")]).unwrap();
+        write_sha256sums(d, &[put("a.raw", b"a1")]).unwrap();
+        write_sha256sums(d, &[put("b.raw", b"b2")]).unwrap();
+        std::fs::write(d.join("gone.raw"), b"x").unwrap();
+        write_sha256sums(d, &[put("gone.raw", b"x")]).unwrap();
+        std::fs::remove_file(d.join("gone.raw")).unwrap();
+        write_sha256sums(d, &[put("c.raw", b"c")]).unwrap();
+        let text = std::fs::read_to_string(d.join(SHA256SUMS)).unwrap();
+        let names: Vec<&str> = text.lines().map(|l| &l[66..]).collect();
+        assert_eq!(names, ["a.raw", "b.json", "b.raw", "c.raw"], "{text}");
+        assert_eq!(
+            sum_for(&text, "b.raw").unwrap(),
+            hex(&sha256_file(&d.join("b.raw"), None).unwrap())
+        );
+        let out = Cmd::new("sha256sum")
+            .arg("-c")
+            .arg(SHA256SUMS)
+            .current_dir(d)
+            .run()
+            .unwrap();
+        assert_eq!(out.stdout_str().lines().count(), 4);
     }
 
     /// SHA-256 must run on the CPU's SHA extensions: the portable code does about

@@ -52,6 +52,9 @@ pub struct SbomInput<'a> {
     /// The `.deb` records; without them (or for a package they lack) the download
     /// location is `NOASSERTION` and there is no checksum.
     pub records: Option<&'a PackageRecords>,
+    /// The document's `created` time in seconds since 1970: a build's
+    /// `SOURCE_DATE_EPOCH` (a locked build's comes from its lock). `None`: now.
+    pub created: Option<u64>,
 }
 
 /// The file name of an image's SBOM.
@@ -196,7 +199,7 @@ pub fn sbom(root: &RootFs, input: &SbomInput) -> Result<(model::Spdx, SbomStats)
                 "Installed packages read from the image's dpkg database (/var/lib/dpkg/status) without mounting it."
                     .into(),
             ),
-            created: created()?,
+            created: created(input.created)?,
             creators: vec![format!("Tool: kiln-{}", env!("CARGO_PKG_VERSION"))],
             license_list_version: Some(license_list_version()),
         })
@@ -243,6 +246,7 @@ pub fn cmd_sbom(image: &Path, name: Option<&str>, out: Option<&Path>) -> Result<
     let input = SbomInput {
         name: &name,
         records: None,
+        created: crate::build::pipeline::source_date_epoch_env()?,
     };
     match out {
         Some(out) => {
@@ -335,20 +339,14 @@ fn is_plain_url(s: &str) -> bool {
     (s.starts_with("https://") || s.starts_with("http://")) && !s.contains(char::is_whitespace)
 }
 
-/// `created`: `SOURCE_DATE_EPOCH` when set (reproducible builds), else now; UTC,
-/// seconds.
-fn created() -> Result<String> {
-    let time = match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) => {
-            let secs: i64 = v.trim().parse().map_err(|_| {
-                crate::error::user(format!(
-                    "SOURCE_DATE_EPOCH = `{v}` is not a number of seconds since 1970"
-                ))
-            })?;
-            chrono::DateTime::from_timestamp(secs, 0)
-                .ok_or_else(|| crate::error::user(format!("SOURCE_DATE_EPOCH = `{v}` is out of range")))?
-        }
-        Err(_) => chrono::Utc::now(),
+/// `created`: the given time (a build's `SOURCE_DATE_EPOCH`), else now; UTC, seconds.
+fn created(at: Option<u64>) -> Result<String> {
+    let time = match at {
+        Some(secs) => i64::try_from(secs)
+            .ok()
+            .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+            .ok_or_else(|| crate::error::user(format!("SOURCE_DATE_EPOCH = {secs} is out of range")))?,
+        None => chrono::Utc::now(),
     };
     Ok(time.format("%Y-%m-%dT%H:%M:%SZ").to_string())
 }
@@ -499,9 +497,11 @@ Package: d\nStatus: install ok installed\nArchitecture: all\nVersion: 1\n",
             &SbomInput {
                 name: "test-image",
                 records: Some(&records),
+                created: Some(1_700_000_000),
             },
         )
         .unwrap();
+        assert_eq!(doc.creation_info.created, "2023-11-14T22:13:20Z");
         // 11 stanzas, two not installed (config-files, half-configured).
         assert_eq!(stats.packages, 9);
         assert_eq!(stats.with_checksum, 1);

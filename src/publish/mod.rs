@@ -4,8 +4,10 @@
 //!
 //! What `kiln publish out/NAME --to s3://BUCKET/PREFIX` uploads, each under
 //! `PREFIX/<file name>`: `NAME.raw` (and `NAME.qcow2` when it was built), checked
-//! against `SHA256SUMS` while they are read; then `SHA256SUMS`, `NAME.spdx.json` and
-//! `NAME.lock` when they exist; and last the payload `NAME.json`, whose `spec.uri` is
+//! against `SHA256SUMS` while they are read; then `NAME.spdx.json` and `NAME.lock` when
+//! they exist (each checked against `SHA256SUMS` first), and `NAME.SHA256SUMS`: the lines
+//! of `SHA256SUMS` for this image's files (an output directory may hold several images,
+//! and so may a prefix); and last the payload `NAME.json`, whose `spec.uri` is
 //! first set to the raw image's public URL (in `out/` too, so `kiln register` sends
 //! that). The payload goes last: once it is there, everything it points to is.
 
@@ -80,6 +82,11 @@ impl Outputs {
         Ok(Outputs { sums, ..o })
     }
 
+    /// The `sha256sum` line of an output, as the uploaded checksum list has it.
+    fn sum_line(&self, path: &Path) -> Result<String> {
+        Ok(format!("{}  {}\n", self.sha256_of(path)?, file_name(path)))
+    }
+
     fn file(&self, ext: &str) -> PathBuf {
         self.dir.join(format!("{}.{ext}", self.name))
     }
@@ -107,10 +114,32 @@ pub fn cmd_publish(o: &PublishOpts) -> Result<()> {
         .filter(|p| p.is_file())
         .map(|p| out.sha256_of(&p).map(|s| (p, s)))
         .collect::<Result<_>>()?;
-    let extras: Vec<PathBuf> = [out.dir.join(SHA256SUMS), out.file("spdx.json"), out.file("lock")]
-        .into_iter()
-        .filter(|p| p.is_file())
-        .collect();
+    // The small outputs, as they are uploaded: each checked against SHA256SUMS, then the
+    // lines of SHA256SUMS for every file of this image.
+    let mut extras: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut sums = String::new();
+    for (path, _) in &images {
+        sums.push_str(&out.sum_line(path)?);
+    }
+    for path in [out.file("lock"), out.file("spdx.json")] {
+        if !path.is_file() {
+            continue;
+        }
+        let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let want = out.sha256_of(&path)?;
+        let have = crate::disk::checksum::hex(&<sha2::Sha256 as sha2::Digest>::digest(&data).into());
+        if have != want {
+            return Err(user(format!(
+                "{} does not match its line in {} (sha256 {have}, expected {want}): it changed after the build; \
+                 rebuild the image",
+                path.display(),
+                out.dir.join(SHA256SUMS).display()
+            )));
+        }
+        sums.push_str(&out.sum_line(&path)?);
+        extras.push((file_name(&path), data));
+    }
+    extras.push((format!("{}.{SHA256SUMS}", out.name), sums.into_bytes()));
     let template = o
         .url
         .clone()
@@ -139,9 +168,8 @@ pub fn cmd_publish(o: &PublishOpts) -> Result<()> {
             objects.push(up.inspect_err(|_| pb.abandon())?);
         }
         pb.finish_and_clear();
-        for path in &extras {
-            let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            objects.push(store.put_small(&target.key(&file_name(path)), data).await?);
+        for (name, data) in extras {
+            objects.push(store.put_small(&target.key(&name), data).await?);
         }
         let raw_key = target.key(&file_name(&out.file("raw")));
         let uri = template.url(&target.bucket, &raw_key, &store.region, store.endpoint.as_deref());

@@ -1,0 +1,60 @@
+//! An exclusive lock on a directory (flock on the directory itself, so no lock file is
+//! left behind): two kiln processes sharing a cache or an output directory take turns
+//! where they would otherwise race (fetching one base, pruning the base cache, merging
+//! `SHA256SUMS`). Released when the guard is dropped.
+
+use anyhow::{Context, Result};
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+/// Holds the lock until dropped.
+#[must_use = "the lock is released when this is dropped"]
+pub struct DirLock(File);
+
+impl DirLock {
+    /// Lock `dir`, waiting for another holder; `what` says in the log what is waited for
+    /// ("fetching this base").
+    pub fn acquire(dir: &Path, what: &str) -> Result<DirLock> {
+        let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+        // SAFETY: flock on an open descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            tracing::info!("another kiln is {what}; waiting for it ({})", dir.display());
+            // SAFETY: as above.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+                return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", dir.display()));
+            }
+        }
+        Ok(DirLock(f))
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        // SAFETY: flock on the descriptor this guard owns.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_holder_waits_for_the_first() {
+        let d = tempfile::tempdir().unwrap();
+        let first = DirLock::acquire(d.path(), "testing").unwrap();
+        let path = d.path().to_owned();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            let _second = DirLock::acquire(&path, "testing").unwrap();
+            tx.send(()).unwrap();
+        });
+        // The second cannot have it while the first holds it.
+        assert!(rx.recv_timeout(std::time::Duration::from_millis(200)).is_err());
+        drop(first);
+        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        t.join().unwrap();
+        assert!(DirLock::acquire(&d.path().join("missing"), "testing").is_err());
+    }
+}
