@@ -180,6 +180,18 @@ fn locked_builds_install_exactly_the_lock_online_and_offline() {
         .map(|p| (p.name.clone(), p.version.clone(), p.architecture.clone()))
         .collect();
     assert_eq!(locked_pk, lock_pk, "the locked build's packages are not the lock's");
+    // It ships its lock, listed in SHA256SUMS, and its SBOM is dated by the lock.
+    assert_eq!(std::fs::read_to_string(locked_out.join("locktest.lock")).unwrap(), text);
+    let sums = std::fs::read_to_string(locked_out.join("SHA256SUMS")).unwrap();
+    let lock_sum = sh("sha256sum", &[lock_file.to_str().unwrap()])[..64].to_string();
+    assert!(sums.contains(&format!("{lock_sum}  locktest.lock")), "{sums}");
+    let sbom: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(locked_out.join("locktest.spdx.json")).unwrap()).unwrap();
+    let created = chrono::DateTime::from_timestamp(lock.source_date_epoch as i64, 0)
+        .unwrap()
+        .format("%Y-%m-%dT%H:%M:%SZ")
+        .to_string();
+    assert_eq!(sbom["creationInfo"]["created"], created.as_str());
     let fresh_out = d.path().join("fresh");
     let o = kiln_in(
         &[
