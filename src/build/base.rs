@@ -445,6 +445,34 @@ mod tests {
         assert!(verify_signature(b"data", b"not a signature", &k).is_err());
     }
 
+    /// A real `SHA256SUMS` and `SHA256SUMS.gpg` released by Ubuntu's image publisher with
+    /// the shipped key (tests/fixtures/README.md): the signature verifies; one changed
+    /// byte of the list does not.
+    #[test]
+    fn real_ubuntu_signature_verifies() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = root.join("tests/fixtures/ubuntu-signed-sha256sums");
+        let key = load_key(
+            &root.join("keys/ubuntu-cloudimage-keyring.asc"),
+            "D2EB44626FDDC30B513D5BB71A5D6C4C7DB87C81",
+        )
+        .unwrap();
+        let sums = std::fs::read(dir.join("SHA256SUMS")).unwrap();
+        let sig = std::fs::read(dir.join("SHA256SUMS.gpg")).unwrap();
+        verify_signature(&sums, &sig, &key).unwrap();
+        let mut altered = sums.clone();
+        altered[0] = if altered[0] == b'a' { b'b' } else { b'a' };
+        assert!(verify_signature(&altered, &sig, &key).is_err());
+        assert_eq!(
+            sum_for(
+                &String::from_utf8(sums).unwrap(),
+                "ubuntu-jammy-core-cloudimg-amd64-root.tar.gz"
+            )
+            .as_deref(),
+            Some("a151ab932c0e81faab3ac5219d9aa7f2c6edd56b139290c1d67b39078b144a4d")
+        );
+    }
+
     #[test]
     fn prune_removes_least_recently_used_but_never_a_base_in_use() {
         let d = tempfile::tempdir().unwrap();
