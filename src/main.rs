@@ -130,6 +130,10 @@ struct PublishArgs {
 struct LockArgs {
     /// Image definition (images/NAME.toml); the lock is written next to it (images/NAME.lock).
     def: PathBuf,
+    /// Lock a variant: set the definition's parameter NAME to VALUE (repeatable). A variant
+    /// has its own lock file, images/NAME+NAME=VALUE.lock.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<Setting>,
     /// Base to resolve on (cloud image or root tarball) instead of the definition's pinned
     /// [base]; the lock records its file name, sha256 and size.
     #[arg(long, conflicts_with = "base_mirror")]
@@ -174,6 +178,10 @@ enum Command {
     Fetch {
         /// Image definition (images/NAME.toml) with its lock (images/NAME.lock).
         def: PathBuf,
+        /// The variant whose lock to fetch for: set the definition's parameter NAME to VALUE
+        /// (repeatable; its lock is images/NAME+NAME=VALUE.lock).
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<Setting>,
         /// The archive directory to fill (kept files with the right sha256 are not fetched again).
         #[arg(long, value_name = "DIR")]
         archive: PathBuf,
@@ -449,7 +457,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Lock(a) if a.check => {
-            let stale = build::lock::check(&a.def)?;
+            let stale = build::lock::check(&a.def, &a.set)?;
             if stale.is_empty() {
                 println!("{}: the lock is up to date", a.def.display());
                 Ok(())
@@ -463,7 +471,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Lock(a) => {
-            let name = kiln::definition::load(&a.def)?.name;
+            let name = kiln::definition::load_with(&a.def, &a.set)?.name;
             build::lock::cmd_lock(&build::lock::LockOpts {
                 build: build::BuildOpts {
                     def: a.def,
@@ -484,18 +492,26 @@ fn run(cli: Cli) -> Result<()> {
                     },
                     locked: None,
                     resolve_only: true,
-                    sets: vec![],
+                    sets: a.set,
                 },
                 update: a.update,
             })
         }
         Command::Fetch {
             def,
+            set,
             archive,
             base,
             cache_dir,
             base_mirror,
-        } => build::archive::cmd_fetch(&def, &archive, base.as_deref(), &cache_dir, base_mirror.as_deref()),
+        } => build::archive::cmd_fetch(
+            &def,
+            &set,
+            &archive,
+            base.as_deref(),
+            &cache_dir,
+            base_mirror.as_deref(),
+        ),
         Command::FetchBase {
             def,
             set,

@@ -227,13 +227,14 @@ pub fn write_local_repo(repo: &Path, debs: &Path, lock: &LockFile, inside: &str)
 /// `kiln fetch DEF --archive DIR`: everything a locked build of DEF needs, checked.
 pub fn cmd_fetch(
     def: &Path,
+    sets: &[crate::definition::Setting],
     archive: &Path,
     base: Option<&Path>,
     cache_dir: &Path,
     mirror: Option<&str>,
 ) -> Result<()> {
     let started = std::time::Instant::now();
-    let def: ImageDef = crate::definition::load(def)?;
+    let def: ImageDef = crate::definition::load_with(def, sets)?;
     let lp = lock_path(&def);
     let lock = LockFile::load(&lp)?;
     std::fs::create_dir_all(archive.join("base")).with_context(|| format!("creating {}", archive.display()))?;

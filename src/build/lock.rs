@@ -389,7 +389,7 @@ pub struct LockOpts {
 /// write `images/NAME.lock`.
 pub fn cmd_lock(o: &LockOpts) -> Result<()> {
     let started = std::time::Instant::now();
-    let def = crate::definition::load(&o.build.def)?;
+    let def = crate::definition::load_with(&o.build.def, &o.build.sets)?;
     let path = lock_path(&def);
     let old = if path.exists() {
         if !o.update {
@@ -493,8 +493,8 @@ pub fn cmd_lock(o: &LockOpts) -> Result<()> {
 /// `kiln lock --check`: is the lock stale? It is when the definition's inputs changed
 /// or a repository serves another Release file than the one the lock was made from (a
 /// new resolution could then pick other versions). Returns the reasons (empty: fresh).
-pub fn check(def_path: &Path) -> Result<Vec<String>> {
-    let def = crate::definition::load(def_path)?;
+pub fn check(def_path: &Path, sets: &[crate::definition::Setting]) -> Result<Vec<String>> {
+    let def = crate::definition::load_with(def_path, sets)?;
     let path = lock_path(&def);
     let lock = LockFile::load(&path)?;
     let mut stale = Vec::new();
@@ -556,6 +556,33 @@ pub fn package_changes(old: &[LockedPackage], new: &[LockedPackage]) -> Vec<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default's lock is images/NAME.lock; a variant's names its settings, so locking
+    /// one never replaces the other.
+    #[test]
+    fn each_variant_has_its_own_lock() {
+        let def = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/ubuntu-2204-nvidia-565-firmware1.toml");
+        let load = |sets: &[&str]| {
+            let sets: Vec<crate::definition::Setting> = sets.iter().map(|s| s.parse().unwrap()).collect();
+            lock_path(&crate::definition::load_with(&def, &sets).unwrap())
+        };
+        assert_eq!(load(&[]), def.with_extension("lock"));
+        assert_eq!(
+            load(&["driver=565"]),
+            def.with_extension("lock"),
+            "a default is no variant"
+        );
+        let v = load(&["driver=550", "kubernetes=1.29"]);
+        let name = v.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("ubuntu-2204-nvidia-565-firmware1+")
+                && name.contains("+driver=550")
+                && name.contains("+kubernetes=1.29")
+                && name.ends_with(".lock"),
+            "{name}"
+        );
+        assert_eq!(v.parent(), def.parent());
+    }
 
     fn pkg(name: &str, version: &str) -> LockedPackage {
         LockedPackage {
