@@ -2434,6 +2434,71 @@ version = 2
         );
     }
 
+    /// Every NVIDIA module's signer is reported (and in `--json`); with
+    /// `expect.module_signer` set, a module that is unsigned or signed by someone else
+    /// fails, xz-compressed ones included.
+    #[test]
+    fn module_signers() {
+        let mut f = Fixture::new();
+        let keys = f.dir.path().join("keys");
+        std::fs::create_dir_all(&keys).unwrap();
+        let (key, cert) = modsig::testkeys::make(&keys, "Signer A");
+        for k in [K_OLD, K_NEW] {
+            let ko = f.root().join(format!("usr/lib/modules/{k}/updates/dkms/nvidia.ko"));
+            let signed = modsig::testkeys::sign(&keys, &std::fs::read(&ko).unwrap(), &key, &cert);
+            std::fs::write(&ko, signed).unwrap();
+        }
+        let image = f.image();
+        let (checks, sigs) = verify_image_full(&image, &f.def).unwrap();
+        assert_eq!(failed(&checks), Vec::<&str>::new(), "no signer expected: only reported");
+        let signer_of = |sigs: &[ModuleSignature], k: &str, m: &str| {
+            sigs.iter()
+                .find(|s| s.kernel == k && s.path.ends_with(m))
+                .map(|s| s.signature.as_ref().and_then(|x| x.signer.clone()))
+        };
+        for k in [K_OLD, K_NEW] {
+            assert_eq!(signer_of(&sigs, k, "/nvidia.ko"), Some(Some("Signer A".into())));
+            assert_eq!(signer_of(&sigs, k, "/nvidia-uvm.ko"), Some(None), "unsigned, reported");
+            assert_eq!(signer_of(&sigs, k, "/nvidia-drm.ko.xz"), Some(None));
+        }
+        f.def.expect.module_signer = Some("Signer A".into());
+        let checks = verify_image(&image, &f.def).unwrap();
+        let mut want: Vec<String> = Vec::new();
+        for k in [K_OLD, K_NEW] {
+            for m in ["nvidia-drm.ko.xz", "nvidia-modeset.ko", "nvidia-uvm.ko"] {
+                want.push(format!("module signature updates/dkms/{m} ({k})"));
+            }
+        }
+        let mut got: Vec<&str> = failed(&checks);
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "\n{}", render_table(&checks));
+        let c = checks
+            .iter()
+            .find(|c| c.name == format!("module signature updates/dkms/nvidia.ko ({K_NEW})"))
+            .unwrap();
+        assert!(c.ok && c.found.starts_with("signed by Signer A (key "), "{c:?}");
+        f.def.expect.module_signer = Some("Signer B".into());
+        let checks = verify_image(&image, &f.def).unwrap();
+        assert_eq!(
+            failed(&checks)
+                .iter()
+                .filter(|n| n.starts_with("module signature"))
+                .count(),
+            8,
+            "\n{}",
+            render_table(&checks)
+        );
+    }
+
+    #[test]
+    fn module_signing_key_of_dkms3() {
+        assert_only_fails(
+            |f| write(&f.root().join("var/lib/dkms/mok.key"), "secret"),
+            &["no module signing key"],
+        );
+    }
+
     #[test]
     fn wrong_vermagic() {
         let f = Fixture::new();
