@@ -101,6 +101,7 @@ struct RawExpect {
     containerd: Option<RawContainerd>,
     runtime_classes: Option<BTreeMap<String, String>>,
     nvidia_driver_version: Option<String>,
+    module_signer: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Default)]
@@ -364,6 +365,9 @@ pub struct Expectations {
     pub runtime_classes: Vec<(String, String)>,
     /// Upstream version of the loaded `nvidia` module (`modinfo -F version nvidia`).
     pub nvidia_driver_version: Option<String>,
+    /// Who must have signed every NVIDIA module (`modinfo -F signer`: the CN of the
+    /// signing certificate's issuer); unset: `verify` only reports the signers.
+    pub module_signer: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -946,6 +950,7 @@ impl RawExpect {
         }
         merge_map(&mut self.runtime_classes, &other.runtime_classes);
         replace(&mut self.nvidia_driver_version, &other.nvidia_driver_version);
+        replace(&mut self.module_signer, &other.module_signer);
     }
 
     /// Validate the merged table of the definition `f`. Every value ends up in the
@@ -1161,6 +1166,16 @@ impl RawExpect {
                 .nvidia_driver_version
                 .map(|v| version("nvidia_driver_version", &v))
                 .transpose()?,
+            module_signer: match self.module_signer {
+                Some(s) if s.trim().is_empty() || s.contains(['\n', '\r']) || s.trim() != s => {
+                    return Err(bad(
+                        "module_signer",
+                        &s,
+                        "is not a certificate's common name (one line, no surrounding space)",
+                    ));
+                }
+                s => s,
+            },
         })
     }
 }

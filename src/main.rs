@@ -82,6 +82,15 @@ struct BuildArgs {
     /// certificate); the cache is still not written.
     #[arg(long)]
     no_dkms_cache: bool,
+    /// Have DKMS sign every module it builds with this private key (unencrypted RSA,
+    /// PEM or DER; needs --module-signing-cert). It is in the image only while DKMS runs
+    /// and never in the output, the work directory or the cache.
+    #[arg(long, value_name = "KEY", requires = "module_signing_cert")]
+    module_signing_key: Option<PathBuf>,
+    /// The X.509 certificate (DER or PEM) of --module-signing-key; it must match the key.
+    /// The image keeps it as /var/lib/shim-signed/mok/MOK.der, for `mokutil --import`.
+    #[arg(long, value_name = "CERT", requires = "module_signing_key")]
+    module_signing_cert: Option<PathBuf>,
     /// Install exactly the packages of images/NAME.lock (`kiln lock`): every .deb fetched by
     /// pool path and checked by sha256; the build fails if apt ends with any other set.
     #[arg(long)]
@@ -297,6 +306,11 @@ enum Command {
         /// `kiln list` shows the parameters and their allowed values).
         #[arg(long = "set", value_name = "NAME=VALUE")]
         set: Vec<Setting>,
+        /// Every NVIDIA module must be signed by NAME (what `modinfo -F signer` shows: the
+        /// signing certificate's CN); overrides the definition's `expect.module_signer`.
+        /// Without either, the signers are only reported.
+        #[arg(long, value_name = "NAME")]
+        module_signer: Option<String>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -417,6 +431,11 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Build(a) => {
+            // Checked before anything is written: readable, and the certificate is the key's.
+            let module_signing = match (&a.module_signing_key, &a.module_signing_cert) {
+                (Some(k), Some(c)) => Some(build::stages::signing::SigningKey::load(k, c)?),
+                _ => None,
+            };
             let opts = build::BuildOpts {
                 def: a.def,
                 sets: a.set,
@@ -433,6 +452,7 @@ fn run(cli: Cli) -> Result<()> {
                     cache_dir: a.cache_dir,
                     repo_overrides: a.repo_override,
                     dkms_cache: !a.no_dkms_cache,
+                    module_signing,
                     ..Default::default()
                 },
                 locked: a.locked.then_some(build::pipeline::LockedBuild { archive: a.archive }),
@@ -597,7 +617,13 @@ fn run(cli: Cli) -> Result<()> {
         }),
         Command::Sbom { image, name, out } => sbom::cmd_sbom(&image, name.as_deref(), out.as_deref()),
         Command::Diff { a, b, json } => diff::cmd_diff(&a, &b, json),
-        Command::Verify { image, def, set, json } => verify::cmd_verify(&image, &def, &set, json),
+        Command::Verify {
+            image,
+            def,
+            set,
+            module_signer,
+            json,
+        } => verify::cmd_verify(&image, &def, &set, module_signer, json),
         Command::BootTest {
             image,
             def,

@@ -10,6 +10,7 @@ use crate::build::lock::Resolution;
 use crate::build::stages::apt::{Apt, RepoOverride};
 use crate::build::stages::chroot::Session;
 use crate::build::stages::dkms::{self, Cache, Hidden};
+use crate::build::stages::signing;
 use crate::build::timings::Timings;
 use crate::definition::{ImageDef, PackageSpec};
 use crate::host::mounts::MountStack;
@@ -29,6 +30,9 @@ pub struct ProvisionOpts {
     pub locked: Option<crate::build::archive::LockedSource>,
     /// Exported to every command in the image (`SOURCE_DATE_EPOCH`).
     pub source_date_epoch: Option<u64>,
+    /// `--module-signing-key`/`--module-signing-cert`: DKMS signs every module with it
+    /// (`stages/signing.rs`); the key is in the image only while the stages run.
+    pub module_signing: Option<crate::build::stages::signing::SigningKey>,
 }
 
 /// `--repo-override` may only name repositories the definition has (checked before
@@ -95,6 +99,14 @@ pub fn provision(
         }
         let mut updated = false;
         let dkms_cache = opts.dkms_cache.then(|| Cache::new(&opts.cache_dir));
+        // The user's signing key is in the image from before the first package install
+        // (a DKMS package's postinst builds its module) until every stage has run; the
+        // guard removes it on any error or cancellation too.
+        let placed = opts
+            .module_signing
+            .as_ref()
+            .map(|k| signing::PlacedKey::place(rd, k))
+            .transpose()?;
         for stage in &def.stages {
             crate::build::boundary(timings, &stage.name)?;
             let before = apt.as_ref().map_or(0, |a| a.downloaded);
@@ -109,6 +121,17 @@ pub fn provision(
             )
             .with_context(|| format!("stage {} of {}", stage.name, def.name))?;
             timings.downloaded = apt.as_ref().map_or(0, |a| a.downloaded) - before;
+        }
+        if let (Some(placed), Some(key)) = (placed, &opts.module_signing) {
+            let unsigned = signing::unsigned_modules(rd, key)?;
+            placed.remove()?;
+            if !unsigned.is_empty() {
+                bail!(
+                    "--module-signing-cert {}: DKMS did not sign every module with it (the image needs kmodsign, from sbsigntool, and update-secureboot-policy, from shim-signed):\n  {}",
+                    key.cert_path.display(),
+                    unsigned.join("\n  ")
+                );
+            }
         }
         // What the build installed, while apt's indexes are still mounted: a locked
         // build must have installed exactly its lock.

@@ -13,6 +13,9 @@
 //!   stage asks for `kernel_headers`, and each `require_modules` module built for each
 //!   kernel (the `vermagic=` of its `.modinfo`), with `nvidia.ko` at
 //!   `expect.nvidia_driver_version`;
+//! * who signed every NVIDIA module (`updates/dkms`, and the required modules' files),
+//!   read offline from the appended signature (`modsig`), against
+//!   `expect.module_signer` (or `--module-signer`) when set;
 //! * every overlay file in place with its content and mode;
 //! * the expected configuration: modules blacklisted and module options in modprobe.d,
 //!   modules in modules-load.d, sysctls, containerd's config and runtimes, RuntimeClass
@@ -25,10 +28,12 @@
 //! [`verify_image`] only reads and returns [`Check`]s; [`cmd_verify`] prints them and
 //! fails when one did.
 
+use crate::build::stages::signing::{DKMS3_KEY, MOK_KEY};
 use crate::definition::{Expectations, ImageDef};
 use crate::host::progress::exact_size;
 use crate::image::dpkg::{self, DpkgPackage, dpkg_version_cmp, upstream_version};
 use crate::image::kernels::bootable_kernels;
+use crate::image::modsig;
 use crate::image::open::{FileKind, RootFs};
 use crate::image::os_release::parse_os_release;
 use anyhow::{Context, Result, bail};
@@ -125,6 +130,8 @@ pub struct Check {
 struct Report<'a> {
     image: String,
     checks: &'a [Check],
+    /// Every NVIDIA module's signature (signer or none).
+    module_signatures: &'a [ModuleSignature],
     passed: bool,
 }
 
@@ -133,20 +140,49 @@ struct Report<'a> {
 pub struct VerifyReport {
     pub image: String,
     pub checks: Vec<Check>,
+    #[serde(default)]
+    pub module_signatures: Vec<ModuleSignature>,
     pub passed: bool,
+}
+
+/// The signature of one NVIDIA module file of the image (every `.ko` under
+/// `/lib/modules/K/updates/dkms`, and the file each `require_modules` entry loads).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ModuleSignature {
+    pub kernel: String,
+    /// The file, e.g. `/lib/modules/K/updates/dkms/nvidia.ko`.
+    pub path: String,
+    /// Its appended signature; `None`: unsigned (or unreadable, see `error`).
+    pub signature: Option<modsig::Signature>,
+    /// Why the signature could not be read.
+    pub error: Option<String>,
 }
 
 /// `kiln verify IMAGE --def DEF [--set NAME=VALUE]... [--json]`: print the checks (a
 /// table, or JSON) of the definition's variant and fail with "N of M checks failed"
 /// when any did.
-pub fn cmd_verify(image: &Path, def_path: &Path, sets: &[crate::definition::Setting], json: bool) -> Result<()> {
-    let def = crate::definition::load_with(def_path, sets)?;
-    let checks = verify_image(image, &def)?;
+/// `module_signer` (`--module-signer`) replaces the definition's `expect.module_signer`.
+pub fn cmd_verify(
+    image: &Path,
+    def_path: &Path,
+    sets: &[crate::definition::Setting],
+    module_signer: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let mut def = crate::definition::load_with(def_path, sets)?;
+    if let Some(s) = module_signer {
+        if s.trim().is_empty() {
+            crate::user_bail!("--module-signer: give the signing certificate's common name, not an empty string");
+        }
+        def.expect.module_signer = Some(s);
+    }
+    let (checks, signatures) = verify_image_full(image, &def)?;
     let failed = checks.iter().filter(|c| !c.ok).count();
     let text = if json {
         let report = Report {
             image: image.display().to_string(),
             checks: &checks,
+            module_signatures: &signatures,
             passed: failed == 0,
         };
         let mut s = serde_json::to_string_pretty(&report).context("serialising the checks")?;
@@ -176,6 +212,11 @@ pub fn cmd_verify(image: &Path, def_path: &Path, sets: &[crate::definition::Sett
 /// prints nothing. An image that cannot be read at all is an error; anything wrong
 /// inside it is a failed [`Check`].
 pub fn verify_image(image: &Path, def: &ImageDef) -> Result<Vec<Check>> {
+    Ok(verify_image_full(image, def)?.0)
+}
+
+/// [`verify_image`], and every NVIDIA module's signature.
+pub fn verify_image_full(image: &Path, def: &ImageDef) -> Result<(Vec<Check>, Vec<ModuleSignature>)> {
     let root = RootFs::open(image)?;
     let size = root.disk().size();
     let status = dpkg::read_status(&root)?;
@@ -186,17 +227,19 @@ pub fn verify_image(image: &Path, def: &ImageDef) -> Result<Vec<Check>> {
         status,
         kernels,
         checks: Vec::new(),
+        signatures: Vec::new(),
     };
     v.system(size)?;
     v.packages();
     v.kernels();
     v.modules()?;
+    v.module_signatures()?;
     v.overlays()?;
     v.spec_config()?;
     v.units()?;
     v.identity()?;
     v.repositories()?;
-    Ok(v.checks)
+    Ok((v.checks, v.signatures))
 }
 
 /// The checks as an aligned table: CHECK, RESULT (`pass`/`FAIL`), FOUND, EXPECTED.
@@ -242,6 +285,7 @@ struct Verifier<'a> {
     /// Image kernels, newest first.
     kernels: Vec<String>,
     checks: Vec<Check>,
+    signatures: Vec<ModuleSignature>,
 }
 
 /// What the definition asks of one package, merged over its stages.
@@ -524,6 +568,68 @@ impl<'a> Verifier<'a> {
                         self.push(name, ok, found, expected)
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Who signed each NVIDIA module (every file under `updates/dkms`, and the file each
+    /// required module loads), checked against `expect.module_signer` when it is set.
+    fn module_signatures(&mut self) -> Result<()> {
+        let want = self.expect().module_signer.clone();
+        let required: Vec<String> = self
+            .def
+            .stages
+            .iter()
+            .flat_map(|s| &s.require_modules)
+            .cloned()
+            .collect();
+        for k in self.kernels.clone() {
+            let index = self.index_modules(&k)?;
+            let mut files: Vec<String> = index
+                .values()
+                .flatten()
+                .filter(|p| p.starts_with("updates/dkms/"))
+                .cloned()
+                .collect();
+            let mut infos = HashMap::new();
+            for m in &required {
+                if let Some((rel, _)) = self.module_info(&k, &index, m, &mut infos)?
+                    && !files.contains(&rel)
+                {
+                    files.push(rel);
+                }
+            }
+            files.sort();
+            for rel in files {
+                let path = format!("/lib/modules/{k}/{rel}");
+                let read = decompress_module(&rel, self.root.read(&path)?).and_then(|b| modsig::read(&b));
+                let (signature, error) = match read {
+                    Ok(s) => (s, None),
+                    Err(e) => (None, Some(e)),
+                };
+                let found = match (&signature, &error) {
+                    (_, Some(e)) => format!("unreadable: {e}"),
+                    (None, None) => "not signed".to_string(),
+                    (Some(s), None) => format!(
+                        "signed by {} (key {}, {})",
+                        s.signer.as_deref().unwrap_or("(no name)"),
+                        s.key,
+                        s.hash
+                    ),
+                };
+                let signer = signature.as_ref().and_then(|s| s.signer.as_deref());
+                let (ok, expected) = match &want {
+                    Some(w) => (signer == Some(w.as_str()), format!("signed by {w}")),
+                    None => (true, "any (no expect.module_signer)".to_string()),
+                };
+                self.push(format!("module signature {rel} ({k})"), ok, found, expected);
+                self.signatures.push(ModuleSignature {
+                    kernel: k.clone(),
+                    path,
+                    signature,
+                    error,
+                });
             }
         }
         Ok(())
@@ -1219,14 +1325,20 @@ impl<'a> Verifier<'a> {
 
         // A Machine Owner Key's private half signs kernel modules that Secure Boot then
         // trusts; whoever has the image would have the key. DKMS generates one when it
-        // builds a module and none exists (kiln keeps it from doing so).
-        let p = "/var/lib/shim-signed/mok/MOK.priv";
-        let present = self.lexists(p)?;
+        // builds a module and none exists (kiln keeps it from doing so), and a build
+        // with --module-signing-key removes the user's.
+        let keys = [MOK_KEY, DKMS3_KEY];
+        let mut present = Vec::new();
+        for p in keys {
+            if self.lexists(p)? {
+                present.push(p.to_string());
+            }
+        }
         self.push(
             "no module signing key",
-            !present,
-            if present { "present" } else { "absent" },
-            format!("no {p}"),
+            present.is_empty(),
+            listing(&present, "absent"),
+            format!("no {}", keys.join(", no ")),
         );
 
         let mut homes = vec!["/root".to_string()];
@@ -1454,7 +1566,7 @@ fn module_stem(file: &str) -> Option<&str> {
 
 /// The bytes of a module file, decompressed (xz and gzip; zstd is reported, kiln has
 /// no zstd decoder). The error says why it can't be checked.
-fn decompress_module(name: &str, raw: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+pub fn decompress_module(name: &str, raw: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
     let mut out = Vec::new();
     if name.ends_with(".ko.xz") {
         xz2::read::XzDecoder::new(&raw[..])
@@ -2322,6 +2434,71 @@ version = 2
         );
     }
 
+    /// Every NVIDIA module's signer is reported (and in `--json`); with
+    /// `expect.module_signer` set, a module that is unsigned or signed by someone else
+    /// fails, xz-compressed ones included.
+    #[test]
+    fn module_signers() {
+        let mut f = Fixture::new();
+        let keys = f.dir.path().join("keys");
+        std::fs::create_dir_all(&keys).unwrap();
+        let (key, cert) = modsig::testkeys::make(&keys, "Signer A");
+        for k in [K_OLD, K_NEW] {
+            let ko = f.root().join(format!("usr/lib/modules/{k}/updates/dkms/nvidia.ko"));
+            let signed = modsig::testkeys::sign(&keys, &std::fs::read(&ko).unwrap(), &key, &cert);
+            std::fs::write(&ko, signed).unwrap();
+        }
+        let image = f.image();
+        let (checks, sigs) = verify_image_full(&image, &f.def).unwrap();
+        assert_eq!(failed(&checks), Vec::<&str>::new(), "no signer expected: only reported");
+        let signer_of = |sigs: &[ModuleSignature], k: &str, m: &str| {
+            sigs.iter()
+                .find(|s| s.kernel == k && s.path.ends_with(m))
+                .map(|s| s.signature.as_ref().and_then(|x| x.signer.clone()))
+        };
+        for k in [K_OLD, K_NEW] {
+            assert_eq!(signer_of(&sigs, k, "/nvidia.ko"), Some(Some("Signer A".into())));
+            assert_eq!(signer_of(&sigs, k, "/nvidia-uvm.ko"), Some(None), "unsigned, reported");
+            assert_eq!(signer_of(&sigs, k, "/nvidia-drm.ko.xz"), Some(None));
+        }
+        f.def.expect.module_signer = Some("Signer A".into());
+        let checks = verify_image(&image, &f.def).unwrap();
+        let mut want: Vec<String> = Vec::new();
+        for k in [K_OLD, K_NEW] {
+            for m in ["nvidia-drm.ko.xz", "nvidia-modeset.ko", "nvidia-uvm.ko"] {
+                want.push(format!("module signature updates/dkms/{m} ({k})"));
+            }
+        }
+        let mut got: Vec<&str> = failed(&checks);
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "\n{}", render_table(&checks));
+        let c = checks
+            .iter()
+            .find(|c| c.name == format!("module signature updates/dkms/nvidia.ko ({K_NEW})"))
+            .unwrap();
+        assert!(c.ok && c.found.starts_with("signed by Signer A (key "), "{c:?}");
+        f.def.expect.module_signer = Some("Signer B".into());
+        let checks = verify_image(&image, &f.def).unwrap();
+        assert_eq!(
+            failed(&checks)
+                .iter()
+                .filter(|n| n.starts_with("module signature"))
+                .count(),
+            8,
+            "\n{}",
+            render_table(&checks)
+        );
+    }
+
+    #[test]
+    fn module_signing_key_of_dkms3() {
+        assert_only_fails(
+            |f| write(&f.root().join("var/lib/dkms/mok.key"), "secret"),
+            &["no module signing key"],
+        );
+    }
+
     #[test]
     fn wrong_vermagic() {
         let f = Fixture::new();
@@ -2575,7 +2752,7 @@ version = 2
         let f = Fixture::new();
         write(&f.root().join("etc/ssh/ssh_host_rsa_key"), "secret");
         let image = f.image();
-        let e = cmd_verify(&image, &f.def.file, &[], true).unwrap_err();
+        let e = cmd_verify(&image, &f.def.file, &[], None, true).unwrap_err();
         assert_eq!(crate::error::exit_code(&e), 1);
         let total = verify_image(&image, &f.def).unwrap().len();
         assert_eq!(e.to_string(), format!("1 of {total} checks failed"));
@@ -2584,11 +2761,12 @@ version = 2
         let report = Report {
             image: image.display().to_string(),
             checks: &checks,
+            module_signatures: &[],
             passed: false,
         };
         let json = serde_json::to_value(&report).unwrap();
         let keys: Vec<&String> = json.as_object().unwrap().keys().collect();
-        assert_eq!(keys, ["image", "checks", "passed"]);
+        assert_eq!(keys, ["image", "checks", "module_signatures", "passed"]);
         let keys: Vec<&String> = json["checks"][0].as_object().unwrap().keys().collect();
         assert_eq!(keys, ["name", "ok", "found", "expected"]);
 
@@ -2612,7 +2790,7 @@ version = 2
             "{table}"
         );
 
-        let missing = cmd_verify(&f.dir.path().join("nope.raw"), &f.def.file, &[], false).unwrap_err();
+        let missing = cmd_verify(&f.dir.path().join("nope.raw"), &f.def.file, &[], None, false).unwrap_err();
         assert_eq!(crate::error::exit_code(&missing), 2);
     }
 

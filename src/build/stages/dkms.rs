@@ -18,6 +18,7 @@
 //! part of the key.
 
 use crate::build::stages::chroot::{KCFLAGS, Session};
+use crate::build::stages::signing::{DKMS3_CERT, DKMS3_KEY, MOK_CERT, MOK_DIR, MOK_KEY};
 use crate::host::rootdir::{Metadata, RootDir};
 use crate::image::kernels::bootable_kernels;
 use anyhow::{Context, Result, bail};
@@ -28,8 +29,6 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 const DKMS_TREE: &str = "/var/lib/dkms";
-/// Where jammy's DKMS finds the Machine Owner Key it signs modules with.
-const MOK_CERT: &str = "/var/lib/shim-signed/mok/MOK.der";
 const MANIFEST: &str = "manifest.json";
 /// Bumped when the entry layout or the meaning of a key changes.
 const FORMAT: &str = "kiln-dkms-cache-1";
@@ -302,17 +301,24 @@ fn tree_sha256(rd: &RootDir, dir: &str) -> Result<String> {
 /// run, when dropped):
 /// - with the DKMS cache, the image kernels' header links (`/lib/modules/K/build`), so
 ///   that no package script compiles a module ([`build_modules`] does);
-/// - when the image holds no Machine Owner Key, `/var/lib/shim-signed/mok`: jammy's DKMS
-///   would otherwise generate a throwaway key pair there and sign with it, leaving the
-///   private key in the image (and making every compile's bytes unique). Modules are
-///   signed only with a key the image already has.
+/// - when the image holds no Machine Owner Key's private half (`MOK.priv`; a build
+///   with `--module-signing-key` puts one there, `stages/signing.rs`),
+///   `/var/lib/shim-signed/mok`: Ubuntu's DKMS (jammy's 2.8 and noble's 3.0) would
+///   otherwise generate a throwaway key pair there (noble's even deletes a lone
+///   `MOK.der` to do so) and sign with it, leaving the private key in the image (and
+///   making every compile's bytes unique). Modules are signed only with the user's key.
+///
+/// Upstream DKMS 3's own key pair, `/var/lib/dkms/mok.key` and `mok.pub` (used only
+/// where `framework.conf` configures it on Ubuntu), cannot be hidden before it exists:
+/// one made during the build is removed when the guard is restored.
 pub struct Hidden<'a> {
     rd: &'a RootDir,
     links: Vec<(String, PathBuf)>,
     mok: bool,
+    /// Whether `/var/lib/dkms/mok.key` was there before (then it is the image's own).
+    dkms3_key: bool,
 }
 
-const MOK_DIR: &str = "/var/lib/shim-signed/mok";
 const MOK_HIDDEN: &str = "/var/lib/shim-signed/.kiln-hidden-mok";
 
 impl<'a> Hidden<'a> {
@@ -321,6 +327,7 @@ impl<'a> Hidden<'a> {
             rd,
             links: Vec::new(),
             mok: false,
+            dkms3_key: rd.lstat(DKMS3_KEY)?.is_some(),
         };
         if headers {
             for k in bootable_kernels(rd)? {
@@ -332,7 +339,7 @@ impl<'a> Hidden<'a> {
                 }
             }
         }
-        if rd.is_dir(MOK_DIR)? && !rd.exists(MOK_CERT)? {
+        if rd.is_dir(MOK_DIR)? && rd.lstat(MOK_KEY)?.is_none() {
             rd.rename(MOK_DIR, MOK_HIDDEN)?;
             h.mok = true;
         }
@@ -366,6 +373,15 @@ impl<'a> Hidden<'a> {
                 self.rd.remove_dir_all(MOK_DIR)?;
             }
             self.rd.rename(MOK_HIDDEN, MOK_DIR)?;
+        }
+        if !self.dkms3_key && self.rd.lstat(DKMS3_KEY)?.is_some() {
+            self.dkms3_key = true;
+            tracing::warn!("DKMS generated a throwaway key pair {DKMS3_KEY}, {DKMS3_CERT} during the build; removed");
+            for p in [DKMS3_KEY, DKMS3_CERT] {
+                if self.rd.lstat(p)?.is_some() {
+                    self.rd.remove_file(p)?;
+                }
+            }
         }
         Ok(())
     }
@@ -443,7 +459,7 @@ pub fn build_modules(session: &Session, rd: &RootDir, cache: Option<&Cache>) -> 
                             linker,
                             dkms: pkg_version("dkms").unwrap_or_default(),
                             kcflags: KCFLAGS.into(),
-                            signing_cert_sha256: if rd.exists(MOK_CERT)? {
+                            signing_cert_sha256: if rd.exists(MOK_KEY)? && rd.exists(MOK_CERT)? {
                                 sha256_hex(&rd.read(MOK_CERT)?)
                             } else {
                                 String::new()

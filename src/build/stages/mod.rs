@@ -7,3 +7,4 @@ pub mod dkms;
 pub mod hooks;
 pub mod overlays;
 pub mod scrub;
+pub mod signing;
