@@ -158,6 +158,124 @@ fn modinfo_in_image(raw: &Path, paths: &[String]) -> Vec<(String, String)> {
     lines
 }
 
+/// Boot a throwaway copy of `raw` with Secure Boot enforced: QEMU with OVMF's
+/// Secure Boot build (`OVMF_CODE_4M.ms.fd`; its SMM needs TCG, which every host has) and
+/// Microsoft's keys enrolled (`OVMF_VARS_4M.ms.fd`), the image's own shim, GRUB and
+/// kernel; `mok` (a DER certificate) added to shim's MokList with `virt-fw-vars`
+/// (PyPI virt-firmware, in .ci/run's venv) when given, as `mokutil --import` and
+/// MokManager would. cloud-init prints `mokutil --sb-state`, the lockdown mode, the
+/// kernel's loaded certificates and what `modprobe nvidia` does, then powers off.
+/// Returns what it printed.
+fn secure_boot(dir: &Path, raw: &Path, mok: Option<&Path>) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let vars = dir.join("OVMF_VARS.fd");
+    let ms_vars = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
+    match mok {
+        Some(cert) => {
+            let tool = cache().join("venv/bin/virt-fw-vars");
+            assert!(
+                tool.exists(),
+                "{} is missing: run .ci/run (pip virt-firmware)",
+                tool.display()
+            );
+            sh(
+                tool.to_str().unwrap(),
+                &[
+                    "-i",
+                    ms_vars,
+                    "-o",
+                    vars.to_str().unwrap(),
+                    // shim's vendor GUID, the owner mokutil gives imported keys.
+                    "--add-mok",
+                    "605dab50-e046-4300-abb6-3dd810dd8b23",
+                    cert.to_str().unwrap(),
+                ],
+            );
+        }
+        None => {
+            std::fs::copy(ms_vars, &vars).unwrap();
+        }
+    }
+    let overlay = dir.join("overlay.qcow2");
+    sh(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-b",
+            raw.to_str().unwrap(),
+            overlay.to_str().unwrap(),
+        ],
+    );
+    let user_data = "#cloud-config\nruncmd:\n  - [sh, -c, 'exec > /dev/ttyS0 2>&1; echo SB-BEGIN; mokutil --sb-state; cat /sys/kernel/security/lockdown; dmesg | grep \"Loaded X.509 cert\"; modprobe nvidia; echo modprobe-rc=$?; dmesg | grep NVRM; echo SB-END; poweroff']\n";
+    let seed = dir.join("seed.img");
+    kiln::disk::fat::make_cidata(
+        &seed,
+        &[
+            ("user-data", user_data.as_bytes()),
+            ("meta-data", b"instance-id: kiln-secureboot\nlocal-hostname: sb\n"),
+        ],
+    )
+    .unwrap();
+    let serial = dir.join("serial.log");
+    let st = Command::new("timeout")
+        .args([
+            "1500",
+            "qemu-system-x86_64",
+            "-machine",
+            "q35,smm=on",
+            "-accel",
+            "tcg",
+            "-m",
+            "2048",
+        ])
+        .args([
+            "-smp",
+            "2",
+            "-nodefaults",
+            "-nographic",
+            "-monitor",
+            "none",
+            "-no-reboot",
+        ])
+        .args(["-global", "driver=cfi.pflash01,property=secure,value=on"])
+        .arg("-drive")
+        .arg("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.ms.fd")
+        .arg("-drive")
+        .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=virtio,format=qcow2,cache=unsafe",
+            overlay.display()
+        ))
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=raw,readonly=on", seed.display()))
+        .args([
+            "-netdev",
+            "user,id=net0,restrict=on",
+            "-device",
+            "virtio-net-pci,netdev=net0,romfile=",
+        ])
+        .status()
+        .unwrap();
+    let log = String::from_utf8_lossy(&std::fs::read(&serial).unwrap()).replace('\r', "");
+    assert!(st.success(), "QEMU failed or timed out ({st}); serial log:\n{log}");
+    let out: String = log
+        .lines()
+        .skip_while(|l| !l.contains("SB-BEGIN"))
+        .take_while(|l| !l.contains("SB-END"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(!out.is_empty(), "the guest printed no report; serial log:\n{log}");
+    out
+}
+
 #[test]
 fn mismatched_certificate_fails_before_any_image() {
     require_root!();
@@ -344,6 +462,31 @@ fn nvidia_modules_are_signed_with_the_users_key() {
         let failed: Vec<&str> = v.checks.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
         assert_eq!(failed.len(), paths.len(), "{failed:?}");
         assert!(failed.iter().all(|n| n.starts_with("module signature ")), "{failed:?}");
+
+        // Secure Boot enforced: with the certificate in shim's MokList the kernel takes the
+        // signed module (its init runs and finds no GPU); without it, lockdown refuses it.
+        let (enrolled, not_enrolled) = std::thread::scope(|s| {
+            let a = s.spawn(|| secure_boot(&tmp.path().join("sb-mok"), &raw, Some(&key.cert_der)));
+            let b = s.spawn(|| secure_boot(&tmp.path().join("sb-nomok"), &raw, None));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        eprintln!("--- Secure Boot, certificate enrolled:\n{enrolled}\n--- not enrolled:\n{not_enrolled}");
+        for out in [&enrolled, &not_enrolled] {
+            assert!(out.contains("SecureBoot enabled"), "mokutil --sb-state: {out}");
+            assert!(out.contains("[integrity]"), "the kernel is not locked down: {out}");
+        }
+        assert!(
+            enrolled.contains(&format!("Loaded X.509 cert '{SIGNER}")),
+            "the kernel did not load the enrolled certificate: {enrolled}"
+        );
+        assert!(
+            enrolled.contains("NVRM: No NVIDIA GPU found") && enrolled.contains("No such device"),
+            "the signed nvidia module was not accepted: {enrolled}"
+        );
+        assert!(
+            not_enrolled.contains("Operation not permitted") && !not_enrolled.contains("NVRM"),
+            "without the certificate the module must be refused: {not_enrolled}"
+        );
     });
     cleanup();
     if let Err(e) = res {
