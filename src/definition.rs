@@ -101,6 +101,8 @@ struct RawExpect {
     containerd: Option<RawContainerd>,
     runtime_classes: Option<BTreeMap<String, String>>,
     nvidia_driver_version: Option<String>,
+    kernel: Option<String>,
+    absent_packages: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Default)]
@@ -167,8 +169,14 @@ struct RawStage {
     before: Option<String>,
     #[serde(default)]
     full_upgrade: bool,
+    /// `true`/`false`, or a parameter field holding one (`"${modules.kernel_headers}"`).
     #[serde(default)]
-    kernel_headers: bool,
+    kernel_headers: Flag,
+    /// Pin the image kernel: once the stage's packages are in (the list installs
+    /// linux-image-K), every other kernel and the meta packages that pull one in are
+    /// removed. Empty (a parameter field) pins nothing.
+    #[serde(default)]
+    kernel: String,
     #[serde(default)]
     repositories: Vec<String>,
     #[serde(default)]
@@ -182,6 +190,32 @@ struct RawStage {
     /// Kernel modules that must exist, with a matching vermagic, for every image kernel.
     #[serde(default)]
     require_modules: Vec<String>,
+}
+
+/// A boolean key written as `true`/`false` or as a string that a parameter field makes
+/// `"true"` or `"false"` (strings are what `${NAME.FIELD}` replaces).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Flag(bool);
+
+impl<'de> Deserialize<'de> for Flag {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Bool(bool),
+            Text(String),
+        }
+        match Written::deserialize(d)? {
+            Written::Bool(b) => Ok(Flag(b)),
+            Written::Text(t) => match t.as_str() {
+                "true" => Ok(Flag(true)),
+                "false" => Ok(Flag(false)),
+                // The shape check before `${...}` is replaced; the substituted file is read again.
+                t if t.contains("${") => Ok(Flag(false)),
+                _ => Err(serde::de::Error::custom(format!("`{t}` is not true or false"))),
+            },
+        }
+    }
 }
 
 /// A validated, fully resolved image definition.
@@ -364,6 +398,12 @@ pub struct Expectations {
     pub runtime_classes: Vec<(String, String)>,
     /// Upstream version of the loaded `nvidia` module (`modinfo -F version nvidia`).
     pub nvidia_driver_version: Option<String>,
+    /// The image's only kernel release (a stage's `kernel` pin); the one booted.
+    pub kernel: Option<String>,
+    /// Packages that must not be installed: names, or patterns with `*` and `?`
+    /// (`gcc-1?`, `linux-headers-*`). Written as one string of words, so that a
+    /// parameter field can give the list (`"${modules.absent_packages}"`).
+    pub absent_packages: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -406,6 +446,9 @@ pub struct Stage {
     pub name: String,
     pub full_upgrade: bool,
     pub kernel_headers: bool,
+    /// The kernel release (`5.15.0-191-generic`) the stage pins the image to: every
+    /// other kernel is removed once its packages are installed.
+    pub kernel: Option<String>,
     pub repositories: Vec<String>,
     pub packages: Vec<PackageSpec>,
     pub hold: Vec<String>,
@@ -757,8 +800,17 @@ pub fn load_with(path: &Path, sets: &[Setting]) -> Result<ImageDef> {
                 );
             }
         }
+        let kernel = match s.kernel.as_str() {
+            "" => None,
+            k if kernel_release(k) => Some(k.to_string()),
+            k => user_bail!(
+                "image definition {fd}: stage `{}` kernel = \"{k}\" is not a kernel release (e.g. 5.15.0-191-generic)",
+                s.name
+            ),
+        };
         let mut packages = Vec::new();
-        for l in &s.packages {
+        // A list name a parameter field leaves empty (`"${modules.toolchain}"`) names no list.
+        for l in s.packages.iter().filter(|l| !l.is_empty()) {
             let p = project_root.join("package-lists").join(format!("{l}.list"));
             if !p.is_file() {
                 user_bail!(
@@ -791,7 +843,8 @@ pub fn load_with(path: &Path, sets: &[Setting]) -> Result<ImageDef> {
             hooks: dir_list("hooks", &s.hooks)?,
             name: s.name,
             full_upgrade: s.full_upgrade,
-            kernel_headers: s.kernel_headers,
+            kernel_headers: s.kernel_headers.0,
+            kernel,
             repositories: s.repositories,
             packages,
             hold: s.hold,
@@ -946,6 +999,12 @@ impl RawExpect {
         }
         merge_map(&mut self.runtime_classes, &other.runtime_classes);
         replace(&mut self.nvidia_driver_version, &other.nvidia_driver_version);
+        replace(&mut self.kernel, &other.kernel);
+        if let Some(a) = &other.absent_packages {
+            let d = self.absent_packages.get_or_insert_with(String::new);
+            d.push(' ');
+            d.push_str(a);
+        }
     }
 
     /// Validate the merged table of the definition `f`. Every value ends up in the
@@ -1161,8 +1220,30 @@ impl RawExpect {
                 .nvidia_driver_version
                 .map(|v| version("nvidia_driver_version", &v))
                 .transpose()?,
+            kernel: match self.kernel.as_deref() {
+                None | Some("") => None,
+                Some(k) if kernel_release(k) => Some(k.to_string()),
+                Some(k) => return Err(bad("kernel", k, "is not a kernel release (e.g. 5.15.0-191-generic)")),
+            },
+            absent_packages: self
+                .absent_packages
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(|p| {
+                    if word(p, "+-.*?") {
+                        Ok(p.to_string())
+                    } else {
+                        Err(bad("absent_packages", p, "is not a package name or pattern (* and ?)"))
+                    }
+                })
+                .collect::<Result<_>>()?,
         })
     }
+}
+
+/// `5.15.0-191-generic`: a kernel release as /lib/modules names it.
+fn kernel_release(k: &str) -> bool {
+    k.starts_with(|c: char| c.is_ascii_digit()) && k.chars().all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c))
 }
 
 /// Parse `package-lists/X.list`: one package a line, `name=version` pins, `#` comments,

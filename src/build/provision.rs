@@ -3,7 +3,7 @@
 //!
 //! All the definition's repositories are configured before the first stage, so a build
 //! runs one apt update. A stage, in order: apt update (only the first stage that uses
-//! apt) → full-upgrade → install its packages → kernel headers for every image kernel →
+//! apt) → full-upgrade → install its packages → the kernel pin → kernel headers for every image kernel →
 //! holds → overlays → hooks → required kernel modules checked for every image kernel.
 
 use crate::build::lock::Resolution;
@@ -51,6 +51,15 @@ pub fn check_overrides(def: &ImageDef, overrides: &[RepoOverride]) -> Result<()>
     Ok(())
 }
 
+/// What provisioning leaves for the build's report.
+#[derive(Debug, Default)]
+pub struct Provisioned {
+    /// Every installed package's source (`None` without apt).
+    pub resolution: Option<Resolution>,
+    /// What the user must know about the image (a kernel pinned below the newest).
+    pub warnings: Vec<String>,
+}
+
 pub fn provision(
     root: &Path,
     rd: &RootDir,
@@ -58,13 +67,14 @@ pub fn provision(
     opts: &ProvisionOpts,
     mounts: &mut MountStack,
     timings: &mut Timings,
-) -> Result<Option<Resolution>> {
+) -> Result<Provisioned> {
     if def.stages.is_empty() {
-        return Ok(None);
+        return Ok(Provisioned::default());
     }
     let mut session = Session::enter(root, rd, mounts)?;
     session.source_date_epoch = opts.source_date_epoch;
     let session = session;
+    let mut warnings = Vec::new();
     let res = (|| -> Result<Option<Resolution>> {
         // apt's build-time setup only when a stage uses apt.
         let uses_apt = def.stages.iter().any(stage_uses_apt);
@@ -106,6 +116,7 @@ pub fn provision(
                 rd,
                 dkms_cache.as_ref(),
                 &mut updated,
+                &mut warnings,
             )
             .with_context(|| format!("stage {} of {}", stage.name, def.name))?;
             timings.downloaded = apt.as_ref().map_or(0, |a| a.downloaded) - before;
@@ -147,7 +158,7 @@ pub fn provision(
     let closed = session.close(rd, mounts);
     let resolution = res?;
     closed?;
-    Ok(resolution)
+    Ok(Provisioned { resolution, warnings })
 }
 
 fn stage_uses_apt(s: &crate::definition::Stage) -> bool {
@@ -162,6 +173,7 @@ fn run_stage(
     rd: &RootDir,
     dkms_cache: Option<&Cache>,
     updated: &mut bool,
+    warnings: &mut Vec<String>,
 ) -> Result<()> {
     if !stage_uses_apt(stage) {
         return run_files(stage, session, rd);
@@ -186,6 +198,9 @@ fn run_stage(
         apt.full_upgrade()?;
     }
     apt.install(&stage.packages)?;
+    if let Some(k) = &stage.kernel {
+        warnings.extend(crate::build::stages::kernel::pin(apt, k)?);
+    }
     if stage.kernel_headers {
         let kernels = bootable_kernels(rd)?;
         if kernels.is_empty() {

@@ -5,5 +5,6 @@ pub mod bootloader;
 pub mod chroot;
 pub mod dkms;
 pub mod hooks;
+pub mod kernel;
 pub mod overlays;
 pub mod scrub;
