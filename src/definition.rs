@@ -1461,6 +1461,95 @@ mod tests {
         let e = load_with(&nv, &[set("ubuntu=24.04"), set("driver=550")]).unwrap_err();
         assert_eq!(crate::error::exit_code(&e), 2);
         assert!(format!("{e:#}").contains("nvidia-550-server-noble"), "{e:#}");
+
+        // The default (DKMS): the toolchain, headers, no kernel pin, nothing forbidden.
+        let d = load(&nv).unwrap();
+        assert!(d.stages.iter().any(|s| s.kernel_headers));
+        assert!(d.stages.iter().all(|s| s.kernel.is_none()));
+        pkg(&d, "dkms");
+        pkg(&d, "nvidia-dkms-565-server");
+        assert_eq!((d.expect.kernel.as_ref(), d.expect.absent_packages.len()), (None, 0));
+
+        // Canonical's precompiled modules: the kernel pinned, no compiler, DKMS or headers.
+        let d = load_with(&nv, &[set("modules=precompiled")]).unwrap();
+        assert_eq!(d.name, "ubuntu-2204-nvidia-565-firmware1-precompiled");
+        let k = "5.15.0-191-generic";
+        assert!(d.stages.iter().all(|s| !s.kernel_headers));
+        assert_eq!(
+            d.stages.iter().filter_map(|s| s.kernel.as_deref()).collect::<Vec<_>>(),
+            [k]
+        );
+        assert_eq!(d.expect.kernel.as_deref(), Some(k));
+        assert_eq!(
+            pkg(&d, &format!("linux-modules-nvidia-565-server-{k}"))
+                .version
+                .as_deref(),
+            Some("5.15.0-191.201+1")
+        );
+        assert_eq!(
+            d.payload.gpu.as_ref().unwrap().driver_package,
+            "nvidia-headless-no-dkms-565-server"
+        );
+        let names: Vec<&str> = d
+            .stages
+            .iter()
+            .flat_map(|s| &s.packages)
+            .map(|p| p.name.as_str())
+            .collect();
+        for forbidden in [
+            "build-essential",
+            "dkms",
+            "linux-headers-generic",
+            "nvidia-dkms-565-server",
+            "nvidia-driver-565-server",
+        ] {
+            assert!(!names.contains(&forbidden), "{forbidden} in the precompiled variant");
+            assert!(
+                d.expect
+                    .absent_packages
+                    .iter()
+                    .any(|p| glob::Pattern::new(p).unwrap().matches(forbidden))
+                    || forbidden.starts_with("nvidia-"),
+                "{forbidden} not forbidden by expect.absent_packages"
+            );
+        }
+        assert!(
+            !d.expect
+                .absent_packages
+                .iter()
+                .any(|p| glob::Pattern::new(p).unwrap().matches("gcc-12-base")),
+            "gcc-12-base (a runtime library's) must stay allowed"
+        );
+        // Only jammy + 565 has a precompiled list.
+        let e = load_with(&nv, &[set("modules=precompiled"), set("driver=550")]).unwrap_err();
+        assert!(format!("{e:#}").contains("nvidia-550-server-precompiled"), "{e:#}");
+        // The GPU-ready definition knows only dkms.
+        let e = load_with(&gpu, &[set("modules=precompiled")]).unwrap_err();
+        assert!(format!("{e:#}").contains("allowed: dkms"), "{e:#}");
+    }
+
+    /// A boolean key may be a parameter field; anything but true/false is refused.
+    #[test]
+    fn flags_take_parameter_fields() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("images")).unwrap();
+        let def = |headers: &str| {
+            let p = d.path().join("images/x.toml");
+            std::fs::write(
+                &p,
+                format!(
+                    "name = \"x\"\ndescription = \"x\"\ndisk_size = \"2GiB\"\n[payload]\nuri = \"s3://b/{{name}}\"\n\
+                     [parameters.h]\ndefault = \"a\"\n[parameters.h.values.a]\nv = \"{headers}\"\n\
+                     [[stage]]\nname = \"s\"\nkernel_headers = \"${{h.v}}\"\nkernel = \"\"\n"
+                ),
+            )
+            .unwrap();
+            load(&p)
+        };
+        assert!(def("true").unwrap().stages[0].kernel_headers);
+        assert!(!def("false").unwrap().stages[0].kernel_headers);
+        let e = def("yes").unwrap_err();
+        assert!(format!("{e:#}").contains("`yes` is not true or false"), "{e:#}");
     }
 
     /// Parameters down an `extends` chain: `${NAME}` and `${NAME.FIELD}` in names,
