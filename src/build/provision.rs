@@ -116,8 +116,8 @@ pub fn provision(
                 rd,
                 dkms_cache.as_ref(),
                 &mut updated,
-                &mut warnings,
             )
+            .map(|w| warnings.extend(w))
             .with_context(|| format!("stage {} of {}", stage.name, def.name))?;
             timings.downloaded = apt.as_ref().map_or(0, |a| a.downloaded) - before;
         }
@@ -173,10 +173,9 @@ fn run_stage(
     rd: &RootDir,
     dkms_cache: Option<&Cache>,
     updated: &mut bool,
-    warnings: &mut Vec<String>,
-) -> Result<()> {
+) -> Result<Option<String>> {
     if !stage_uses_apt(stage) {
-        return run_files(stage, session, rd);
+        return run_files(stage, session, rd).map(|()| None);
     }
     let apt = apt.expect("apt is set up when a stage uses it");
     let mut repos_changed = false;
@@ -198,9 +197,11 @@ fn run_stage(
         apt.full_upgrade()?;
     }
     apt.install(&stage.packages)?;
-    if let Some(k) = &stage.kernel {
-        warnings.extend(crate::build::stages::kernel::pin(apt, k)?);
-    }
+    // The kernel pin's warning, when the archive has a newer kernel.
+    let warning = match &stage.kernel {
+        Some(k) => crate::build::stages::kernel::pin(apt, k)?,
+        None => None,
+    };
     if stage.kernel_headers {
         let kernels = bootable_kernels(rd)?;
         if kernels.is_empty() {
@@ -236,7 +237,8 @@ fn run_stage(
         }
     }
     apt.hold(&hold, &pins)?;
-    run_files(stage, session, rd)
+    run_files(stage, session, rd)?;
+    Ok(warning)
 }
 
 /// Overlays, hooks and the module check of a stage.
