@@ -8,8 +8,10 @@
 //!
 //! * the system: `expect.os` and `expect.architecture`, the disk as large as `disk_size`;
 //! * every package of every stage installed, pinned ones at exactly their version, and
-//!   pinned and `hold`-listed ones on hold (`package NAME`);
-//! * the image kernels (`/boot/vmlinuz-K` with `/lib/modules/K`), their headers when a
+//!   pinned and `hold`-listed ones on hold (`package NAME`), and none that matches an
+//!   `expect.absent_packages` pattern (`package PATTERN absent`);
+//! * the image kernels (`/boot/vmlinuz-K` with `/lib/modules/K`), `expect.kernel` alone
+//!   when the definition pins one (`kernel pinned`), their headers when a
 //!   stage asks for `kernel_headers`, and each `require_modules` module built for each
 //!   kernel (the `vermagic=` of its `.modinfo`), with `nvidia.ko` at
 //!   `expect.nvidia_driver_version`;
