@@ -102,6 +102,8 @@ struct RawExpect {
     runtime_classes: Option<BTreeMap<String, String>>,
     nvidia_driver_version: Option<String>,
     module_signer: Option<String>,
+    kernel: Option<String>,
+    absent_packages: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Default)]
@@ -168,8 +170,14 @@ struct RawStage {
     before: Option<String>,
     #[serde(default)]
     full_upgrade: bool,
+    /// `true`/`false`, or a parameter field holding one (`"${modules.kernel_headers}"`).
     #[serde(default)]
-    kernel_headers: bool,
+    kernel_headers: Flag,
+    /// Pin the image kernel: once the stage's packages are in (the list installs
+    /// linux-image-K), every other kernel and the meta packages that pull one in are
+    /// removed. Empty (a parameter field) pins nothing.
+    #[serde(default)]
+    kernel: String,
     #[serde(default)]
     repositories: Vec<String>,
     #[serde(default)]
@@ -183,6 +191,32 @@ struct RawStage {
     /// Kernel modules that must exist, with a matching vermagic, for every image kernel.
     #[serde(default)]
     require_modules: Vec<String>,
+}
+
+/// A boolean key written as `true`/`false` or as a string that a parameter field makes
+/// `"true"` or `"false"` (strings are what `${NAME.FIELD}` replaces).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Flag(bool);
+
+impl<'de> Deserialize<'de> for Flag {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Bool(bool),
+            Text(String),
+        }
+        match Written::deserialize(d)? {
+            Written::Bool(b) => Ok(Flag(b)),
+            Written::Text(t) => match t.as_str() {
+                "true" => Ok(Flag(true)),
+                "false" => Ok(Flag(false)),
+                // The shape check before `${...}` is replaced; the substituted file is read again.
+                t if t.contains("${") => Ok(Flag(false)),
+                _ => Err(serde::de::Error::custom(format!("`{t}` is not true or false"))),
+            },
+        }
+    }
 }
 
 /// A validated, fully resolved image definition.
@@ -368,6 +402,12 @@ pub struct Expectations {
     /// Who must have signed every NVIDIA module (`modinfo -F signer`: the CN of the
     /// signing certificate's issuer); unset: `verify` only reports the signers.
     pub module_signer: Option<String>,
+    /// The image's only kernel release (a stage's `kernel` pin); the one booted.
+    pub kernel: Option<String>,
+    /// Packages that must not be installed: names, or patterns with `*` and `?`
+    /// (`gcc-1?`, `linux-headers-*`). Written as one string of words, so that a
+    /// parameter field can give the list (`"${modules.absent_packages}"`).
+    pub absent_packages: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -410,6 +450,9 @@ pub struct Stage {
     pub name: String,
     pub full_upgrade: bool,
     pub kernel_headers: bool,
+    /// The kernel release (`5.15.0-191-generic`) the stage pins the image to: every
+    /// other kernel is removed once its packages are installed.
+    pub kernel: Option<String>,
     pub repositories: Vec<String>,
     pub packages: Vec<PackageSpec>,
     pub hold: Vec<String>,
@@ -761,8 +804,17 @@ pub fn load_with(path: &Path, sets: &[Setting]) -> Result<ImageDef> {
                 );
             }
         }
+        let kernel = match s.kernel.as_str() {
+            "" => None,
+            k if kernel_release(k) => Some(k.to_string()),
+            k => user_bail!(
+                "image definition {fd}: stage `{}` kernel = \"{k}\" is not a kernel release (e.g. 5.15.0-191-generic)",
+                s.name
+            ),
+        };
         let mut packages = Vec::new();
-        for l in &s.packages {
+        // A list name a parameter field leaves empty (`"${modules.toolchain}"`) names no list.
+        for l in s.packages.iter().filter(|l| !l.is_empty()) {
             let p = project_root.join("package-lists").join(format!("{l}.list"));
             if !p.is_file() {
                 user_bail!(
@@ -795,7 +847,8 @@ pub fn load_with(path: &Path, sets: &[Setting]) -> Result<ImageDef> {
             hooks: dir_list("hooks", &s.hooks)?,
             name: s.name,
             full_upgrade: s.full_upgrade,
-            kernel_headers: s.kernel_headers,
+            kernel_headers: s.kernel_headers.0,
+            kernel,
             repositories: s.repositories,
             packages,
             hold: s.hold,
@@ -951,6 +1004,12 @@ impl RawExpect {
         merge_map(&mut self.runtime_classes, &other.runtime_classes);
         replace(&mut self.nvidia_driver_version, &other.nvidia_driver_version);
         replace(&mut self.module_signer, &other.module_signer);
+        replace(&mut self.kernel, &other.kernel);
+        if let Some(a) = &other.absent_packages {
+            let d = self.absent_packages.get_or_insert_with(String::new);
+            d.push(' ');
+            d.push_str(a);
+        }
     }
 
     /// Validate the merged table of the definition `f`. Every value ends up in the
@@ -1167,6 +1226,8 @@ impl RawExpect {
                 .map(|v| version("nvidia_driver_version", &v))
                 .transpose()?,
             module_signer: match self.module_signer {
+                // A parameter field may leave it unset (`module_signer = "${modules.signer}"`).
+                Some(s) if s.is_empty() => None,
                 Some(s) if s.trim().is_empty() || s.contains(['\n', '\r']) || s.trim() != s => {
                     return Err(bad(
                         "module_signer",
@@ -1176,8 +1237,30 @@ impl RawExpect {
                 }
                 s => s,
             },
+            kernel: match self.kernel.as_deref() {
+                None | Some("") => None,
+                Some(k) if kernel_release(k) => Some(k.to_string()),
+                Some(k) => return Err(bad("kernel", k, "is not a kernel release (e.g. 5.15.0-191-generic)")),
+            },
+            absent_packages: self
+                .absent_packages
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(|p| {
+                    if word(p, "+-.*?") {
+                        Ok(p.to_string())
+                    } else {
+                        Err(bad("absent_packages", p, "is not a package name or pattern (* and ?)"))
+                    }
+                })
+                .collect::<Result<_>>()?,
         })
     }
+}
+
+/// `5.15.0-191-generic`: a kernel release as /lib/modules names it.
+fn kernel_release(k: &str) -> bool {
+    k.starts_with(|c: char| c.is_ascii_digit()) && k.chars().all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c))
 }
 
 /// Parse `package-lists/X.list`: one package a line, `name=version` pins, `#` comments,
@@ -1395,6 +1478,95 @@ mod tests {
         let e = load_with(&nv, &[set("ubuntu=24.04"), set("driver=550")]).unwrap_err();
         assert_eq!(crate::error::exit_code(&e), 2);
         assert!(format!("{e:#}").contains("nvidia-550-server-noble"), "{e:#}");
+
+        // The default (DKMS): the toolchain, headers, no kernel pin, nothing forbidden.
+        let d = load(&nv).unwrap();
+        assert!(d.stages.iter().any(|s| s.kernel_headers));
+        assert!(d.stages.iter().all(|s| s.kernel.is_none()));
+        pkg(&d, "dkms");
+        pkg(&d, "nvidia-dkms-565-server");
+        assert_eq!((d.expect.kernel.as_ref(), d.expect.absent_packages.len()), (None, 0));
+
+        // Canonical's precompiled modules: the kernel pinned, no compiler, DKMS or headers.
+        let d = load_with(&nv, &[set("modules=precompiled")]).unwrap();
+        assert_eq!(d.name, "ubuntu-2204-nvidia-565-firmware1-precompiled");
+        let k = "5.15.0-191-generic";
+        assert!(d.stages.iter().all(|s| !s.kernel_headers));
+        assert_eq!(
+            d.stages.iter().filter_map(|s| s.kernel.as_deref()).collect::<Vec<_>>(),
+            [k]
+        );
+        assert_eq!(d.expect.kernel.as_deref(), Some(k));
+        assert_eq!(
+            pkg(&d, &format!("linux-modules-nvidia-565-server-{k}"))
+                .version
+                .as_deref(),
+            Some("5.15.0-191.201+1")
+        );
+        assert_eq!(
+            d.payload.gpu.as_ref().unwrap().driver_package,
+            "nvidia-headless-no-dkms-565-server"
+        );
+        let names: Vec<&str> = d
+            .stages
+            .iter()
+            .flat_map(|s| &s.packages)
+            .map(|p| p.name.as_str())
+            .collect();
+        for forbidden in [
+            "build-essential",
+            "dkms",
+            "linux-headers-generic",
+            "nvidia-dkms-565-server",
+            "nvidia-driver-565-server",
+        ] {
+            assert!(!names.contains(&forbidden), "{forbidden} in the precompiled variant");
+            assert!(
+                d.expect
+                    .absent_packages
+                    .iter()
+                    .any(|p| glob::Pattern::new(p).unwrap().matches(forbidden))
+                    || forbidden.starts_with("nvidia-"),
+                "{forbidden} not forbidden by expect.absent_packages"
+            );
+        }
+        assert!(
+            !d.expect
+                .absent_packages
+                .iter()
+                .any(|p| glob::Pattern::new(p).unwrap().matches("gcc-12-base")),
+            "gcc-12-base (a runtime library's) must stay allowed"
+        );
+        // Only jammy + 565 has a precompiled list.
+        let e = load_with(&nv, &[set("modules=precompiled"), set("driver=550")]).unwrap_err();
+        assert!(format!("{e:#}").contains("nvidia-550-server-precompiled"), "{e:#}");
+        // The GPU-ready definition knows only dkms.
+        let e = load_with(&gpu, &[set("modules=precompiled")]).unwrap_err();
+        assert!(format!("{e:#}").contains("allowed: dkms"), "{e:#}");
+    }
+
+    /// A boolean key may be a parameter field; anything but true/false is refused.
+    #[test]
+    fn flags_take_parameter_fields() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("images")).unwrap();
+        let def = |headers: &str| {
+            let p = d.path().join("images/x.toml");
+            std::fs::write(
+                &p,
+                format!(
+                    "name = \"x\"\ndescription = \"x\"\ndisk_size = \"2GiB\"\n[payload]\nuri = \"s3://b/{{name}}\"\n\
+                     [parameters.h]\ndefault = \"a\"\n[parameters.h.values.a]\nv = \"{headers}\"\n\
+                     [[stage]]\nname = \"s\"\nkernel_headers = \"${{h.v}}\"\nkernel = \"\"\n"
+                ),
+            )
+            .unwrap();
+            load(&p)
+        };
+        assert!(def("true").unwrap().stages[0].kernel_headers);
+        assert!(!def("false").unwrap().stages[0].kernel_headers);
+        let e = def("yes").unwrap_err();
+        assert!(format!("{e:#}").contains("`yes` is not true or false"), "{e:#}");
     }
 
     /// Parameters down an `extends` chain: `${NAME}` and `${NAME.FIELD}` in names,

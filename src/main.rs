@@ -473,6 +473,9 @@ fn run(cli: Cli) -> Result<()> {
                 println!("built {} (sha256 {})", report.raw.display(), report.sha256);
                 println!("payload {}", report.payload.display());
                 println!("SBOM {}", report.sbom.display());
+                for w in &report.warnings {
+                    println!("warning: {w}");
+                }
             }
             Ok(())
         }

@@ -9,6 +9,10 @@
 //! - `ubuntu=24.04`: the GPU-ready image built from a noble root (`kiln bootstrap
 //!   --suite noble`).
 //!
+//! - `modules=precompiled`: the NVIDIA image with Canonical's precompiled, signed
+//!   modules (linux-modules-nvidia-565-server-5.15.0-191-generic) instead of DKMS, from
+//!   the jammy root tarball: the kernel pinned to 5.15.0-191-generic, no compiler.
+//!
 //! Each variant is built once (tests/common `seed_variant`, cached like the seeds) and
 //! shared by its verify and boot tests. Under TCG one UEFI boot takes about 2 minutes.
 //! The tests are named so that libtest (which runs them in name order) starts the
@@ -24,6 +28,11 @@ use std::time::Instant;
 const NVIDIA_550: &[&str] = &["driver=550"];
 const K8S_129: &[&str] = &["kubernetes=1.29"];
 const NOBLE: &[&str] = &["ubuntu=24.04"];
+const PRECOMPILED: &[&str] = &["modules=precompiled"];
+/// The kernel Canonical's 565 modules are built for (package-lists/nvidia-565-server-precompiled.list).
+const PINNED_KERNEL: &str = "5.15.0-191-generic";
+/// The signer Canonical's precompiled modules carry (`modinfo -F signer`).
+const CANONICAL_SIGNER: &str = "Canonical Ltd. Kernel Module Signing";
 
 fn timed(what: &str, f: impl FnOnce() -> PathBuf) -> PathBuf {
     let t0 = Instant::now();
@@ -62,6 +71,16 @@ fn noble() -> &'static PathBuf {
         let base = noble_tarball();
         timed("ubuntu=24.04", || {
             seed_variant(GPU_READY, NOBLE, &base, &["kubernetes"])
+        })
+    })
+}
+
+fn precompiled() -> &'static PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let base = base_tarball();
+        timed("modules=precompiled", || {
+            seed_variant(NVIDIA, PRECOMPILED, &base, &["kubernetes", "nvidia-container-toolkit"])
         })
     })
 }
@@ -264,6 +283,106 @@ fn boot_noble_variant_through_uefi() {
     let checks = boots_through_uefi(noble(), GPU_READY, NOBLE);
     assert!(
         found(&checks, "kernel").contains("6.8.0"),
+        "{}",
+        found(&checks, "kernel")
+    );
+}
+
+/// 22.04 + NVIDIA 565 from Canonical's precompiled, signed modules: the kernel pinned to
+/// 5.15.0-191-generic (the only one in the image), no compiler, DKMS or headers, every
+/// NVIDIA module signed by Canonical (`modinfo -F signer`) with the pinned kernel's
+/// vermagic and version 565.57.01; the build warned that the kernel is not the newest;
+/// the DKMS (default) expectations reject the image.
+#[test]
+fn verify_precompiled_variant_against_its_own_expectations() {
+    require_root!();
+    let img = precompiled();
+    assert_eq!(
+        img.file_name().unwrap(),
+        "ubuntu-2204-nvidia-565-firmware1-precompiled.raw"
+    );
+    let facts = inspect(img);
+    let kernels: Vec<&str> = facts["kernels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["version"].as_str().unwrap())
+        .collect();
+    assert_eq!(kernels, [PINNED_KERNEL], "the pinned kernel alone");
+    let pk = facts["packages"].as_object().unwrap();
+    assert_eq!(
+        pk[&format!("linux-modules-nvidia-565-server-{PINNED_KERNEL}")]["version"],
+        "5.15.0-191.201+1"
+    );
+    let compilers: Vec<&String> = pk
+        .keys()
+        .filter(|n| {
+            ["build-essential", "dkms", "gcc", "g++", "cpp", "clang"].contains(&n.as_str())
+                || n.starts_with("linux-headers-")
+                || n.ends_with("-dkms")
+                || ["gcc-1", "g++-1", "cpp-1"]
+                    .iter()
+                    .any(|p| n.starts_with(p) && !n.ends_with("-base"))
+        })
+        .collect();
+    assert!(compilers.is_empty(), "compiler packages in the image: {compilers:?}");
+    assert!(
+        !pk.keys().any(|k| k.contains("580")),
+        "the 580 branch came in: {:?}",
+        pk.keys().collect::<Vec<_>>()
+    );
+    let p = payload(img);
+    assert_eq!(p["metadata"]["name"], "ubuntu-2204-nvidia-565-firmware1-precompiled");
+    assert_eq!(p["spec"]["gpu"]["driver"], "565.57.01");
+    // The build said the kernel is pinned below the newest (log; --json in the build report).
+    let log =
+        std::fs::read_to_string(img.with_file_name("ubuntu-2204-nvidia-565-firmware1-precompiled.build.log")).unwrap();
+    assert!(
+        log.contains(&format!("the image's kernel is pinned to {PINNED_KERNEL}")) && log.contains("not the newest"),
+        "no kernel pin warning in the build log"
+    );
+    // Every NVIDIA module: Canonical's signature, the pinned kernel's vermagic.
+    let root = kiln::image::open::RootFs::open(img).unwrap();
+    let dir = format!("/usr/lib/modules/{PINNED_KERNEL}/kernel/nvidia-565srv");
+    let kos: Vec<String> = root
+        .read_dir(&dir)
+        .unwrap()
+        .into_iter()
+        .filter(|n| n.ends_with(".ko"))
+        .collect();
+    for m in ["nvidia", "nvidia-uvm", "nvidia-modeset", "nvidia-drm"] {
+        assert!(kos.contains(&format!("{m}.ko")), "{m}.ko missing from {dir}: {kos:?}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for ko in &kos {
+        let bytes = root.read(&format!("{dir}/{ko}")).unwrap();
+        let field = |f: &str| kiln::image::verify::modinfo_field(&bytes, f).unwrap_or_default();
+        assert!(
+            field("vermagic").starts_with(&format!("{PINNED_KERNEL} ")),
+            "{ko}: vermagic {}",
+            field("vermagic")
+        );
+        assert_eq!(field("version"), "565.57.01", "{ko} version");
+        let f = tmp.path().join(ko);
+        std::fs::write(&f, &bytes).unwrap();
+        let signer = sh("modinfo", &["-F", "signer", f.to_str().unwrap()]);
+        assert_eq!(signer.trim(), CANONICAL_SIGNER, "{ko} signer");
+    }
+    eprintln!("{} NVIDIA modules signed by {CANONICAL_SIGNER}: {kos:?}", kos.len());
+    let pinned = verify_passes(img, NVIDIA, PRECOMPILED, "kernel pinned");
+    assert_eq!(pinned, PINNED_KERNEL);
+    // The DKMS variant's expectations (nvidia-dkms-565-server, headers) reject it.
+    let (_, ok) = verify(img, NVIDIA, &[]);
+    assert!(!ok, "the DKMS expectations accepted the precompiled image");
+}
+
+#[test]
+fn boot_precompiled_variant_through_uefi() {
+    require_root!();
+    let checks = boots_through_uefi(precompiled(), NVIDIA, PRECOMPILED);
+    assert_eq!(found(&checks, "nvidia modinfo version"), "565.57.01");
+    assert!(
+        found(&checks, "kernel").contains(PINNED_KERNEL),
         "{}",
         found(&checks, "kernel")
     );

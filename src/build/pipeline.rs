@@ -7,6 +7,7 @@
 
 use crate::build::acquire::{self, BaseFormat, Expected};
 use crate::build::lock::{LockFile, Resolution, lock_path};
+use crate::build::provision::Provisioned;
 use crate::build::timings::Timings;
 use crate::definition::{self, ImageDef};
 use crate::disk::fat::ESP_LABEL;
@@ -70,6 +71,9 @@ pub struct BuildReport {
     /// repositories apt read (`None` for a build without apt).
     #[serde(skip)]
     pub resolution: Option<Resolution>,
+    /// What the user must know about the image: a pinned kernel that is not the newest
+    /// the archive has (also logged as warnings and printed after the build).
+    pub warnings: Vec<String>,
 }
 
 /// ext4 features for a fresh root, fixed rather than the host's mke2fs defaults: newer
@@ -342,19 +346,20 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
             .join(format!("{}.partial", crate::image::sbom::file_name(&def.name))),
         opts.out.join(format!("{}.lock.partial", def.name)),
     ];
-    let finished = result.and_then(|resolution| {
+    let finished = result.and_then(|p| {
+        let Provisioned { resolution, warnings } = p;
         if opts.resolve_only {
             timings.end();
-            return Ok((None, None, resolution));
+            return Ok((None, None, resolution, warnings));
         }
-        finalize(&def, opts, &partials, resolution.as_ref(), timings).map(|(d, q)| (Some(d), q, resolution))
+        finalize(&def, opts, &partials, resolution.as_ref(), timings).map(|(d, q)| (Some(d), q, resolution, warnings))
     });
     if (finished.is_err() && !keep) || opts.resolve_only {
         for p in &partials {
             let _ = std::fs::remove_file(p);
         }
     }
-    let (digest, qcow2, resolution) = finished?;
+    let (digest, qcow2, resolution, warnings) = finished?;
     Ok(BuildReport {
         name: def.name.clone(),
         raw: final_raw,
@@ -366,6 +371,7 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         base: base_path.clone(),
         base_sha256: base_sha.clone(),
         resolution,
+        warnings,
     })
 }
 
@@ -521,7 +527,7 @@ fn build_in(
     work: &Path,
     partial: &Path,
     timings: &mut Timings,
-) -> Result<Option<Resolution>> {
+) -> Result<Provisioned> {
     crate::build::boundary(timings, "disk")?;
     // A locked build's identifiers (GPT, ext4) derive from its lock: the same lock
     // gives the same disk and filesystem UUIDs.
@@ -586,7 +592,7 @@ fn build_in(
     let root_dir = work.join("root");
     mounts.mount(&dev.to_string_lossy(), &root_dir, Some("ext4"), MsFlags::empty(), None)?;
 
-    let res = (|| -> Result<Option<Resolution>> {
+    let res = (|| -> Result<Provisioned> {
         let rd = RootDir::open(&root_dir)?;
         if disk_base.is_none() {
             crate::build::boundary(timings, "unpack")?;
@@ -601,7 +607,7 @@ fn build_in(
             );
             write_fstab(&rd)?;
         }
-        let resolution =
+        let provisioned =
             crate::build::provision::provision(&root_dir, &rd, def, &opts.provision, &mut mounts, timings)?;
         if disk_base.is_none() && def.bootloader {
             crate::build::stages::bootloader::install(partial, &layout, &dev, &root_dir, &rd, &mut mounts, timings)?;
@@ -617,11 +623,11 @@ fn build_in(
             .arg(&root_dir)
             .run()
             .context("discarding free blocks (fstrim) so the image stays sparse")?;
-        Ok(resolution)
+        Ok(provisioned)
     })();
     // Release in reverse order: mounts, then the loop device.
     let unmounted = mounts.close();
-    let resolution = res?;
+    let provisioned = res?;
     unmounted?;
     Cmd::new("e2fsck")
         .args(["-f", "-n"])
@@ -631,7 +637,7 @@ fn build_in(
     root_loop.close()?;
     let f = std::fs::File::open(partial)?;
     f.sync_all().with_context(|| format!("syncing {}", partial.display()))?;
-    Ok(resolution)
+    Ok(provisioned)
 }
 
 /// The fstab of Ubuntu's cloud image: root and ESP by label.

@@ -3,7 +3,7 @@
 //!
 //! All the definition's repositories are configured before the first stage, so a build
 //! runs one apt update. A stage, in order: apt update (only the first stage that uses
-//! apt) → full-upgrade → install its packages → kernel headers for every image kernel →
+//! apt) → full-upgrade → install its packages → the kernel pin → kernel headers for every image kernel →
 //! holds → overlays → hooks → required kernel modules checked for every image kernel.
 
 use crate::build::lock::Resolution;
@@ -55,6 +55,15 @@ pub fn check_overrides(def: &ImageDef, overrides: &[RepoOverride]) -> Result<()>
     Ok(())
 }
 
+/// What provisioning leaves for the build's report.
+#[derive(Debug, Default)]
+pub struct Provisioned {
+    /// Every installed package's source (`None` without apt).
+    pub resolution: Option<Resolution>,
+    /// What the user must know about the image (a kernel pinned below the newest).
+    pub warnings: Vec<String>,
+}
+
 pub fn provision(
     root: &Path,
     rd: &RootDir,
@@ -62,13 +71,14 @@ pub fn provision(
     opts: &ProvisionOpts,
     mounts: &mut MountStack,
     timings: &mut Timings,
-) -> Result<Option<Resolution>> {
+) -> Result<Provisioned> {
     if def.stages.is_empty() {
-        return Ok(None);
+        return Ok(Provisioned::default());
     }
     let mut session = Session::enter(root, rd, mounts)?;
     session.source_date_epoch = opts.source_date_epoch;
     let session = session;
+    let mut warnings = Vec::new();
     let res = (|| -> Result<Option<Resolution>> {
         // apt's build-time setup only when a stage uses apt.
         let uses_apt = def.stages.iter().any(stage_uses_apt);
@@ -119,6 +129,7 @@ pub fn provision(
                 dkms_cache.as_ref(),
                 &mut updated,
             )
+            .map(|w| warnings.extend(w))
             .with_context(|| format!("stage {} of {}", stage.name, def.name))?;
             timings.downloaded = apt.as_ref().map_or(0, |a| a.downloaded) - before;
         }
@@ -170,7 +181,7 @@ pub fn provision(
     let closed = session.close(rd, mounts);
     let resolution = res?;
     closed?;
-    Ok(resolution)
+    Ok(Provisioned { resolution, warnings })
 }
 
 fn stage_uses_apt(s: &crate::definition::Stage) -> bool {
@@ -185,9 +196,9 @@ fn run_stage(
     rd: &RootDir,
     dkms_cache: Option<&Cache>,
     updated: &mut bool,
-) -> Result<()> {
+) -> Result<Option<String>> {
     if !stage_uses_apt(stage) {
-        return run_files(stage, session, rd);
+        return run_files(stage, session, rd).map(|()| None);
     }
     let apt = apt.expect("apt is set up when a stage uses it");
     let mut repos_changed = false;
@@ -209,6 +220,11 @@ fn run_stage(
         apt.full_upgrade()?;
     }
     apt.install(&stage.packages)?;
+    // The kernel pin's warning, when the archive has a newer kernel.
+    let warning = match &stage.kernel {
+        Some(k) => crate::build::stages::kernel::pin(apt, k)?,
+        None => None,
+    };
     if stage.kernel_headers {
         let kernels = bootable_kernels(rd)?;
         if kernels.is_empty() {
@@ -244,7 +260,8 @@ fn run_stage(
         }
     }
     apt.hold(&hold, &pins)?;
-    run_files(stage, session, rd)
+    run_files(stage, session, rd)?;
+    Ok(warning)
 }
 
 /// Overlays, hooks and the module check of a stage.

@@ -8,8 +8,10 @@
 //!
 //! * the system: `expect.os` and `expect.architecture`, the disk as large as `disk_size`;
 //! * every package of every stage installed, pinned ones at exactly their version, and
-//!   pinned and `hold`-listed ones on hold (`package NAME`);
-//! * the image kernels (`/boot/vmlinuz-K` with `/lib/modules/K`), their headers when a
+//!   pinned and `hold`-listed ones on hold (`package NAME`), and none that matches an
+//!   `expect.absent_packages` pattern (`package PATTERN absent`);
+//! * the image kernels (`/boot/vmlinuz-K` with `/lib/modules/K`), `expect.kernel` alone
+//!   when the definition pins one (`kernel pinned`), their headers when a
 //!   stage asks for `kernel_headers`, and each `require_modules` module built for each
 //!   kernel (the `vermagic=` of its `.modinfo`), with `nvidia.ko` at
 //!   `expect.nvidia_driver_version`;
@@ -231,6 +233,7 @@ pub fn verify_image_full(image: &Path, def: &ImageDef) -> Result<(Vec<Check>, Ve
     };
     v.system(size)?;
     v.packages();
+    v.absent_packages();
     v.kernels();
     v.modules()?;
     v.module_signatures()?;
@@ -485,6 +488,33 @@ impl<'a> Verifier<'a> {
         }
     }
 
+    /// No installed package matches an `absent_packages` pattern (the precompiled
+    /// NVIDIA variant: no compiler, DKMS or kernel headers).
+    fn absent_packages(&mut self) {
+        for pattern in self.expect().absent_packages.clone() {
+            let found: Vec<String> = match glob::Pattern::new(&pattern) {
+                Ok(p) => self
+                    .status
+                    .iter()
+                    .filter(|x| x.is_installed() && p.matches(&x.name))
+                    .map(|x| format!("{} {}", x.name, x.version))
+                    .collect(),
+                Err(e) => vec![format!("pattern error: {e}")],
+            };
+            let shown = if found.is_empty() {
+                "none installed".to_string()
+            } else {
+                found.join(", ")
+            };
+            self.push(
+                format!("package {pattern} absent"),
+                found.is_empty(),
+                shown,
+                "no installed package of that name (expect.absent_packages)",
+            );
+        }
+    }
+
     // --- 2. kernels and headers -------------------------------------------------------
 
     fn kernels(&mut self) {
@@ -496,9 +526,18 @@ impl<'a> Verifier<'a> {
         self.push(
             "kernels",
             !self.kernels.is_empty(),
-            found,
+            found.clone(),
             "a /boot/vmlinuz-K with /lib/modules/K",
         );
+        if let Some(k) = self.expect().kernel.clone() {
+            // The pinned kernel alone: GRUB boots the newest, so no other may be there.
+            self.push(
+                "kernel pinned",
+                self.kernels == [k.clone()],
+                found.clone(),
+                format!("{k} only (expect.kernel)"),
+            );
+        }
         if !self.def.stages.iter().any(|s| s.kernel_headers) {
             return;
         }

@@ -294,6 +294,15 @@ impl<'a> Apt<'a> {
         Ok(())
     }
 
+    /// Remove packages and their configuration; packages that depend on them (meta
+    /// packages) go too.
+    pub fn purge(&mut self, names: &[String]) -> Result<()> {
+        let mut args = vec!["purge"];
+        args.extend(names.iter().map(String::as_str));
+        self.get(&args).context("apt-get purge in the image")?;
+        Ok(())
+    }
+
     pub fn full_upgrade(&mut self) -> Result<()> {
         self.get(&["full-upgrade"])
             .context("apt-get full-upgrade in the image")?;

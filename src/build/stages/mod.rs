@@ -5,6 +5,7 @@ pub mod bootloader;
 pub mod chroot;
 pub mod dkms;
 pub mod hooks;
+pub mod kernel;
 pub mod overlays;
 pub mod scrub;
 pub mod signing;
