@@ -82,6 +82,11 @@ struct BuildArgs {
     /// certificate); the cache is still not written.
     #[arg(long)]
     no_dkms_cache: bool,
+    /// Build every stage: neither start from nor store a cached layer (the root after
+    /// the stages this build shares with a related definition's, <cache-dir>/layers;
+    /// KILN_LAYER_CACHE_BUDGET bounds its size, default 8GiB).
+    #[arg(long)]
+    no_layer_cache: bool,
     /// Install exactly the packages of images/NAME.lock (`kiln lock`): every .deb fetched by
     /// pool path and checked by sha256; the build fails if apt ends with any other set.
     #[arg(long)]
@@ -429,6 +434,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 locked: a.locked.then_some(build::pipeline::LockedBuild { archive: a.archive }),
                 resolve_only: false,
+                layer_cache: !a.no_layer_cache,
             };
             let mut t = timings::Timings::default();
             let res = build::build(&opts, &mut t);
@@ -484,6 +490,7 @@ fn run(cli: Cli) -> Result<()> {
                     },
                     locked: None,
                     resolve_only: true,
+                    layer_cache: false,
                     sets: vec![],
                 },
                 update: a.update,
