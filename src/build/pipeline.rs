@@ -305,8 +305,7 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         let r = build_in(
             &def,
             opts,
-            disk_base.as_deref(),
-            &tarball,
+            (disk_base.as_deref(), &tarball),
             &work,
             &partial,
             plan.as_mut(),
@@ -503,11 +502,12 @@ fn prepare_workdir(work: &Path) -> Result<()> {
 }
 
 /// The part of the build that holds guards; they are all released when it returns.
+/// It starts from the disk base (a disk image) or else the root tarball, or from the
+/// cached layer of `layer`'s plan if it has one.
 fn build_in(
     def: &ImageDef,
     opts: &BuildOpts,
-    disk_base: Option<&Path>,
-    tarball: &Path,
+    (disk_base, tarball): (Option<&Path>, &Path),
     work: &Path,
     partial: &Path,
     mut layer: Option<&mut crate::build::layers::Plan>,
