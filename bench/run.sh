@@ -131,7 +131,8 @@ fi
 rustc=$(dirname "$cargo")/rustc
 [[ -x $rustc ]] || rustc=$(command -v rustc) || die "rustc not found"
 avail=$(df --output=avail -BG "$work" | tail -n 1 | tr -dc 0-9)
-((avail >= 20)) || die "$work has ${avail} GiB free; the benchmark needs about 20 GiB (set BENCH_WORK)"
+need_gib=$((with_nvidia ? 20 : 8)) # three images at once (about 2.5 GiB each for GPU-ready)
+((avail >= need_gib)) || die "$work has ${avail} GiB free; the benchmark needs about $need_gib GiB (set BENCH_WORK)"
 
 # --- 1. kiln, release -----------------------------------------------------------------------
 say "building kiln (release)"
