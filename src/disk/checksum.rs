@@ -40,7 +40,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use crate::disk::sparse::{Extent, Extents};
 
 /// Size of one read buffer.
-const BUF_SIZE: usize = 8 << 20;
+const BUF_SIZE: usize = 2 << 20;
 /// Number of read buffers: one being hashed, the others being filled ahead of it.
 const NBUF: usize = 3;
 /// Holes shorter than this are zero-filled into the read buffer instead of being
