@@ -84,7 +84,7 @@ end_stage() {
 # --- The image definition: TOML with `extends` and `before`, as kiln reads it ---------
 def_name="" disk_size=0 bootloader=1
 declare -A repo_uri=() repo_suite=() repo_components=() repo_key=()
-declare -a stages=() st_full_upgrade=() st_kernel_headers=() st_repos=() st_lists=() \
+declare -a subst_from=() subst_to=() stages=() st_full_upgrade=() st_kernel_headers=() st_repos=() st_lists=() \
   st_hold=() st_overlays=() st_hooks=() st_modules=()
 read -r -d '' resolve_def <<'PY' || true
 import os, re, shlex, sys, tomllib
@@ -101,6 +101,34 @@ while True:
     if len(chain) > 8 or any(q == p for q, _ in chain):
         sys.exit(f"{path}: `extends` forms a cycle at {parent}")
 
+# Parameters (their defaults: the baseline builds the default variant): `${NAME}` is the
+# value, `${NAME.FIELD}` a field of its table, in every string and package list.
+params = {}
+for _, d in reversed(chain):
+    for pname, pt in d.get("parameters", {}).items():
+        cur = params.setdefault(pname, {"default": None, "values": {}})
+        cur["default"] = pt.get("default", cur["default"])
+        for v, fields in pt.get("values", {}).items():
+            cur["values"].setdefault(v, {}).update(fields)
+subst = {}
+for pname, pt in params.items():
+    v = str(pt["default"])
+    subst["${" + pname + "}"] = v
+    for k, fv in pt["values"].get(v, {}).items():
+        subst["${" + pname + "." + k + "}"] = str(fv)
+
+def apply(x):
+    if isinstance(x, str):
+        for k, v in subst.items():
+            x = x.replace(k, v)
+        return x
+    if isinstance(x, list):
+        return [apply(y) for y in x]
+    if isinstance(x, dict):
+        return {k: apply(y) for k, y in x.items()}
+    return x
+
+chain = [(f, apply({k: v for k, v in d.items() if k != "parameters"})) for f, d in chain]
 name = disk_size = bootloader = None
 repos, stages = [], []
 for file, d in reversed(chain):  # from the root ancestor down
@@ -131,6 +159,8 @@ if size < 1 << 30 or size % (1 << 20):
 
 q = shlex.quote
 words = lambda xs: q(" ".join(xs))
+print("subst_from=(" + " ".join(q(k) for k in subst) + ")")
+print("subst_to=(" + " ".join(q(v) for v in subst.values()) + ")")
 print(f"def_name={q(name)}")
 print(f"disk_size={size}")
 print(f"bootloader={0 if bootloader is False else 1}")
@@ -389,7 +419,7 @@ fetch_pool() { # NAME VERSION POOLPATH SHA256 → $REPLY, the .deb's path inside
 
 declare -a pk_name=() pk_ver=() pk_pool=() pk_sha=()
 read_lists() { # LIST... → pk_* arrays (package-lists/NAME.list: name, name=version, pool pins)
-  local l file line first w pool sha
+  local l file line first w pool sha i
   local -a words
   pk_name=() pk_ver=() pk_pool=() pk_sha=()
   for l in "$@"; do
@@ -397,6 +427,7 @@ read_lists() { # LIST... → pk_* arrays (package-lists/NAME.list: name, name=ve
     [[ -f $file ]] || die "package list $file not found"
     while IFS= read -r line || [[ -n $line ]]; do
       line=${line%%#*}
+      for i in "${!subst_from[@]}"; do line=${line//"${subst_from[i]}"/"${subst_to[i]}"}; done
       read -r -a words <<<"$line"
       ((${#words[@]})) || continue
       first=${words[0]} pool="" sha=""

@@ -91,6 +91,11 @@ struct BuildArgs {
     /// The image keeps it as /var/lib/shim-signed/mok/MOK.der, for `mokutil --import`.
     #[arg(long, value_name = "CERT", requires = "module_signing_key")]
     module_signing_cert: Option<PathBuf>,
+    /// Build every stage: neither start from nor store a cached layer (the root after
+    /// the stages this build shares with a related definition's, <cache-dir>/layers;
+    /// KILN_LAYER_CACHE_BUDGET bounds its size, default 8GiB).
+    #[arg(long)]
+    no_layer_cache: bool,
     /// Install exactly the packages of images/NAME.lock (`kiln lock`): every .deb fetched by
     /// pool path and checked by sha256; the build fails if apt ends with any other set.
     #[arg(long)]
@@ -457,6 +462,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 locked: a.locked.then_some(build::pipeline::LockedBuild { archive: a.archive }),
                 resolve_only: false,
+                layer_cache: !a.no_layer_cache,
             };
             let mut t = timings::Timings::default();
             let res = build::build(&opts, &mut t);
@@ -515,6 +521,7 @@ fn run(cli: Cli) -> Result<()> {
                     },
                     locked: None,
                     resolve_only: true,
+                    layer_cache: false,
                     sets: a.set,
                 },
                 update: a.update,

@@ -1,5 +1,7 @@
 //! The DKMS build cache (src/build/stages/dkms.rs): an NVIDIA image whose modules come
-//! from the cache is the image a compile produces. Real builds of the NVIDIA seed
+//! from the cache is the image a compile produces. The same two builds check the layer
+//! cache (src/build/layers.rs): the cached build also starts from the layer the NVIDIA
+//! seed build stored, and has the package manifest of the from-scratch build. Real builds of the NVIDIA seed
 //! definition on the GPU-ready seed (qcow2), with the real 565.57.01 DKMS package and
 //! real kernel headers; only the Kubernetes and container-toolkit repositories are the
 //! tests' stand-ins. The key's invalidation (kernel, driver version, compiler, ...) and
@@ -83,6 +85,25 @@ fn modules(raw: &Path) -> BTreeMap<(String, String), (Module, String)> {
     out
 }
 
+/// The package manifest of an image, read offline: what `dpkg-query -W -f
+/// '${Package} ${Version} ${Architecture} ${db:Status-Status}'` prints, for its
+/// installed packages.
+fn package_manifest(raw: &Path) -> Vec<String> {
+    let root = kiln::image::open::RootFs::open(raw).unwrap();
+    let mut out: Vec<String> = kiln::image::dpkg::read_status(&root)
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.is_installed())
+        .map(|p| format!("{} {} {} {}", p.name, p.version, p.arch, p.want()))
+        .collect();
+    out.sort();
+    assert!(out.len() > 300, "{}: only {} packages", raw.display(), out.len());
+    out
+}
+
+/// The layer cache's line for a build that started from a layer.
+const FROM_LAYER: &str = "layer cache: stage(s) system-update, gpu-prerequisites taken from";
+
 fn hex(data: &[u8]) -> String {
     Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -113,16 +134,32 @@ fn cache_entries() -> BTreeMap<(String, String), String> {
 fn modules_from_the_cache_are_the_compiled_ones() {
     require_root!();
     let tmp = scratch("dkms");
-    // Compiled by the package's own postinst, the cache neither read nor written.
-    let (compiled_raw, compiled_log) = build_nvidia(&tmp.path().join("compiled"), &["--no-dkms-cache"]);
+    // Compiled by the package's own postinst, the cache neither read nor written; and
+    // every stage built (no layer).
+    let (compiled_raw, compiled_log) =
+        build_nvidia(&tmp.path().join("compiled"), &["--no-dkms-cache", "--no-layer-cache"]);
     assert!(
         !compiled_log.contains("from the build cache"),
         "--no-dkms-cache used the cache"
     );
+    assert!(
+        !compiled_log.contains("layer cache:"),
+        "--no-layer-cache used the layer cache"
+    );
     // The NVIDIA seed build used the shared cache: it compiled and stored the modules,
-    // or found them there from an earlier run. Either way this build must hit.
+    // or found them there from an earlier run. Either way this build must hit. It
+    // stored the root after the two stages it shares with the GPU-ready definition, so
+    // this build starts from that layer; a seed kept from an earlier run may have had its
+    // layer pruned, and then the first build here stores it and a second one uses it.
     let _ = nvidia_seed();
-    let (cached_raw, cached_log) = build_nvidia(&tmp.path().join("cached"), &[]);
+    let (mut cached_raw, mut cached_log) = build_nvidia(&tmp.path().join("cached"), &[]);
+    if !cached_log.contains(FROM_LAYER) {
+        (cached_raw, cached_log) = build_nvidia(&tmp.path().join("cached-again"), &[]);
+    }
+    assert!(
+        cached_log.contains(FROM_LAYER),
+        "the cached build did not start from the stored layer"
+    );
     assert!(
         cached_log.contains("installed from the build cache"),
         "the second cached build did not take its modules from the cache"
@@ -161,6 +198,12 @@ fn modules_from_the_cache_are_the_compiled_ones() {
             "no module check for nvidia"
         );
     }
+    // Built on the layer or from scratch: the same packages.
+    assert_eq!(
+        package_manifest(&cached_raw),
+        package_manifest(&compiled_raw),
+        "the build on a cached layer installed other packages than the full build"
+    );
     // DKMS's own record of an installed build: the kernel-K-ARCH link of `dkms install`
     // (what `dkms status` reports as installed) points at the built tree.
     let root = kiln::image::open::RootFs::open(&cached_raw).unwrap();

@@ -7,6 +7,7 @@ pub mod acquire;
 pub mod archive;
 pub mod base;
 pub mod bootstrap;
+pub mod layers;
 pub mod lock;
 pub mod pipeline;
 pub mod provision;

@@ -44,6 +44,9 @@ pub struct BuildOpts {
     /// Stop after provisioning, before finalize (for `kiln lock`): nothing is renamed
     /// into place and the partial image is removed.
     pub resolve_only: bool,
+    /// Start from (and store) cached layers (`build/layers.rs`); off: `--no-layer-cache`.
+    /// Never for locked builds or `kiln lock`.
+    pub layer_cache: bool,
 }
 
 /// How a locked build gets its packages.
@@ -74,6 +77,8 @@ pub struct BuildReport {
     /// What the user must know about the image: a pinned kernel that is not the newest
     /// the archive has (also logged as warnings and printed after the build).
     pub warnings: Vec<String>,
+    /// What the layer cache did (`None`: not used).
+    pub layers: Option<crate::build::layers::Report>,
 }
 
 /// ext4 features for a fresh root, fixed rather than the host's mke2fs defaults: newer
@@ -290,7 +295,48 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     crate::host::supervisor::set_session_marker(&work);
     crate::host::state::start(&work)?;
     let partial = opts.out.join(format!("{raw_name}.partial"));
-    let result = build_in(&def, opts, disk_base.as_deref(), &tarball, &work, &partial, timings).map_err(|e| {
+    // No layers for a build that signs modules: the user's key is in the root while the
+    // stages run, and it must never reach the cache.
+    let mut plan = if opts.layer_cache
+        && opts.provision.locked.is_none()
+        && opts.provision.module_signing.is_none()
+        && !opts.resolve_only
+    {
+        let origin = crate::build::layers::Origin {
+            base_sha256: base_sha.clone(),
+            fresh_root: disk_base.is_none(),
+            source_date_epoch,
+            dkms_cache: opts.provision.dkms_cache,
+        };
+        Some(crate::build::layers::Plan::new(
+            &def,
+            &opts.sets,
+            &origin,
+            &opts.provision.repo_overrides,
+            &opts.cache_dir,
+        )?)
+    } else {
+        None
+    };
+    let result = loop {
+        let r = build_in(
+            &def,
+            opts,
+            (disk_base.as_deref(), &tarball),
+            &work,
+            &partial,
+            plan.as_mut(),
+            timings,
+        );
+        match (r, plan.as_mut()) {
+            (Err(e), Some(p)) if p.hit.is_some() && e.chain().any(|c| c.is::<crate::build::layers::Stale>()) => {
+                tracing::warn!("{e:#}; removing it and building from the base");
+                p.drop_hit();
+            }
+            (r, _) => break r,
+        }
+    };
+    let result = result.map_err(|e| {
         if !format!("{e:#}").contains("No space left on device") {
             return e;
         }
@@ -372,6 +418,7 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
         base_sha256: base_sha.clone(),
         resolution,
         warnings,
+        layers: plan.map(|p| p.report),
     })
 }
 
@@ -519,20 +566,32 @@ fn prepare_workdir(work: &Path) -> Result<()> {
 }
 
 /// The part of the build that holds guards; they are all released when it returns.
+/// It starts from the disk base (a disk image) or else the root tarball, or from the
+/// cached layer of `layer`'s plan if it has one.
 fn build_in(
     def: &ImageDef,
     opts: &BuildOpts,
-    disk_base: Option<&Path>,
-    tarball: &Path,
+    (disk_base, tarball): (Option<&Path>, &Path),
     work: &Path,
     partial: &Path,
+    mut layer: Option<&mut crate::build::layers::Plan>,
     timings: &mut Timings,
 ) -> Result<Provisioned> {
     crate::build::boundary(timings, "disk")?;
+    // A root tarball gets a fresh disk, its root unpacked and a bootloader; a cached
+    // layer of such a build has the first two.
+    let fresh = disk_base.is_none();
+    let layer_raw = layer.as_ref().and_then(|p| p.hit.as_ref()).map(|h| h.raw());
     // A locked build's identifiers (GPT, ext4) derive from its lock: the same lock
     // gives the same disk and filesystem UUIDs.
     let seed = opts.provision.locked.as_ref().map(|l| l.lock.to_toml()).transpose()?;
-    let layout = match disk_base {
+    let layout = match layer_raw.as_deref().or(disk_base) {
+        Some(base) if layer_raw.is_some() => {
+            let pb = crate::host::progress::spinner("copying the cached layer");
+            crate::disk::sparse::clone_or_copy(base, partial)?;
+            pb.finish_and_clear();
+            crate::disk::gpt::grow(partial, def.disk_size)?
+        }
         Some(base) => {
             let pb = crate::host::progress::spinner("copying base");
             crate::disk::sparse::copy_sparse(base, partial)?;
@@ -552,7 +611,7 @@ fn build_in(
     let root = layout.root().context("the disk has no root partition")?.clone();
     let root_loop = Loop::attach(partial, root.offset_bytes(), root.size_bytes(), false)?;
     let dev = root_loop.path().to_owned();
-    if disk_base.is_some() {
+    if disk_base.is_some() || layer_raw.is_some() {
         // -p fixes only what is safe; resize2fs insists on a freshly checked filesystem.
         Cmd::new("e2fsck")
             .args(["-f", "-p"])
@@ -594,7 +653,7 @@ fn build_in(
 
     let res = (|| -> Result<Provisioned> {
         let rd = RootDir::open(&root_dir)?;
-        if disk_base.is_none() {
+        if fresh && layer_raw.is_none() {
             crate::build::boundary(timings, "unpack")?;
             let len = std::fs::metadata(tarball)?.len();
             let pb = crate::host::progress::bytes(len, "unpacking");
@@ -607,9 +666,12 @@ fn build_in(
             );
             write_fstab(&rd)?;
         }
+        let run = layer
+            .as_mut()
+            .map(|plan| crate::build::provision::LayerRun { plan, raw: partial });
         let provisioned =
-            crate::build::provision::provision(&root_dir, &rd, def, &opts.provision, &mut mounts, timings)?;
-        if disk_base.is_none() && def.bootloader {
+            crate::build::provision::provision(&root_dir, &rd, def, &opts.provision, &mut mounts, timings, run)?;
+        if fresh && def.bootloader {
             crate::build::stages::bootloader::install(partial, &layout, &dev, &root_dir, &rd, &mut mounts, timings)?;
         }
         crate::build::boundary(timings, "scrub")?;

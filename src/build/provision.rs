@@ -64,6 +64,13 @@ pub struct Provisioned {
     pub warnings: Vec<String>,
 }
 
+/// The layer cache during provisioning (`build/layers.rs`): the plan, and the image file
+/// whose root is being provisioned.
+pub struct LayerRun<'a> {
+    pub plan: &'a mut crate::build::layers::Plan,
+    pub raw: &'a Path,
+}
+
 pub fn provision(
     root: &Path,
     rd: &RootDir,
@@ -71,6 +78,7 @@ pub fn provision(
     opts: &ProvisionOpts,
     mounts: &mut MountStack,
     timings: &mut Timings,
+    mut layer: Option<LayerRun>,
 ) -> Result<Provisioned> {
     if def.stages.is_empty() {
         return Ok(Provisioned::default());
@@ -108,6 +116,40 @@ pub fn provision(
             }
         }
         let mut updated = false;
+        // Started from a cached layer: its stages are done. The indexes are refreshed
+        // now, and the layer is stale if one its build read has changed.
+        let hit = layer.as_ref().and_then(|l| l.plan.hit.clone());
+        let skip = hit.as_ref().map_or(0, crate::build::layers::Hit::stages);
+        if let Some(h) = &hit {
+            if let Some(a) = apt.as_mut() {
+                a.base_installed = h.manifest.base_installed.iter().cloned().collect();
+                a.update()?;
+                updated = true;
+                let now = a.releases()?;
+                let changed: Vec<&str> = h
+                    .manifest
+                    .releases
+                    .iter()
+                    .filter(|(n, sha)| now.get(*n).is_some_and(|x| x != *sha))
+                    .map(|(n, _)| n.as_str())
+                    .collect();
+                if !changed.is_empty() {
+                    return Err(anyhow::Error::new(crate::build::layers::Stale(format!(
+                        "{} changed since {} was stored",
+                        changed.join(", "),
+                        h.entry.display()
+                    ))));
+                }
+            }
+            let l = layer.as_mut().unwrap();
+            l.plan.report.from_layer = h.manifest.stages.clone();
+            l.plan.report.from_entry = Some(h.entry.clone());
+            tracing::info!(
+                "layer cache: stage(s) {} taken from {}",
+                h.manifest.stages.join(", "),
+                h.entry.display()
+            );
+        }
         let dkms_cache = opts.dkms_cache.then(|| Cache::new(&opts.cache_dir));
         // The user's signing key is in the image from before the first package install
         // (a DKMS package's postinst builds its module) until every stage has run; the
@@ -117,7 +159,7 @@ pub fn provision(
             .as_ref()
             .map(|k| signing::PlacedKey::place(rd, k))
             .transpose()?;
-        for stage in &def.stages {
+        for (i, stage) in def.stages.iter().enumerate().skip(skip) {
             crate::build::boundary(timings, &stage.name)?;
             let before = apt.as_ref().map_or(0, |a| a.downloaded);
             run_stage(
@@ -132,6 +174,12 @@ pub fn provision(
             .map(|w| warnings.extend(w))
             .with_context(|| format!("stage {} of {}", stage.name, def.name))?;
             timings.downloaded = apt.as_ref().map_or(0, |a| a.downloaded) - before;
+            if let Some(l) = layer.as_mut()
+                && l.plan.wants(i + 1)
+            {
+                crate::build::boundary(timings, "store-layer")?;
+                store_layer(def, i + 1, l, apt.as_ref(), &session, rd)?;
+            }
         }
         if let (Some(placed), Some(key)) = (placed, &opts.module_signing) {
             let unsigned = signing::unsigned_modules(rd, key)?;
@@ -182,6 +230,41 @@ pub fn provision(
     let resolution = res?;
     closed?;
     Ok(Provisioned { resolution, warnings })
+}
+
+/// Store the root after the first `done` stages as a layer, without the session's and
+/// apt's build-time files and the repositories no stage so far named; they are put
+/// back afterwards. A layer that cannot be stored is logged, not fatal.
+fn store_layer(
+    def: &ImageDef,
+    done: usize,
+    l: &mut LayerRun,
+    apt: Option<&Apt>,
+    session: &Session,
+    rd: &RootDir,
+) -> Result<()> {
+    let stages = &def.stages[..done];
+    let keep: Vec<String> = stages.iter().flat_map(|s| s.repositories.iter().cloned()).collect();
+    let names: Vec<String> = stages.iter().map(|s| s.name.clone()).collect();
+    if let Some(a) = apt {
+        a.suspend(&keep)?;
+    }
+    session.suspend(rd)?;
+    let releases = apt.map(Apt::releases).transpose();
+    let stored = releases.and_then(|r| {
+        let empty = Default::default();
+        let base = apt.map_or(&empty, |a| &a.base_installed);
+        l.plan
+            .store(l.raw, session.root(), &def.name, &names, base, r.unwrap_or_default())
+    });
+    session.resume(rd)?;
+    if let Some(a) = apt {
+        a.resume(def)?;
+    }
+    if let Err(e) = stored {
+        tracing::warn!("layer cache: {e:#}; the build goes on without it");
+    }
+    Ok(())
 }
 
 fn stage_uses_apt(s: &crate::definition::Stage) -> bool {

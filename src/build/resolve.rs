@@ -183,9 +183,13 @@ fn release_date(release: &[u8]) -> String {
 }
 
 /// Index records of the wanted (name, version, arch) from one Packages file:
-/// (filename, size, sha256).
-fn scan_packages(text: &str, want: &BTreeSet<Installed>, out: &mut BTreeMap<Installed, (String, u64, String)>) {
-    for para in deb822_fast::Deb822::iter_paragraphs_from_reader(text.as_bytes()).flatten() {
+/// (filename, size, sha256). Read paragraph by paragraph: an index can be 60 MB.
+fn scan_packages(
+    index: impl std::io::BufRead,
+    want: &BTreeSet<Installed>,
+    out: &mut BTreeMap<Installed, (String, u64, String)>,
+) {
+    for para in deb822_fast::Deb822::iter_paragraphs_from_reader(index).flatten() {
         let (Some(n), Some(v), Some(a)) = (para.get("Package"), para.get("Version"), para.get("Architecture")) else {
             continue;
         };
@@ -273,9 +277,9 @@ pub fn resolve(
             tracing::debug!("index {} not in the lists; skipped", t.filename);
             continue;
         }
-        let text = rd.read_to_string(&t.filename)?;
+        let index = std::io::BufReader::new(rd.open_file(&t.filename)?);
         let before: BTreeSet<Installed> = found.keys().cloned().collect();
-        scan_packages(&text, &installed, &mut found);
+        scan_packages(index, &installed, &mut found);
         for k in found.keys() {
             if !before.contains(k) {
                 repo_of.insert(k.clone(), ri);
@@ -442,7 +446,7 @@ mod tests {
                    Package: a\nVersion: 2\nArchitecture: amd64\nFilename: pool/a_2_amd64.deb\nSize: 4\nSHA256: cd\n\n";
         let want: BTreeSet<Installed> = [("a".into(), "2".into(), "amd64".into())].into();
         let mut out = BTreeMap::new();
-        scan_packages(idx, &want, &mut out);
+        scan_packages(idx.as_bytes(), &want, &mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(
             out.values().next().unwrap(),

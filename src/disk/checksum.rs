@@ -40,7 +40,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use crate::disk::sparse::{Extent, Extents};
 
 /// Size of one read buffer.
-const BUF_SIZE: usize = 8 << 20;
+const BUF_SIZE: usize = 2 << 20;
 /// Number of read buffers: one being hashed, the others being filled ahead of it.
 const NBUF: usize = 3;
 /// Holes shorter than this are zero-filled into the read buffer instead of being
@@ -79,6 +79,37 @@ pub fn sha256_file(path: &Path, progress: Option<&ProgressBar>) -> Result<[u8; 3
         Plan::Stream
     };
     hash_with_plan(&file, plan, progress).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// SHA-256 over the data extents of a sparse file only (each extent's offset, length
+/// and bytes; then the file's length): a checksum of a large sparse file that costs the
+/// data, not the apparent size. Not `sha256sum`-compatible; for kiln's own caches.
+/// Returns the hex digest and the bytes of data hashed.
+pub fn sha256_data(path: &Path) -> Result<(String, u64)> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let len = file.metadata()?.len();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut data = 0u64;
+    for (off, n) in crate::disk::sparse::data_extents(&file).with_context(|| format!("reading {}", path.display()))? {
+        h.update(off.to_le_bytes());
+        h.update(n.to_le_bytes());
+        let mut done = 0u64;
+        while done < n {
+            let want = (n - done).min(buf.len() as u64) as usize;
+            let got = file
+                .read_at(&mut buf[..want], off + done)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if got == 0 {
+                anyhow::bail!("{} ended at {} while reading its data", path.display(), off + done);
+            }
+            h.update(&buf[..got]);
+            done += got as u64;
+        }
+        data += n;
+    }
+    h.update(len.to_le_bytes());
+    Ok((hex(&h.finalize().into()), data))
 }
 
 /// Lower-case hex of a digest, as `sha256sum` prints it.

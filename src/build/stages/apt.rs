@@ -90,6 +90,10 @@ pub struct Apt<'a> {
     locked: bool,
     /// What the base had installed before provisioning.
     pub base_installed: std::collections::BTreeSet<crate::build::resolve::Installed>,
+    /// The host side of the package indexes bind-mounted on /var/lib/apt/lists.
+    lists_host: PathBuf,
+    /// The build-time apt.conf ([`APT_CONF`]).
+    conf: String,
 }
 
 /// Where a locked build's local repository appears inside the image.
@@ -144,21 +148,13 @@ impl<'a> Apt<'a> {
                 l.lock_path.display()
             );
         }
-        rd.write_file(APT_CONF, conf.as_bytes(), 0o644)?;
-        rd.create_dir_all("/etc/dpkg/dpkg.cfg.d", 0o755)?;
-        rd.write_file(DPKG_CONF, b"force-unsafe-io\n", 0o644)?;
         let saved_initramfs = if rd.exists(INITRAMFS_CONF)? {
-            let orig = rd.read(INITRAMFS_CONF)?;
-            let text = String::from_utf8_lossy(&orig).replace("update_initramfs=yes", "update_initramfs=no");
-            rd.write_file(INITRAMFS_CONF, text.as_bytes(), 0o644)?;
-            Some(orig)
+            Some(rd.read(INITRAMFS_CONF)?)
         } else {
             None
         };
         let mandb_flag = rd.exists(MANDB_FLAG)?;
-        if mandb_flag {
-            rd.remove_file(MANDB_FLAG)?;
-        }
+        write_build_settings(rd, &conf, saved_initramfs.as_deref(), mandb_flag)?;
         for o in overrides {
             if o.uri.starts_with("file://") {
                 let host = PathBuf::from(o.uri.trim_start_matches("file://"));
@@ -189,7 +185,55 @@ impl<'a> Apt<'a> {
             downloaded: 0,
             locked: locked.is_some(),
             base_installed,
+            lists_host: lists,
+            conf,
         })
+    }
+
+    /// Take the build-time settings out of the image and unlist the repositories no
+    /// stage so far has named (`keep`), so that the root is what it would be in any
+    /// build that ran the same stages (a layer, `build/layers.rs`); [`Apt::resume`]
+    /// puts them back.
+    pub fn suspend(&self, keep: &[String]) -> Result<()> {
+        remove_build_settings(self.rd, self.saved_initramfs.as_deref(), self.mandb_flag)?;
+        for repo in self.configured.iter().filter(|r| !keep.contains(&r.id)) {
+            for p in [
+                format!("/etc/apt/sources.list.d/{}.list", repo.id),
+                format!("/etc/apt/keyrings/{}.asc", repo.id),
+                format!("/etc/apt/keyrings/{}.gpg", repo.id),
+            ] {
+                if self.rd.exists(&p)? {
+                    self.rd.remove_file(&p)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Undo [`Apt::suspend`].
+    pub fn resume(&self, def: &ImageDef) -> Result<()> {
+        write_build_settings(self.rd, &self.conf, self.saved_initramfs.as_deref(), self.mandb_flag)?;
+        for repo in &self.configured {
+            let (uri, key) = self.source(def, repo);
+            self.write_repo(repo, &uri, &key)?;
+        }
+        Ok(())
+    }
+
+    /// The sha256 of every `InRelease` and `Release` file of the package indexes, by
+    /// file name: the state of the repositories this build's apt read.
+    pub fn releases(&self) -> Result<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        let rd = std::fs::read_dir(&self.lists_host)
+            .with_context(|| format!("reading package indexes {}", self.lists_host.display()))?;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with("_InRelease") || name.ends_with("_Release") {
+                let sha = crate::disk::checksum::sha256_file(&e.path(), None)?;
+                out.insert(name, crate::disk::checksum::hex(&sha));
+            }
+        }
+        Ok(out)
     }
 
     fn get(&mut self, args: &[&str]) -> Result<String> {
@@ -205,8 +249,16 @@ impl<'a> Apt<'a> {
         if self.configured.iter().any(|r| r.id == repo.id) {
             return Ok(false);
         }
+        let (uri, key) = self.source(def, repo);
+        self.write_repo(repo, &uri, &key)?;
+        self.configured.push(repo.clone());
+        Ok(true)
+    }
+
+    /// Where this build takes a repository from: its override, or the definition's.
+    fn source(&self, def: &ImageDef, repo: &Repository) -> (String, PathBuf) {
         let ov = self.overrides.iter().find(|o| o.id == repo.id);
-        let (uri, key) = match ov {
+        match ov {
             Some(o) => {
                 let uri = if o.uri.starts_with("file://") {
                     format!("file://{}", o.mount_point())
@@ -222,10 +274,7 @@ impl<'a> Apt<'a> {
                 (uri, o.key.clone().unwrap_or_else(|| def.project_root.join(&repo.key)))
             }
             None => (repo.uri.clone(), def.project_root.join(&repo.key)),
-        };
-        self.write_repo(repo, &uri, &key)?;
-        self.configured.push(repo.clone());
-        Ok(true)
+        }
     }
 
     /// Overridden repositories whose list the image already has (it was built from an
@@ -508,13 +557,8 @@ impl<'a> Apt<'a> {
         for repo in &self.configured {
             self.write_repo(repo, &repo.uri, &def.project_root.join(&repo.key))?;
         }
-        self.rd.remove_file(APT_CONF)?;
-        self.rd.remove_file(DPKG_CONF)?;
-        if self.mandb_flag {
-            self.rd.write_file(MANDB_FLAG, b"", 0o644)?;
-        }
-        if let Some(orig) = &self.saved_initramfs {
-            self.rd.write_file(INITRAMFS_CONF, orig, 0o644)?;
+        remove_build_settings(self.rd, self.saved_initramfs.as_deref(), self.mandb_flag)?;
+        if self.saved_initramfs.is_some() {
             self.s
                 .cmd("update-initramfs")
                 .args(["-u", "-k", "all"])
@@ -523,6 +567,34 @@ impl<'a> Apt<'a> {
         }
         Ok(())
     }
+}
+
+/// The build-time settings (module docs) in the image.
+fn write_build_settings(rd: &RootDir, conf: &str, initramfs: Option<&[u8]>, mandb_flag: bool) -> Result<()> {
+    rd.write_file(APT_CONF, conf.as_bytes(), 0o644)?;
+    rd.create_dir_all("/etc/dpkg/dpkg.cfg.d", 0o755)?;
+    rd.write_file(DPKG_CONF, b"force-unsafe-io\n", 0o644)?;
+    if let Some(orig) = initramfs {
+        let text = String::from_utf8_lossy(orig).replace("update_initramfs=yes", "update_initramfs=no");
+        rd.write_file(INITRAMFS_CONF, text.as_bytes(), 0o644)?;
+    }
+    if mandb_flag && rd.exists(MANDB_FLAG)? {
+        rd.remove_file(MANDB_FLAG)?;
+    }
+    Ok(())
+}
+
+/// The image's own settings back in place of the build-time ones.
+fn remove_build_settings(rd: &RootDir, initramfs: Option<&[u8]>, mandb_flag: bool) -> Result<()> {
+    rd.remove_file(APT_CONF)?;
+    rd.remove_file(DPKG_CONF)?;
+    if mandb_flag {
+        rd.write_file(MANDB_FLAG, b"", 0o644)?;
+    }
+    if let Some(orig) = initramfs {
+        rd.write_file(INITRAMFS_CONF, orig, 0o644)?;
+    }
+    Ok(())
 }
 
 /// How long a build waits for another build (or a dying one) to release the shared

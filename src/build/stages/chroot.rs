@@ -83,12 +83,7 @@ impl Session {
         } else {
             None
         };
-        rd.create_dir_all("/usr/sbin", 0o755)?;
-        rd.write_file(
-            POLICY_RC_D,
-            format!("#!/bin/sh\n{POLICY_MARK}exit 101\n").as_bytes(),
-            0o755,
-        )?;
+        write_policy(rd)?;
         let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
         Ok(Session {
             root: root.to_owned(),
@@ -133,6 +128,20 @@ impl Session {
             .env("KCFLAGS", KCFLAGS)
     }
 
+    /// The image's own policy-rc.d back in place (a layer, `build/layers.rs`, is taken
+    /// without the session's files); [`Session::resume`] puts kiln's back.
+    pub fn suspend(&self, rd: &RootDir) -> Result<()> {
+        match &self.saved_policy {
+            Some(orig) => rd.write_file(POLICY_RC_D, orig, 0o755),
+            None => rd.remove_file(POLICY_RC_D),
+        }
+    }
+
+    /// Undo [`Session::suspend`].
+    pub fn resume(&self, rd: &RootDir) -> Result<()> {
+        write_policy(rd)
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -142,14 +151,21 @@ impl Session {
     pub fn close(self, rd: &RootDir, mounts: &mut MountStack) -> Result<()> {
         // Nothing the session started may keep its mounts busy (or outlive it).
         crate::host::supervisor::kill_session();
-        let r1 = match &self.saved_policy {
-            Some(orig) => rd.write_file(POLICY_RC_D, orig, 0o755),
-            None => rd.remove_file(POLICY_RC_D),
-        };
+        let r1 = self.suspend(rd);
         let r2 = mounts
             .unwind_to(self.depth)
             .context("releasing the chroot session's mounts");
         r1.context("removing policy-rc.d")?;
         r2
     }
+}
+
+/// kiln's policy-rc.d: no service starts during the build.
+fn write_policy(rd: &RootDir) -> Result<()> {
+    rd.create_dir_all("/usr/sbin", 0o755)?;
+    rd.write_file(
+        POLICY_RC_D,
+        format!("#!/bin/sh\n{POLICY_MARK}exit 101\n").as_bytes(),
+        0o755,
+    )
 }
