@@ -18,19 +18,7 @@ const MODULES: [&str; 5] = ["nvidia", "nvidia-modeset", "nvidia-drm", "nvidia-uv
 /// Build the NVIDIA image on the GPU-ready seed's qcow2 into `out`; returns the raw
 /// image and the build log.
 fn build_nvidia(out: &Path, extra: &[&str]) -> (PathBuf, String) {
-    let def = project().join(format!("images/{NVIDIA}.toml"));
-    let base = gpu_ready_qcow2();
-    let mut args: Vec<String> = vec![
-        "build".into(),
-        def.to_string_lossy().into(),
-        "--base".into(),
-        base.to_string_lossy().into(),
-        "--out".into(),
-        out.to_string_lossy().into(),
-        "--timings".into(),
-    ];
-    args.extend(standin_overrides(&["kubernetes", "nvidia-container-toolkit"]));
-    args.extend(extra.iter().map(|s| s.to_string()));
+    let args = nvidia_build_args(out, extra);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = run_kiln(&argv);
     assert!(o.status.success(), "NVIDIA build into {} failed", out.display());

@@ -331,22 +331,16 @@ fn nvidia_modules_are_signed_with_the_users_key() {
     let key = make_key(tmp.path(), SIGNER, "mok");
     let out = tmp.path().join("out");
     let def = project().join(format!("images/{NVIDIA}.toml"));
-    let base = gpu_ready_qcow2();
-    let mut args: Vec<String> = vec![
-        "build".into(),
-        def.to_string_lossy().into(),
-        "--base".into(),
-        base.to_string_lossy().into(),
-        "--out".into(),
-        out.to_string_lossy().into(),
-        "--timings".into(),
-        "--module-signing-key".into(),
-        key.key.to_string_lossy().into(),
-        // PEM on the command line; the image gets DER.
-        "--module-signing-cert".into(),
-        key.cert_pem.to_string_lossy().into(),
-    ];
-    args.extend(standin_overrides(&["kubernetes", "nvidia-container-toolkit"]));
+    // PEM on the command line; the image gets DER.
+    let args = nvidia_build_args(
+        &out,
+        &[
+            "--module-signing-key",
+            key.key.to_str().unwrap(),
+            "--module-signing-cert",
+            key.cert_pem.to_str().unwrap(),
+        ],
+    );
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let started = std::time::Instant::now();
     let o = run_kiln(&argv);

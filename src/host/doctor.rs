@@ -283,7 +283,12 @@ pub fn fix(findings: &[Finding]) -> Result<()> {
         // A build killed while it copied a layer left its root frozen (fsfreeze), and a
         // frozen filesystem cannot be unmounted cleanly: thaw it first. Thawing one that
         // is not frozen fails harmlessly.
-        if crate::host::cmd::Cmd::new("fsfreeze").arg("-u").arg(m.as_path()).run().is_ok() {
+        if crate::host::cmd::Cmd::new("fsfreeze")
+            .arg("-u")
+            .arg(m.as_path())
+            .run()
+            .is_ok()
+        {
             println!("thawed {}, frozen by a killed build", m.display());
         }
         nix::mount::umount2(m.as_path(), nix::mount::MntFlags::empty())

@@ -150,6 +150,25 @@ pub fn standin_repos() -> PathBuf {
     p
 }
 
+/// `kiln build` arguments for the NVIDIA image on the GPU-ready seed's qcow2 into `out`,
+/// with the stand-in repositories, `--timings` and `extra`.
+#[allow(dead_code)]
+pub fn nvidia_build_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let def = project().join(format!("images/{NVIDIA}.toml"));
+    let mut args: Vec<String> = vec![
+        "build".into(),
+        def.to_string_lossy().into(),
+        "--base".into(),
+        gpu_ready_qcow2().to_string_lossy().into(),
+        "--out".into(),
+        out.to_string_lossy().into(),
+        "--timings".into(),
+    ];
+    args.extend(standin_overrides(&["kubernetes", "nvidia-container-toolkit"]));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// `--repo-override` flags pointing the given third-party repositories at the stand-ins:
 /// `ID` is the stand-in directory of that name, `ID=DIR` another one (the
 /// `kubernetes=kubernetes-v1.29` channel of a variant).
