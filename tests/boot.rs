@@ -275,6 +275,68 @@ fn hung_firmware_times_out_and_kills_qemu() {
     );
 }
 
+/// SIGTERM stops a boot test at once: QEMU is killed, its files removed, and kiln says it
+/// was interrupted (before, it booted on until the phase's time limit).
+#[test]
+fn sigterm_stops_a_boot_test_and_its_qemu() {
+    require_root!();
+    let img = cloud_qcow2();
+    let tmp = scratch("boot-sigterm");
+    let mut child = std::process::Command::new(kiln())
+        .args([
+            "boot-test",
+            img.to_str().unwrap(),
+            "--def",
+            &def("ubuntu-2204-gpu-ready-nodriver"),
+            "--firmware",
+            "bios",
+            "--timeout-secs",
+            "3600",
+        ])
+        .env("TMPDIR", tmp.path())
+        .env("RUST_BACKTRACE", "0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until QEMU runs, then ask kiln to stop.
+    let d = tmp.path().to_string_lossy().to_string();
+    let qemu_running = || {
+        sh("ps", &["-eo", "args"])
+            .lines()
+            .any(|l| l.contains("qemu-system") && l.contains(&d))
+    };
+    let t0 = Instant::now();
+    while !qemu_running() {
+        assert!(t0.elapsed().as_secs() < 120, "QEMU never started");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    // Not a timing check: without the fix it would run for an hour.
+    let t1 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t1.elapsed().as_secs() > 300 {
+            let _ = child.kill();
+            panic!("kiln boot-test ignored SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("--- stderr\n{err}");
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted by a signal"), "{err}");
+    assert!(!qemu_running(), "QEMU left running");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "temporary files left"
+    );
+}
+
 fn read_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(path).unwrap();

@@ -543,6 +543,7 @@ fn boot(ctx: &Ctx, fw: Firmware, run: u32) -> Result<Boot> {
     let outcome = w.run(&mut qemu, start);
     // Powered off, or killed now.
     drop(qemu);
+    crate::host::cancel::check()?;
     let wall_s = start.elapsed().as_secs_f64();
     let mut b = w.finish(outcome, wall_s);
     if let Some(logs) = std::env::var_os("KILN_BOOTTEST_LOGS") {
@@ -617,6 +618,11 @@ impl<'a> Watch<'a> {
     fn run(&mut self, qemu: &mut Qemu, start: Instant) -> Outcome {
         let lim = self.ctx.limits;
         loop {
+            // SIGINT/SIGTERM: stop now (the guard kills QEMU); `boot` turns it into the
+            // cancellation error, not a failed boot.
+            if crate::host::cancel::is_cancelled() {
+                return Outcome::Failed("cancelled by a signal".into());
+            }
             let now = start.elapsed().as_secs_f64();
             let lines = match self.log.poll() {
                 Ok(l) => l,
