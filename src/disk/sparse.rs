@@ -151,12 +151,7 @@ pub fn create_sized(path: &Path, size: u64) -> Result<File> {
 pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64> {
     let s = File::open(src).with_context(|| format!("opening {}", src.display()))?;
     let len = s.metadata()?.len();
-    let d = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dst)
-        .with_context(|| format!("creating {}", dst.display()))?;
+    let d = create(dst)?;
     d.set_len(len).with_context(|| format!("sizing {}", dst.display()))?;
     let mut copied = 0u64;
     for (off, n) in data_extents(&s).with_context(|| format!("finding data in {}", src.display()))? {
@@ -188,6 +183,16 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> Result<u64> {
     Ok(copied)
 }
 
+/// Create (or truncate) the destination of a copy.
+fn create(dst: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dst)
+        .with_context(|| format!("creating {}", dst.display()))
+}
+
 /// Copy `src` to a new `dst`: a reflink (FICLONE: the copy shares the blocks, so it is
 /// instant and takes no space) where the filesystem can (btrfs, XFS), else
 /// [`copy_sparse`]. Returns the bytes of data copied (0 for a reflink).
@@ -195,12 +200,7 @@ pub fn clone_or_copy(src: &Path, dst: &Path) -> Result<u64> {
     // _IOW(0x94, 9, int): linux/fs.h FICLONE.
     const FICLONE: libc::c_ulong = 0x4004_9409;
     let s = File::open(src).with_context(|| format!("opening {}", src.display()))?;
-    let d = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(dst)
-        .with_context(|| format!("creating {}", dst.display()))?;
+    let d = create(dst)?;
     // SAFETY: an ioctl on two descriptors we own; it only shares their data blocks.
     if unsafe { libc::ioctl(d.as_raw_fd(), FICLONE as _, s.as_raw_fd()) } == 0 {
         return Ok(0);
