@@ -385,6 +385,17 @@ enum Command {
         /// that checks each copy makes its own machine-id and SSH host keys.
         #[arg(long)]
         once: bool,
+        /// Boot with Secure Boot enforced: OVMF's Secure Boot firmware with Microsoft's keys
+        /// enrolled (UEFI only: both boots go through it), the image's own shim, GRUB and
+        /// kernel; the guest must report Secure Boot on, kernel lockdown, and (NVIDIA
+        /// images) a `nvidia` module the kernel accepts.
+        #[arg(long)]
+        secure_boot: bool,
+        /// With --secure-boot: the certificate (DER or PEM) that signed the image's modules,
+        /// put in shim's MokList first as `mokutil --import` and MokManager would (needs
+        /// virt-fw-vars, PyPI virt-firmware); the kernel must load it.
+        #[arg(long, value_name = "CERT", requires = "secure_boot")]
+        mok: Option<PathBuf>,
         /// Time budget per boot, split over the phases (firmware 1/5, kernel to
         /// cloud-init done 3/5, checks 1/5).
         #[arg(long, default_value_t = 600)]
@@ -640,6 +651,8 @@ fn run(cli: Cli) -> Result<()> {
             set,
             firmware,
             once,
+            secure_boot,
+            mok,
             timeout_secs,
             json,
         } => boottest::cmd_boot_test(&boottest::Opts {
@@ -648,6 +661,8 @@ fn run(cli: Cli) -> Result<()> {
             sets: set,
             firmware,
             once,
+            secure_boot,
+            mok,
             timeout_secs,
             json,
         }),

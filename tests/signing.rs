@@ -158,122 +158,69 @@ fn modinfo_in_image(raw: &Path, paths: &[String]) -> Vec<(String, String)> {
     lines
 }
 
-/// Boot a throwaway copy of `raw` with Secure Boot enforced: QEMU with OVMF's
-/// Secure Boot build (`OVMF_CODE_4M.ms.fd`; its SMM needs TCG, which every host has) and
-/// Microsoft's keys enrolled (`OVMF_VARS_4M.ms.fd`), the image's own shim, GRUB and
-/// kernel; `mok` (a DER certificate) added to shim's MokList with `virt-fw-vars`
-/// (PyPI virt-firmware, in .ci/run's venv) when given, as `mokutil --import` and
-/// MokManager would. cloud-init prints `mokutil --sb-state`, the lockdown mode, the
-/// kernel's loaded certificates and what `modprobe nvidia` does, then powers off.
-/// Returns what it printed.
-fn secure_boot(dir: &Path, raw: &Path, mok: Option<&Path>) -> String {
-    std::fs::create_dir_all(dir).unwrap();
-    let vars = dir.join("OVMF_VARS.fd");
-    let ms_vars = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
-    match mok {
-        Some(cert) => {
-            let tool = cache().join("venv/bin/virt-fw-vars");
-            assert!(
-                tool.exists(),
-                "{} is missing: run .ci/run (pip virt-firmware)",
-                tool.display()
-            );
-            sh(
-                tool.to_str().unwrap(),
-                &[
-                    "-i",
-                    ms_vars,
-                    "-o",
-                    vars.to_str().unwrap(),
-                    // shim's vendor GUID, the owner mokutil gives imported keys.
-                    "--add-mok",
-                    "605dab50-e046-4300-abb6-3dd810dd8b23",
-                    cert.to_str().unwrap(),
-                ],
-            );
-        }
-        None => {
-            std::fs::copy(ms_vars, &vars).unwrap();
-        }
-    }
-    let overlay = dir.join("overlay.qcow2");
-    sh(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            "-b",
-            raw.to_str().unwrap(),
-            overlay.to_str().unwrap(),
-        ],
+/// `kiln boot-test RAW --def DEF --secure-boot [--mok CERT] --firmware uefi --once
+/// --json`: one boot with Secure Boot enforced (OVMF's Secure Boot build, Microsoft's keys,
+/// the image's own shim, GRUB and kernel), `mok` put in shim's MokList first by
+/// `virt-fw-vars` (PyPI virt-firmware, in .ci/run's venv). Returns whether boot-test
+/// passed and its report's checks by name: (ok, found).
+fn secure_boot(
+    raw: &Path,
+    def: &Path,
+    mok: Option<&Path>,
+) -> (bool, std::collections::BTreeMap<String, (bool, String)>) {
+    let venv = cache().join("venv/bin");
+    assert!(
+        venv.join("virt-fw-vars").exists(),
+        "{} is missing: run .ci/run (pip virt-firmware)",
+        venv.join("virt-fw-vars").display()
     );
-    let user_data = "#cloud-config\nruncmd:\n  - [sh, -c, 'exec > /dev/ttyS0 2>&1; echo SB-BEGIN; mokutil --sb-state; cat /sys/kernel/security/lockdown; dmesg | grep \"Loaded X.509 cert\"; modprobe nvidia; echo modprobe-rc=$?; dmesg | grep NVRM; echo SB-END; poweroff']\n";
-    let seed = dir.join("seed.img");
-    kiln::disk::fat::make_cidata(
-        &seed,
-        &[
-            ("user-data", user_data.as_bytes()),
-            ("meta-data", b"instance-id: kiln-secureboot\nlocal-hostname: sb\n"),
-        ],
-    )
-    .unwrap();
-    let serial = dir.join("serial.log");
-    let st = Command::new("timeout")
-        .args([
-            "1500",
-            "qemu-system-x86_64",
-            "-machine",
-            "q35,smm=on",
-            "-accel",
-            "tcg",
-            "-m",
-            "2048",
-        ])
-        .args([
-            "-smp",
-            "2",
-            "-nodefaults",
-            "-nographic",
-            "-monitor",
-            "none",
-            "-no-reboot",
-        ])
-        .args(["-global", "driver=cfi.pflash01,property=secure,value=on"])
-        .arg("-drive")
-        .arg("if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.ms.fd")
-        .arg("-drive")
-        .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()))
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .arg("-drive")
-        .arg(format!(
-            "file={},if=virtio,format=qcow2,cache=unsafe",
-            overlay.display()
-        ))
-        .arg("-drive")
-        .arg(format!("file={},if=virtio,format=raw,readonly=on", seed.display()))
-        .args([
-            "-netdev",
-            "user,id=net0,restrict=on",
-            "-device",
-            "virtio-net-pci,netdev=net0,romfile=",
-        ])
-        .status()
+    let mut args: Vec<&str> = vec![
+        "boot-test",
+        raw.to_str().unwrap(),
+        "--def",
+        def.to_str().unwrap(),
+        "--secure-boot",
+        "--firmware",
+        "uefi",
+        "--once",
+        // Two boots at once under TCG with SMM on 2 cores.
+        "--timeout-secs",
+        "1500",
+        "--json",
+    ];
+    if let Some(m) = mok {
+        args.extend(["--mok", m.to_str().unwrap()]);
+    }
+    let path = format!("{}:{}", venv.display(), std::env::var("PATH").unwrap_or_default());
+    let o = Command::new(kiln())
+        .args(&args)
+        .env("PATH", path)
+        .env("RUST_BACKTRACE", "0")
+        .output()
         .unwrap();
-    let log = String::from_utf8_lossy(&std::fs::read(&serial).unwrap()).replace('\r', "");
-    assert!(st.success(), "QEMU failed or timed out ({st}); serial log:\n{log}");
-    let out: String = log
-        .lines()
-        .skip_while(|l| !l.contains("SB-BEGIN"))
-        .take_while(|l| !l.contains("SB-END"))
-        .collect::<Vec<_>>()
-        .join("\n");
-    assert!(!out.is_empty(), "the guest printed no report; serial log:\n{log}");
-    out
+    eprintln!(
+        "$ kiln {}\n--- stdout\n{}--- stderr\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("boot-test --json output");
+    assert_eq!(v["secure_boot"], true, "the report must say Secure Boot");
+    let boots = v["boots"].as_array().unwrap();
+    assert_eq!(boots.len(), 1, "--once --firmware uefi boots once");
+    assert!(boots[0]["error"].is_null(), "the boot did not finish: {}", boots[0]);
+    let checks = boots[0]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_string(),
+                (c["ok"].as_bool().unwrap(), c["found"].as_str().unwrap().to_string()),
+            )
+        })
+        .collect();
+    (o.status.success() && v["passed"] == true, checks)
 }
 
 #[test]
@@ -457,29 +404,45 @@ fn nvidia_modules_are_signed_with_the_users_key() {
         assert_eq!(failed.len(), paths.len(), "{failed:?}");
         assert!(failed.iter().all(|n| n.starts_with("module signature ")), "{failed:?}");
 
-        // Secure Boot enforced: with the certificate in shim's MokList the kernel takes the
-        // signed module (its init runs and finds no GPU); without it, lockdown refuses it.
-        let (enrolled, not_enrolled) = std::thread::scope(|s| {
-            let a = s.spawn(|| secure_boot(&tmp.path().join("sb-mok"), &raw, Some(&key.cert_der)));
-            let b = s.spawn(|| secure_boot(&tmp.path().join("sb-nomok"), &raw, None));
+        // Secure Boot enforced (`kiln boot-test --secure-boot`): with the certificate in
+        // shim's MokList the kernel takes the signed module (its init runs and finds no
+        // GPU) and every check of the definition passes; without it, lockdown refuses it.
+        let ((passed, enrolled), (np, not_enrolled)) = std::thread::scope(|s| {
+            let a = s.spawn(|| secure_boot(&raw, &def, Some(&key.cert_der)));
+            let b = s.spawn(|| secure_boot(&raw, &def, None));
             (a.join().unwrap(), b.join().unwrap())
         });
-        eprintln!("--- Secure Boot, certificate enrolled:\n{enrolled}\n--- not enrolled:\n{not_enrolled}");
-        for out in [&enrolled, &not_enrolled] {
-            assert!(out.contains("SecureBoot enabled"), "mokutil --sb-state: {out}");
-            assert!(out.contains("[integrity]"), "the kernel is not locked down: {out}");
+        for checks in [&enrolled, &not_enrolled] {
+            assert_eq!(checks["secure boot"], (true, "enabled".to_string()), "{checks:?}");
+            assert!(checks["kernel lockdown"].0, "the kernel is not locked down: {checks:?}");
         }
+        let failed: Vec<_> = enrolled.iter().filter(|(_, (ok, _))| !ok).collect();
         assert!(
-            enrolled.contains(&format!("Loaded X.509 cert '{SIGNER}")),
-            "the kernel did not load the enrolled certificate: {enrolled}"
+            passed && failed.is_empty(),
+            "certificate enrolled, failed checks: {failed:?}"
         );
+        let (ok, found) = &enrolled["MOK certificate"];
         assert!(
-            enrolled.contains("NVRM: No NVIDIA GPU found") && enrolled.contains("No such device"),
-            "the signed nvidia module was not accepted: {enrolled}"
+            *ok && found.contains(&format!("Loaded X.509 cert '{SIGNER}")),
+            "{found}"
         );
+        let (ok, found) = &enrolled["nvidia under Secure Boot"];
         assert!(
-            not_enrolled.contains("Operation not permitted") && !not_enrolled.contains("NVRM"),
-            "without the certificate the module must be refused: {not_enrolled}"
+            *ok && found.contains("No such device"),
+            "the signed module was not accepted: {found}"
+        );
+        assert!(!np, "boot-test must fail when the module's signer is not enrolled");
+        assert!(!not_enrolled.contains_key("MOK certificate"), "{not_enrolled:?}");
+        let (ok, found) = &not_enrolled["nvidia under Secure Boot"];
+        assert!(
+            !ok && (found.contains("Key was rejected") || found.contains("Operation not permitted")),
+            "without the certificate the module must be refused: {found}"
+        );
+        let failed: Vec<&String> = not_enrolled.iter().filter(|(_, (ok, _))| !ok).map(|(n, _)| n).collect();
+        assert_eq!(
+            failed,
+            ["nvidia under Secure Boot"],
+            "only the module may fail: {not_enrolled:?}"
         );
     });
     cleanup();

@@ -22,6 +22,12 @@
 //! - Two boots of two fresh overlays (UEFI and BIOS, or the one firmware twice) must
 //!   report different machine-ids and SSH host keys: the image carries no identity.
 //!
+//! - `--secure-boot`: OVMF's Secure Boot build (SMM, variables writable only from SMM)
+//!   with Microsoft's keys, so shim, GRUB and the kernel are verified as on a real
+//!   machine; the guest also reports the `SecureBoot` variable, kernel lockdown and
+//!   whether the kernel accepts `nvidia.ko`. `--mok CERT` adds the certificate to shim's
+//!   `MokList` first (`virt-fw-vars`), as `mokutil --import` and MokManager would.
+//!
 //! `KILN_BOOTTEST_LOGS=DIR` keeps each boot's serial console and QEMU log in DIR
 //! (`uefi-serial.log`, `bios-qemu.log`, ...), e.g. as CI artifacts.
 //!
@@ -61,6 +67,29 @@ const OVMF: [(&str, &str); 3] = [
     ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
 ];
 
+/// `--secure-boot`: OVMF built with Secure Boot and SMM (code), and a variables template
+/// with Microsoft's keys enrolled (PK/KEK/db: the UEFI CA that signs shim), so the
+/// image's own shim, GRUB and kernel boot as on a machine with Secure Boot enforced.
+/// Debian and Ubuntu (`ovmf`), then Fedora (`edk2-ovmf`).
+const OVMF_SECURE_BOOT: [(&str, &str); 3] = [
+    (
+        "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+        "/usr/share/OVMF/OVMF_VARS_4M.ms.fd",
+    ),
+    (
+        "/usr/share/OVMF/OVMF_CODE.secboot.fd",
+        "/usr/share/OVMF/OVMF_VARS.ms.fd",
+    ),
+    (
+        "/usr/share/edk2/ovmf/OVMF_CODE.secboot.fd",
+        "/usr/share/edk2/ovmf/OVMF_VARS.secboot.fd",
+    ),
+];
+
+/// The owner GUID `mokutil --import` gives a Machine Owner Key (shim's vendor GUID): what
+/// an enrolment through MokManager leaves in shim's `MokList`.
+const SHIM_LOCK_GUID: &str = "605dab50-e046-4300-abb6-3dd810dd8b23";
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum FirmwareChoice {
     Uefi,
@@ -94,6 +123,12 @@ pub struct Opts {
     /// One boot per firmware chosen, without the second boot (or the other firmware's)
     /// that proves each copy makes its own identity: no identity checks.
     pub once: bool,
+    /// Boot through OVMF's Secure Boot firmware with Microsoft's keys enrolled (UEFI
+    /// only), and check Secure Boot, kernel lockdown and that the NVIDIA module loads.
+    pub secure_boot: bool,
+    /// With `secure_boot`: a certificate (DER or PEM) put in shim's MokList first, as an
+    /// enrolment would; the kernel must load it.
+    pub mok: Option<PathBuf>,
     pub timeout_secs: u64,
     pub json: bool,
 }
@@ -148,6 +183,10 @@ pub struct Report {
     pub image: String,
     pub accel: String,
     pub accel_note: String,
+    /// Booted with Secure Boot enforced (`--secure-boot`).
+    pub secure_boot: bool,
+    /// The common name of the certificate put in shim's MokList (`--mok`).
+    pub mok: Option<String>,
     pub boots: Vec<Boot>,
     /// Checks across boots (identity regenerated per machine).
     pub checks: Vec<Check>,
@@ -159,6 +198,15 @@ pub struct Report {
 struct Expect {
     kernel: String,
     expect: Expectations,
+    secure_boot: Option<SecureBootExpect>,
+}
+
+/// What a Secure Boot boot must show besides the definition's `[expect]`.
+#[derive(Debug, Clone)]
+struct SecureBootExpect {
+    /// The subject CN of the certificate enrolled in shim's MokList (`--mok`): the kernel
+    /// prints `Loaded X.509 cert 'CN: ...'` when it takes it into its platform keyring.
+    mok_cn: Option<String>,
 }
 
 impl Expect {
@@ -175,6 +223,7 @@ impl Expect {
         Ok(Expect {
             kernel,
             expect: expect.clone(),
+            secure_boot: None,
         })
     }
 
@@ -186,6 +235,19 @@ impl Expect {
             ("test-user".into(), format!("{TEST_USER} created by cloud-init")),
             ("kernel".into(), format!("{} (the image's newest)", self.kernel)),
         ];
+        if let Some(sb) = &self.secure_boot {
+            v.push(("secure boot".into(), "enabled (SecureBoot EFI variable = 1)".into()));
+            v.push(("kernel lockdown".into(), "integrity or confidentiality".into()));
+            if let Some(cn) = &sb.mok_cn {
+                v.push(("MOK certificate".into(), format!("loaded by the kernel: '{cn}'")));
+            }
+            if x.nvidia_driver_version.is_some() {
+                v.push((
+                    "nvidia under Secure Boot".into(),
+                    "accepted (modprobe loads it, or its init runs and finds no GPU)".into(),
+                ));
+            }
+        }
         for m in &x.modprobe_blacklist {
             v.push((format!("module {m}"), "not loaded (blacklisted)".into()));
         }
@@ -300,13 +362,29 @@ pub fn boot_test(opts: &Opts) -> Result<Report> {
         .image
         .canonicalize()
         .with_context(|| format!("opening {}", opts.image.display()))?;
+    if opts.mok.is_some() && !opts.secure_boot {
+        crate::user_bail!("--mok enrols a certificate for a Secure Boot boot: add --secure-boot");
+    }
+    if opts.secure_boot && opts.firmware == FirmwareChoice::Bios {
+        crate::user_bail!("--secure-boot is a UEFI feature: use --firmware uefi (or leave --firmware out)");
+    }
     let def = crate::definition::load_with(&opts.def, &opts.sets)?;
     let facts = crate::image::inspect::inspect_image(&image).with_context(|| format!("reading {}", image.display()))?;
-    let expect = Expect::new(&facts, &def.expect)?;
+    let mut expect = Expect::new(&facts, &def.expect)?;
     let tmp = tempfile::Builder::new()
         .prefix("kiln-boottest-")
         .tempdir()
         .context("creating a temporary directory")?;
+    let secure_boot = if opts.secure_boot {
+        let sb = SecureBootFirmware::prepare(tmp.path(), opts.mok.as_deref())?;
+        expect.secure_boot = Some(SecureBootExpect {
+            mok_cn: sb.mok_cn.clone(),
+        });
+        Some(sb)
+    } else {
+        None
+    };
+    let mok = secure_boot.as_ref().and_then(|sb| sb.mok_cn.clone());
     let (accel, accel_note) = detect_accel(tmp.path());
     tracing::info!("accelerator: {accel} ({accel_note})");
     let ctx = Ctx {
@@ -316,8 +394,11 @@ pub fn boot_test(opts: &Opts) -> Result<Report> {
         tmp: tmp.path().to_owned(),
         limits: Limits::from_total(opts.timeout_secs),
         expect,
+        secure_boot,
     };
     let plan: Vec<(Firmware, u32)> = match opts.firmware {
+        // Secure Boot is UEFI's: both boots go through it.
+        FirmwareChoice::Both if opts.secure_boot => vec![(Firmware::Uefi, 1), (Firmware::Uefi, 2)],
         FirmwareChoice::Both => vec![(Firmware::Uefi, 1), (Firmware::Bios, 1)],
         FirmwareChoice::Uefi => vec![(Firmware::Uefi, 1), (Firmware::Uefi, 2)],
         FirmwareChoice::Bios => vec![(Firmware::Bios, 1), (Firmware::Bios, 2)],
@@ -347,6 +428,8 @@ pub fn boot_test(opts: &Opts) -> Result<Report> {
         image: image.display().to_string(),
         accel,
         accel_note,
+        secure_boot: opts.secure_boot,
+        mok,
         boots,
         checks,
         passed,
@@ -402,6 +485,75 @@ struct Ctx {
     tmp: PathBuf,
     limits: Limits,
     expect: Expect,
+    secure_boot: Option<SecureBootFirmware>,
+}
+
+/// The firmware of a `--secure-boot` boot: OVMF's Secure Boot build and a variables
+/// template (Microsoft's keys; the `--mok` certificate added to shim's MokList), copied
+/// for each boot.
+struct SecureBootFirmware {
+    code: &'static str,
+    vars: PathBuf,
+    mok_cn: Option<String>,
+}
+
+impl SecureBootFirmware {
+    fn prepare(tmp: &Path, mok: Option<&Path>) -> Result<SecureBootFirmware> {
+        let (code, ms_vars) = OVMF_SECURE_BOOT
+            .iter()
+            .find(|(c, v)| Path::new(c).exists() && Path::new(v).exists())
+            .copied()
+            .ok_or_else(|| {
+                crate::error::user(format!(
+                    "--secure-boot: no OVMF Secure Boot firmware with Microsoft's keys found (looked for {}); \
+                     install the ovmf package",
+                    OVMF_SECURE_BOOT.map(|o| format!("{} + {}", o.0, o.1)).join(", ")
+                ))
+            })?;
+        let vars = tmp.join("OVMF_VARS.secure-boot.fd");
+        let Some(cert) = mok else {
+            std::fs::copy(ms_vars, &vars).with_context(|| format!("copying {ms_vars}"))?;
+            return Ok(SecureBootFirmware {
+                code,
+                vars,
+                mok_cn: None,
+            });
+        };
+        let bytes = std::fs::read(cert).map_err(|e| crate::error::user(format!("--mok {}: {e}", cert.display())))?;
+        let (parsed, der) = crate::image::modsig::certificate_der(&bytes)
+            .map_err(|e| crate::error::user(format!("--mok {}: {e}", cert.display())))?;
+        let cn = crate::image::modsig::common_name(&parsed.tbs_certificate.subject).ok_or_else(|| {
+            crate::error::user(format!(
+                "--mok {}: the certificate's subject has no name",
+                cert.display()
+            ))
+        })?;
+        let cert_der = tmp.join("mok.der");
+        std::fs::write(&cert_der, der).with_context(|| format!("writing {}", cert_der.display()))?;
+        // Writing an authenticated variable into OVMF's variable store (firmware volume,
+        // fault-tolerant-write journal) is virt-firmware's job; no crate does it.
+        if crate::host::cmd::on_path("virt-fw-vars").is_none() {
+            crate::user_bail!(
+                "--mok needs virt-fw-vars on PATH to put the certificate in shim's MokList \
+                 (PyPI virt-firmware: pip install virt-firmware)"
+            );
+        }
+        Cmd::new("virt-fw-vars")
+            .arg("-i")
+            .arg(ms_vars)
+            .arg("-o")
+            .arg(&vars)
+            .args(["--add-mok", SHIM_LOCK_GUID])
+            .arg(&cert_der)
+            .run()
+            .with_context(|| format!("adding {} to shim's MokList in a copy of {ms_vars}", cert.display()))?;
+        tracing::info!("Secure Boot: {code}, {ms_vars} with '{cn}' in shim's MokList");
+        Ok(SecureBootFirmware {
+            code,
+            vars,
+            mok_cn: Some(cn),
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -489,7 +641,8 @@ fn boot(ctx: &Ctx, fw: Firmware, run: u32) -> Result<Boot> {
             "-name",
             &format!("kiln-boottest-{}", fw.name()),
             "-machine",
-            "q35",
+            // OVMF's Secure Boot build keeps its variables behind SMM.
+            if ctx.secure_boot.is_some() { "q35,smm=on" } else { "q35" },
             "-accel",
             &ctx.accel,
         ])
@@ -527,9 +680,19 @@ fn boot(ctx: &Ctx, fw: Firmware, run: u32) -> Result<Boot> {
     // No -cpu host under KVM: QEMU's default model boots Ubuntu everywhere, and -cpu host
     // aborts on some nested hosts (an MSR the host refuses).
     if fw == Firmware::Uefi {
-        let (code, vars) = ovmf()?;
+        let (code, vars) = match &ctx.secure_boot {
+            Some(sb) => (sb.code, sb.vars.as_path()),
+            None => {
+                let (c, v) = ovmf()?;
+                (c, Path::new(v))
+            }
+        };
         let my_vars = dir.join("OVMF_VARS.fd");
-        std::fs::copy(vars, &my_vars).with_context(|| format!("copying {vars}"))?;
+        std::fs::copy(vars, &my_vars).with_context(|| format!("copying {}", vars.display()))?;
+        if ctx.secure_boot.is_some() {
+            // Only SMM code may write the variable store: the OS cannot turn Secure Boot off.
+            cmd = cmd.args(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
+        }
         cmd = cmd
             .arg("-drive")
             .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={code}"))
@@ -968,6 +1131,9 @@ k=$(uname -r)
         "check kernel \"$(is \"$k\" {})\" \"$k\"\n",
         sh_quote(&e.kernel)
     ));
+    if let Some(sb) = &e.secure_boot {
+        s.push_str(&secure_boot_script(sb, x.nvidia_driver_version.is_some()));
+    }
     // /sys/module names have '_' for '-'.
     let sys_module = |m: &str| sh_quote(&format!("/sys/module/{}", m.replace('-', "_")));
     for m in &x.modprobe_blacklist {
@@ -1143,6 +1309,40 @@ systemctl poweroff
 "#,
     );
     s.replace("TESTUSER", TEST_USER)
+}
+
+/// The guest's Secure Boot checks: the firmware's `SecureBoot` variable (no mokutil
+/// needed), the kernel's lockdown mode (Ubuntu kernels lock down under Secure Boot), the
+/// enrolled certificate in the kernel log, and whether the kernel accepts `nvidia.ko`
+/// (lockdown refuses a module without a signature it trusts: `Key was rejected by
+/// service` / `Operation not permitted`; with no GPU here, an accepted module's init
+/// fails with `No such device`).
+fn secure_boot_script(sb: &SecureBootExpect, nvidia: bool) -> String {
+    let mut s = String::from(
+        r#"sbv=$(od -An -tu1 -j4 -N1 /sys/firmware/efi/efivars/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c 2>&1 | tr -d ' ')
+case $sbv in 1) check secure_boot 1 enabled ;; 0) check secure_boot 0 "disabled (SecureBoot=0)" ;; *) check secure_boot 0 "no SecureBoot variable: $sbv" ;; esac
+ld=$(cat /sys/kernel/security/lockdown 2>&1)
+if printf '%s' "$ld" | grep -Eq '\[(integrity|confidentiality)\]'; then ok=1; else ok=0; fi
+check kernel_lockdown "$ok" "$ld"
+"#,
+    );
+    if let Some(cn) = &sb.mok_cn {
+        s.push_str(&format!(
+            r#"l=$( (journalctl -k -b -o cat --no-pager 2>/dev/null || dmesg 2>/dev/null) | grep -F "Loaded X.509 cert "{q} | head -n1)
+if [ -n "$l" ]; then check MOK_certificate 1 "$l"; else check MOK_certificate 0 "no 'Loaded X.509 cert '"{q}" in the kernel log"; fi
+"#,
+            q = sh_quote(&format!("'{cn}"))
+        ));
+    }
+    if nvidia {
+        s.push_str(
+            r#"o=$(timeout 60 modprobe nvidia 2>&1); rc=$?
+if [ "$rc" = 0 ] || printf '%s' "$o" | grep -q 'No such device'; then ok=1; else ok=0; fi
+check nvidia_under_Secure_Boot "$ok" "modprobe rc=$rc ${o:-loaded}"
+"#,
+        );
+    }
+    s
 }
 
 /// A check name as the guest prints it: one word, `_` for ' ' and `%u` for '_'
@@ -1330,7 +1530,14 @@ fn run_probe(tmp: &Path, accel: &str) -> Result<Duration> {
 // ---------------------------------------------------------------------------------
 
 fn render(r: &Report) -> String {
-    let mut s = format!("Image: {}\nAccelerator: {} ({})\n\n", r.image, r.accel, r.accel_note);
+    let mut s = format!("Image: {}\nAccelerator: {} ({})\n", r.image, r.accel, r.accel_note);
+    if r.secure_boot {
+        match &r.mok {
+            Some(cn) => s.push_str(&format!("Secure Boot: enforced, '{cn}' enrolled in shim's MokList\n")),
+            None => s.push_str("Secure Boot: enforced, no MOK enrolled\n"),
+        }
+    }
+    s.push('\n');
     s.push_str("  BOOT     PHASE                       LIMIT    TIME  RESULT\n");
     for b in &r.boots {
         for p in &b.phases {
@@ -1388,6 +1595,7 @@ mod tests {
         Expect {
             kernel: "5.15.0-204-generic".into(),
             expect: def.expect,
+            secure_boot: None,
         }
     }
 
@@ -1446,8 +1654,19 @@ mod tests {
 
     #[test]
     fn script_check_names_match_expectations() {
-        for gpu in [false, true] {
-            let e = expect(gpu);
+        let sb = |gpu, mok: Option<&str>| Expect {
+            secure_boot: Some(SecureBootExpect {
+                mok_cn: mok.map(str::to_string),
+            }),
+            ..expect(gpu)
+        };
+        for e in [
+            expect(false),
+            expect(true),
+            sb(false, None),
+            sb(true, Some("Example Corp's module signing")),
+        ] {
+            let gpu = e.expect.nvidia_driver_version.is_some();
             let script = check_script(&e);
             let names: Vec<String> = e.checks().into_iter().map(|(n, _)| n).collect();
             for name in &names {
@@ -1485,6 +1704,63 @@ mod tests {
             for n in nvidia {
                 assert_eq!(names.iter().any(|x| x == n), gpu, "{n} in {names:?}");
             }
+            let secure = e.secure_boot.is_some();
+            for n in ["secure boot", "kernel lockdown"] {
+                assert_eq!(names.iter().any(|x| x == n), secure, "{n} in {names:?}");
+            }
+            assert_eq!(names.iter().any(|x| x == "nvidia under Secure Boot"), secure && gpu);
+            let mok = e.secure_boot.as_ref().is_some_and(|s| s.mok_cn.is_some());
+            assert_eq!(names.iter().any(|x| x == "MOK certificate"), mok, "{names:?}");
+        }
+    }
+
+    /// The Secure Boot checks, run by bash against what a guest shows: the enrolled
+    /// certificate found in a kernel log line as the kernel prints it (a CN with a quote
+    /// in it), and `modprobe nvidia`'s outcomes under lockdown.
+    #[test]
+    fn secure_boot_checks_read_what_the_guest_shows() {
+        let sb = SecureBootExpect {
+            mok_cn: Some("Example Corp's module signing".into()),
+        };
+        let script = secure_boot_script(&sb, true);
+        let run = |log: &str, modprobe: &str| -> String {
+            // Stand-ins for the guest's journalctl and modprobe, first on PATH (`timeout`
+            // runs modprobe as a program); `check` prints its verdict.
+            let bin = tempfile::tempdir().unwrap();
+            for (name, body) in [
+                ("journalctl", format!("printf '%s\\n' {}", sh_quote(log))),
+                ("modprobe", modprobe.to_string()),
+            ] {
+                let p = bin.path().join(name);
+                std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+                std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+            }
+            let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap_or_default());
+            let out = std::process::Command::new("bash")
+                .args(["-c", &format!("check() {{ echo \"$1 $2\"; }}\n{script}")])
+                .env("PATH", path)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let taken = run(
+            "integrity: Loaded X.509 cert 'Example Corp's module signing: 3c1a...'",
+            "echo 'modprobe: ERROR: could not insert nvidia: No such device' >&2; exit 1",
+        );
+        assert!(taken.contains("MOK_certificate 1"), "{taken}");
+        assert!(taken.contains("nvidia_under_Secure_Boot 1"), "{taken}");
+        let refused = run(
+            "integrity: Loaded X.509 cert 'Canonical Ltd. Secure Boot Signing (2017): 242a...'",
+            "echo 'modprobe: ERROR: could not insert nvidia: Key was rejected by service' >&2; exit 1",
+        );
+        assert!(refused.contains("MOK_certificate 0"), "{refused}");
+        assert!(refused.contains("nvidia_under_Secure_Boot 0"), "{refused}");
+        let loaded = run("", "exit 0");
+        assert!(loaded.contains("nvidia_under_Secure_Boot 1"), "{loaded}");
+        assert!(loaded.contains("MOK_certificate 0"), "{loaded}");
+        // Both firmware checks report, whatever this host is.
+        for c in ["secure_boot ", "kernel_lockdown "] {
+            assert!(taken.lines().any(|l| l.starts_with(c)), "{c}: {taken}");
         }
     }
 
@@ -1520,6 +1796,7 @@ mod tests {
         let bare = Expect {
             kernel: "5.15.0-204-generic".into(),
             expect: Expectations::default(),
+            secure_boot: None,
         };
         let names: Vec<String> = bare.checks().into_iter().map(|(n, _)| n).collect();
         assert_eq!(

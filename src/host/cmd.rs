@@ -7,7 +7,7 @@
 use anyhow::{Context, Result, bail};
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// How many trailing lines of output go into an error message.
@@ -29,6 +29,14 @@ impl Output {
     pub fn stdout_str(&self) -> String {
         String::from_utf8_lossy(&self.stdout).into_owned()
     }
+}
+
+/// Where `name` is on PATH, if it is: for optional tools whose absence deserves a
+/// message saying how to install them before anything starts.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 impl Cmd {
@@ -234,6 +242,12 @@ mod tests {
     fn missing_program_is_named() {
         let err = Cmd::new("kiln-no-such-program").run().unwrap_err().to_string();
         assert!(err.contains("kiln-no-such-program"), "{err}");
+    }
+
+    #[test]
+    fn on_path_finds_sh_only() {
+        assert!(on_path("sh").is_some_and(|p| p.ends_with("sh")));
+        assert_eq!(on_path("kiln-no-such-program"), None);
     }
 
     #[test]
