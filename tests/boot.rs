@@ -231,6 +231,22 @@ fn missing_root_filesystem_fails_clearly() {
     assert!(took < 300.0, "took {took:.0}s");
 }
 
+/// `kiln boot-test IMG --def (GPU-ready) --firmware bios --timeout-secs SECS`, its
+/// temporary files under `tmp` (to find its QEMU and what it leaves).
+fn bios_boot_test(img: &Path, tmp: &Path, secs: u32) -> std::process::Command {
+    let mut c = std::process::Command::new(kiln());
+    c.args([
+        "boot-test",
+        img.to_str().unwrap(),
+        "--def",
+        &def("ubuntu-2204-gpu-ready-nodriver"),
+    ])
+    .args(["--firmware", "bios", "--timeout-secs", &secs.to_string()])
+    .env("TMPDIR", tmp)
+    .env("RUST_BACKTRACE", "0");
+    c
+}
+
 /// A disk without a bootloader (the qcow2 "cloud image" fixture has none) hangs in the
 /// firmware: boot-test gives up after the firmware phase's limit, shows the last serial
 /// lines, and leaves no QEMU behind.
@@ -240,21 +256,7 @@ fn hung_firmware_times_out_and_kills_qemu() {
     let img = cloud_qcow2();
     let tmp = scratch("boot-hung");
     let t0 = Instant::now();
-    let o = std::process::Command::new(kiln())
-        .args([
-            "boot-test",
-            img.to_str().unwrap(),
-            "--def",
-            &def("ubuntu-2204-gpu-ready-nodriver"),
-            "--firmware",
-            "bios",
-            "--timeout-secs",
-            "60",
-        ])
-        .env("TMPDIR", tmp.path())
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
+    let o = bios_boot_test(&img, tmp.path(), 60).output().unwrap();
     let took = t0.elapsed().as_secs_f64();
     let (out, err) = (String::from_utf8_lossy(&o.stdout), stderr(&o));
     eprintln!("--- stdout\n{out}--- stderr\n{err}");
@@ -282,19 +284,7 @@ fn sigterm_stops_a_boot_test_and_its_qemu() {
     require_root!();
     let img = cloud_qcow2();
     let tmp = scratch("boot-sigterm");
-    let mut child = std::process::Command::new(kiln())
-        .args([
-            "boot-test",
-            img.to_str().unwrap(),
-            "--def",
-            &def("ubuntu-2204-gpu-ready-nodriver"),
-            "--firmware",
-            "bios",
-            "--timeout-secs",
-            "3600",
-        ])
-        .env("TMPDIR", tmp.path())
-        .env("RUST_BACKTRACE", "0")
+    let mut child = bios_boot_test(&img, tmp.path(), 3600)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -31,6 +31,7 @@
 
 use crate::build::resolve::Installed;
 use crate::definition::{ImageDef, Setting, Stage};
+use crate::host::dirlock::DirLock;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -88,11 +89,13 @@ pub struct Manifest {
     pub releases: BTreeMap<String, String>,
 }
 
-/// A cached layer a build starts from.
+/// A cached layer a build starts from, held with a shared lock so that no other build
+/// prunes it while this one copies it.
 #[derive(Debug, Clone)]
 pub struct Hit {
     pub entry: PathBuf,
     pub manifest: Manifest,
+    _in_use: std::sync::Arc<DirLock>,
 }
 
 impl Hit {
@@ -188,6 +191,13 @@ impl Plan {
             if !entry.join(MANIFEST).is_file() {
                 continue;
             }
+            // In use from here on; it may have been removed while we waited for the lock.
+            let Ok(in_use) = DirLock::shared(&entry) else {
+                continue;
+            };
+            if !entry.join(MANIFEST).is_file() {
+                continue;
+            }
             match check(&entry, key) {
                 Ok(m) if m.disk_size > disk_size => {
                     tracing::info!(
@@ -202,10 +212,15 @@ impl Plan {
                         .append(true)
                         .open(entry.join(MANIFEST))
                         .and_then(|f| f.set_modified(std::time::SystemTime::now()));
-                    return Some(Hit { entry, manifest: m });
+                    return Some(Hit {
+                        entry,
+                        manifest: m,
+                        _in_use: std::sync::Arc::new(in_use),
+                    });
                 }
                 Err(e) => {
                     tracing::warn!("layer cache: {} is not usable ({e:#}); removing it", entry.display());
+                    drop(in_use);
                     self.remove(&entry);
                 }
             }
@@ -213,18 +228,19 @@ impl Plan {
         None
     }
 
-    /// Remove an entry (damaged or stale).
+    /// Remove an entry (damaged or stale), unless another build is using it.
     pub fn remove(&mut self, entry: &Path) {
-        if let Err(e) = std::fs::remove_dir_all(entry) {
-            tracing::warn!("could not remove layer {}: {e}", entry.display());
+        if remove_entry(entry) {
+            self.report.removed.push(entry.display().to_string());
         }
-        self.report.removed.push(entry.display().to_string());
     }
 
     /// Drop the hit (it was stale): the build starts again from the base.
     pub fn drop_hit(&mut self) {
         if let Some(h) = self.hit.take() {
-            self.remove(&h.entry);
+            let entry = h.entry.clone();
+            drop(h);
+            self.remove(&entry);
         }
     }
 
@@ -303,6 +319,26 @@ impl Plan {
     }
 }
 
+/// Remove a cache entry unless a build holds it (a shared lock: it starts from it);
+/// whether it was removed.
+fn remove_entry(entry: &Path) -> bool {
+    match DirLock::try_exclusive(entry) {
+        Ok(Some(_lock)) => match std::fs::remove_dir_all(entry) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("could not remove layer {}: {e}", entry.display());
+                false
+            }
+        },
+        Ok(None) => {
+            tracing::info!("layer cache: {} is in use by another build; kept", entry.display());
+            false
+        }
+        // Gone already.
+        Err(_) => false,
+    }
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -368,7 +404,7 @@ pub fn prune(dir: &Path, budget: u64, keep: Option<&str>) -> Result<()> {
             .is_none_or(|m| now().saturating_sub(m.created) > MAX_AGE.as_secs());
         if expired && Some(name.as_str()) != keep {
             tracing::info!("layer cache: removing expired {}", path.display());
-            let _ = std::fs::remove_dir_all(&path);
+            remove_entry(&path);
             continue;
         }
         let size = std::fs::metadata(path.join(ROOT))
@@ -391,8 +427,9 @@ pub fn prune(dir: &Path, budget: u64, keep: Option<&str>) -> Result<()> {
             crate::host::progress::human_size(size),
             crate::host::progress::human_size(budget)
         );
-        let _ = std::fs::remove_dir_all(&path);
-        total -= size;
+        if remove_entry(&path) {
+            total -= size;
+        }
     }
     Ok(())
 }
@@ -672,6 +709,29 @@ mod tests {
         assert!(kept.exists(), "the entry to keep was removed");
         assert!(!old.exists(), "the least recently used entry was kept");
         assert!(new.exists());
+    }
+
+    /// A layer another build starts from (it holds the entry's shared lock) survives a
+    /// prune by a third build that wants the space; once released, it goes.
+    #[test]
+    fn a_layer_in_use_is_not_pruned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let e = entry(tmp.path(), "k1");
+        let mut p = plan(tmp.path(), &["k1"]);
+        let hit = p.find(64 << 20).expect("a valid layer");
+        prune(tmp.path(), 0, None).unwrap();
+        assert!(e.join(ROOT).is_file(), "a layer in use was pruned");
+        // Stale for the build using it: kept while another holds it too.
+        let other = hit.clone();
+        p.hit = Some(hit);
+        p.drop_hit();
+        assert!(
+            e.is_dir() && p.report.removed.is_empty(),
+            "removed while another build holds it"
+        );
+        drop(other);
+        prune(tmp.path(), 0, None).unwrap();
+        assert!(!e.exists(), "a released layer over the budget was kept");
     }
 
     #[test]

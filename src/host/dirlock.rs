@@ -1,7 +1,9 @@
-//! An exclusive lock on a directory (flock on the directory itself, so no lock file is
-//! left behind): two kiln processes sharing a cache or an output directory take turns
-//! where they would otherwise race (fetching one base, pruning the base cache, merging
-//! `SHA256SUMS`). Released when the guard is dropped.
+//! A lock on a directory (flock on the directory itself, so no lock file is left
+//! behind): two kiln processes sharing a cache or an output directory take turns where
+//! they would otherwise race (fetching one base, pruning the base cache, merging
+//! `SHA256SUMS`). Shared locks mark a cache entry in use (a layer a build starts from);
+//! whoever removes entries takes them exclusively first, and skips those in use.
+//! Released when the guard is dropped.
 
 use anyhow::{Context, Result};
 use std::fs::File;
@@ -10,6 +12,7 @@ use std::path::Path;
 
 /// Holds the lock until dropped.
 #[must_use = "the lock is released when this is dropped"]
+#[derive(Debug)]
 pub struct DirLock(File);
 
 impl DirLock {
@@ -26,6 +29,32 @@ impl DirLock {
             }
         }
         Ok(DirLock(f))
+    }
+
+    /// A shared lock on `dir` (others may hold shared locks too): it is in use and must
+    /// not be removed. Waits while someone holds it exclusively (is removing it); the
+    /// caller checks that it still exists.
+    pub fn shared(dir: &Path) -> Result<DirLock> {
+        let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+        // SAFETY: flock on an open descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH) } != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", dir.display()));
+        }
+        Ok(DirLock(f))
+    }
+
+    /// An exclusive lock on `dir` if nobody holds one of any kind (`None`: in use).
+    pub fn try_exclusive(dir: &Path) -> Result<Option<DirLock>> {
+        let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+        // SAFETY: flock on an open descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                return Ok(None);
+            }
+            return Err(e).with_context(|| format!("locking {}", dir.display()));
+        }
+        Ok(Some(DirLock(f)))
     }
 }
 
@@ -56,5 +85,19 @@ mod tests {
         rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
         t.join().unwrap();
         assert!(DirLock::acquire(&d.path().join("missing"), "testing").is_err());
+    }
+
+    #[test]
+    fn shared_holders_keep_out_an_exclusive_one() {
+        let d = tempfile::tempdir().unwrap();
+        let a = DirLock::shared(d.path()).unwrap();
+        let b = DirLock::shared(d.path()).unwrap();
+        assert!(DirLock::try_exclusive(d.path()).unwrap().is_none());
+        drop(a);
+        assert!(DirLock::try_exclusive(d.path()).unwrap().is_none());
+        drop(b);
+        let x = DirLock::try_exclusive(d.path()).unwrap().expect("nobody holds it");
+        assert!(DirLock::try_exclusive(d.path()).unwrap().is_none());
+        drop(x);
     }
 }
