@@ -375,7 +375,10 @@ hyperfine --shell bash --runs "$runs" \
   --prepare "rm -f $(q "$copy") && sync" -n "cp --sparse=always + sha256sum" "$c4"
 cmp -s "$fdir/kiln-checksum.txt" "$fdir/sha256sum.txt" || die "kiln checksum and sha256sum disagree on $fimg"
 cmp -s "$fdir/kiln-copy.txt" "$fdir/cp-copy.txt" || die "the two copies of $fimg have different checksums"
-[[ $(cut -d' ' -f1 "$fdir/kiln-checksum.txt") == $(cut -d' ' -f1 "$work/kiln/$finish_image/SHA256SUMS") ]] ||
+# SHA256SUMS lists every output of the build (raw, payload, SBOM, ...): the raw's line.
+listed=$(awk -v f="$finish_image.raw" '$2 == f || $2 == "*" f { print $1 }' "$work/kiln/$finish_image/SHA256SUMS")
+[[ -n $listed ]] || die "$finish_image.raw is not in $work/kiln/$finish_image/SHA256SUMS"
+[[ $(cut -d' ' -f1 "$fdir/kiln-checksum.txt") == "$listed" ]] ||
   die "kiln checksum of $fimg differs from its SHA256SUMS"
 du -B1 "$fimg" | cut -f1 >"$out/finish-allocated.txt"
 stat -c %s "$fimg" >"$out/finish-size.txt"

@@ -17,8 +17,11 @@
 //! come between its parent's (the NVIDIA driver before `kubernetes-tools`): what parent
 //! and child share is the longest common prefix of their stage keys. A build stores the
 //! root after the prefix it shares with each related definition (one it extends or one
-//! that extends it, in the same directory); a build starts from the longest prefix of
-//! its own keys that is cached.
+//! that extends it, in the same directory) and with each build of the last [`MAX_AGE`]
+//! (`recent.json` keeps their stage keys): variants built one after another, say two
+//! drivers x two Kubernetes versions, each store the prefix they share with the one
+//! before, so from the second build on each starts as late as it can. A build starts
+//! from the longest prefix of its own keys that is cached.
 //!
 //! **Validity.** A layer is used only if its manifest is for the key, its data has the
 //! recorded sha256, it is less than [`MAX_AGE`] old, and it is no larger than the disk
@@ -41,6 +44,10 @@ use std::path::{Path, PathBuf};
 const FORMAT: &str = "kiln-layer-1";
 const MANIFEST: &str = "manifest.json";
 const ROOT: &str = "root.raw";
+/// The stage keys of recent builds, in the layers directory.
+const RECENT: &str = "recent.json";
+/// How many recent builds `recent.json` remembers.
+const RECENT_MAX: usize = 64;
 /// A layer older than this is not used (and pruned): 24 hours.
 pub const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 /// Default size budget of `<cache>/layers` (allocated bytes); `KILN_LAYER_CACHE_BUDGET`
@@ -164,8 +171,13 @@ impl Plan {
                 store_after.insert(shared);
             }
         }
+        let dir = cache_dir.join("layers");
+        match shared_with_recent(&dir, &keys) {
+            Ok(shared) => store_after.extend(shared),
+            Err(e) => tracing::warn!("layer cache: recent builds not read or recorded ({e:#})"),
+        }
         let mut plan = Plan {
-            dir: cache_dir.join("layers"),
+            dir,
             keys,
             store_after,
             hit: None,
@@ -319,6 +331,44 @@ impl Plan {
     }
 }
 
+/// One build in `recent.json`: when it planned, and its stage keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Recent {
+    at: u64,
+    keys: Vec<String>,
+}
+
+/// The lengths of the prefixes `keys` shares with builds of the last [`MAX_AGE`] (shorter
+/// than all of `keys`), after recording this build among them (the newest
+/// [`RECENT_MAX`], under a lock on `dir`).
+fn shared_with_recent(dir: &Path, keys: &[String]) -> Result<BTreeSet<usize>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _lock = DirLock::acquire(dir, "recording its build in the layer cache")?;
+    let file = dir.join(RECENT);
+    let mut recent: Vec<Recent> = match std::fs::read(&file) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+    };
+    let now = now();
+    recent.retain(|r| now.saturating_sub(r.at) <= MAX_AGE.as_secs() && r.keys != keys);
+    let shared = recent
+        .iter()
+        .map(|r| keys.iter().zip(&r.keys).take_while(|(a, b)| a == b).count())
+        .filter(|&n| n > 0 && n < keys.len())
+        .collect();
+    recent.push(Recent {
+        at: now,
+        keys: keys.to_vec(),
+    });
+    let drop = recent.len().saturating_sub(RECENT_MAX);
+    recent.drain(..drop);
+    let tmp = dir.join(format!(".{RECENT}.{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec(&recent)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &file).with_context(|| format!("renaming {} to {}", tmp.display(), file.display()))?;
+    Ok(shared)
+}
+
 /// Remove a cache entry unless a build holds it (a shared lock: it starts from it);
 /// whether it was removed.
 fn remove_entry(entry: &Path) -> bool {
@@ -385,6 +435,10 @@ pub fn prune(dir: &Path, budget: u64, keep: Option<&str>) -> Result<()> {
     };
     let mut entries = Vec::new();
     for e in rd.flatten() {
+        // Entries are directories (`recent.json` is not one).
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
         let name = e.file_name().to_string_lossy().into_owned();
         let path = e.path();
         let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
@@ -705,10 +759,51 @@ mod tests {
         // Each takes 3 blocks' worth or more; a budget for about two entries.
         use std::os::unix::fs::MetadataExt;
         let one = std::fs::metadata(old.join(ROOT)).unwrap().blocks() * 512;
+        std::fs::write(tmp.path().join(RECENT), b"[]").unwrap();
         prune(tmp.path(), 2 * one, Some("kept")).unwrap();
+        assert!(tmp.path().join(RECENT).is_file(), "recent.json is not an entry");
         assert!(kept.exists(), "the entry to keep was removed");
         assert!(!old.exists(), "the least recently used entry was kept");
         assert!(new.exists());
+    }
+
+    /// Variants built one after another: each records its keys; the next stores the
+    /// prefix it shares with an earlier one; a build identical to an earlier one, or
+    /// sharing nothing, stores nothing; records expire and are bounded.
+    #[test]
+    fn builds_learn_the_prefixes_they_share_with_recent_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("layers");
+        let k = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let v565_130 = k(&["sys", "gpu", "nv565", "k130", "end1"]);
+        let v565_129 = k(&["sys", "gpu", "nv565", "k129", "end2"]);
+        let v550_130 = k(&["sys", "gpu", "nv550", "k130b", "end3"]);
+        let other = k(&["noble", "x"]);
+        assert!(
+            shared_with_recent(&d, &v565_130).unwrap().is_empty(),
+            "nothing recent yet"
+        );
+        assert_eq!(shared_with_recent(&d, &v565_129).unwrap(), BTreeSet::from([3]));
+        assert_eq!(shared_with_recent(&d, &v550_130).unwrap(), BTreeSet::from([2]));
+        assert!(shared_with_recent(&d, &other).unwrap().is_empty());
+        // The same build again: only what it shares with the others.
+        assert_eq!(shared_with_recent(&d, &v565_130).unwrap(), BTreeSet::from([2, 3]));
+        // Expired records teach nothing.
+        let mut r: Vec<Recent> = serde_json::from_slice(&std::fs::read(d.join(RECENT)).unwrap()).unwrap();
+        assert_eq!(r.len(), 4);
+        for x in &mut r {
+            x.at -= MAX_AGE.as_secs() + 1;
+        }
+        std::fs::write(d.join(RECENT), serde_json::to_vec(&r).unwrap()).unwrap();
+        assert!(shared_with_recent(&d, &v565_129).unwrap().is_empty());
+        for i in 0..RECENT_MAX + 5 {
+            shared_with_recent(&d, &k(&["sys", &format!("s{i}")])).unwrap();
+        }
+        let r: Vec<Recent> = serde_json::from_slice(&std::fs::read(d.join(RECENT)).unwrap()).unwrap();
+        assert_eq!(r.len(), RECENT_MAX);
+        // A damaged record file is started afresh, not an error.
+        std::fs::write(d.join(RECENT), b"{not json").unwrap();
+        assert!(shared_with_recent(&d, &v565_130).unwrap().is_empty());
     }
 
     /// A layer another build starts from (it holds the entry's shared lock) survives a
