@@ -192,6 +192,11 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
     // or gzip decoding). The disk base, or else the tarball to unpack:
     let base = &base_path;
     let cached = |path: PathBuf, form: &str, make: &dyn Fn(&Path, &Path) -> Result<()>| -> Result<PathBuf> {
+        let bases = path.parent().unwrap();
+        std::fs::create_dir_all(bases).with_context(|| format!("creating cache directory {}", bases.display()))?;
+        // Two builds of one base at once: the first converts, the second waits and then
+        // uses its result (they used to write the same temporary file).
+        let _converting = crate::host::dirlock::DirLock::acquire(bases, "converting this base")?;
         if path.exists() {
             tracing::info!(
                 "using the cached {form} form of {} ({})",
@@ -199,8 +204,6 @@ pub fn build(opts: &BuildOpts, timings: &mut Timings) -> Result<BuildReport> {
                 path.display()
             );
         } else {
-            std::fs::create_dir_all(path.parent().unwrap())
-                .with_context(|| format!("creating cache directory {}", opts.cache_dir.display()))?;
             make(base, &path)?;
         }
         Ok(path)
