@@ -309,6 +309,9 @@ for img in "${images[@]}"; do
   {
     echo "# $img: hyperfine --runs $runs, prepare = rm -rf the command's output directory && sync"
     echo "# (cold DKMS cache: the prepare also removes \$KILN_CACHE_DIR/dkms)"
+    if [[ $img == "$finish_image" ]]; then
+      echo "# (kiln build, the last: the prepare also removes the layers holding nvidia-driver and layers/recent.json)"
+    fi
     echo "$b_cmd"
     if [[ $img == "$finish_image" ]]; then echo "$c_cmd"; fi
     echo "$f_cmd"
