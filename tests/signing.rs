@@ -192,18 +192,7 @@ fn secure_boot(
         args.extend(["--mok", m.to_str().unwrap()]);
     }
     let path = format!("{}:{}", venv.display(), std::env::var("PATH").unwrap_or_default());
-    let o = Command::new(kiln())
-        .args(&args)
-        .env("PATH", path)
-        .env("RUST_BACKTRACE", "0")
-        .output()
-        .unwrap();
-    eprintln!(
-        "$ kiln {}\n--- stdout\n{}--- stderr\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = run_kiln_env(&args, &[("PATH", &path)]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("boot-test --json output");
     assert_eq!(v["secure_boot"], true, "the report must say Secure Boot");
     let boots = v["boots"].as_array().unwrap();

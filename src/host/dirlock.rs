@@ -15,18 +15,28 @@ use std::path::Path;
 #[derive(Debug)]
 pub struct DirLock(File);
 
+/// `dir`, opened to be locked.
+fn open(dir: &Path) -> Result<File> {
+    File::open(dir).with_context(|| format!("opening {}", dir.display()))
+}
+
+/// flock(2) `op` on `f`.
+fn flock(f: &File, op: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: flock on an open descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 impl DirLock {
     /// Lock `dir`, waiting for another holder; `what` says in the log what is waited for
     /// ("fetching this base").
     pub fn acquire(dir: &Path, what: &str) -> Result<DirLock> {
-        let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-        // SAFETY: flock on an open descriptor.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let f = open(dir)?;
+        if flock(&f, libc::LOCK_EX | libc::LOCK_NB).is_err() {
             tracing::info!("another kiln is {what}; waiting for it ({})", dir.display());
-            // SAFETY: as above.
-            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-                return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", dir.display()));
-            }
+            flock(&f, libc::LOCK_EX).with_context(|| format!("locking {}", dir.display()))?;
         }
         Ok(DirLock(f))
     }
@@ -35,33 +45,25 @@ impl DirLock {
     /// not be removed. Waits while someone holds it exclusively (is removing it); the
     /// caller checks that it still exists.
     pub fn shared(dir: &Path) -> Result<DirLock> {
-        let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-        // SAFETY: flock on an open descriptor.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH) } != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", dir.display()));
-        }
+        let f = open(dir)?;
+        flock(&f, libc::LOCK_SH).with_context(|| format!("locking {}", dir.display()))?;
         Ok(DirLock(f))
     }
 
     /// An exclusive lock on `dir` if nobody holds one of any kind (`None`: in use).
     pub fn try_exclusive(dir: &Path) -> Result<Option<DirLock>> {
-        let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
-        // SAFETY: flock on an open descriptor.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::WouldBlock {
-                return Ok(None);
-            }
-            return Err(e).with_context(|| format!("locking {}", dir.display()));
+        let f = open(dir)?;
+        match flock(&f, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => Ok(Some(DirLock(f))),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("locking {}", dir.display())),
         }
-        Ok(Some(DirLock(f)))
     }
 }
 
 impl Drop for DirLock {
     fn drop(&mut self) {
-        // SAFETY: flock on the descriptor this guard owns.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+        let _ = flock(&self.0, libc::LOCK_UN);
     }
 }
 

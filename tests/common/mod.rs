@@ -214,10 +214,16 @@ pub fn verify_passes(raw: &Path, def: &Path, extra: &[&str]) -> kiln::image::ver
 }
 
 pub fn run_kiln(args: &[&str]) -> Output {
+    run_kiln_env(args, &[])
+}
+
+/// [`run_kiln`] with more environment variables (`PATH` with a tool of the venv, ...).
+pub fn run_kiln_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let out = Command::new(kiln())
         .args(args)
         .env("KILN_CACHE_DIR", cache().join("kiln-cache"))
         .env("RUST_BACKTRACE", "0")
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     eprintln!(
